@@ -1,0 +1,34 @@
+//! `lookup-core`: a cache of expensive, prerendered module definitions that stays correct
+//! when many processes share one database.
+//!
+//! Depend on this crate to look definitions up ([`CachingLookup`]), to write a storage backend
+//! ([`DbAdapter`]), a renderer ([`Prerenderer`]) or a remote realm probe ([`RealmProbe`]), or to
+//! feed invalidations heard from peers ([`InvalidationSink`]).
+//!
+//! It deliberately does no I/O: no sockets, files or database drivers. Backends live in
+//! `adapter-sqlite` and `adapter-pg`; the cross-process listener in `invalidation-listener`.
+//! The only runtime it needs is tokio's task spawning (coalesced loads run as tasks, so one
+//! cancelled caller never cancels the load others wait on).
+
+#![warn(missing_docs)]
+
+mod error;
+mod generations;
+mod lookup;
+mod traits;
+mod types;
+pub mod urls;
+pub mod wire;
+
+pub use error::{BoxError, LookupError};
+pub use generations::{Generations, Snapshot};
+pub use lookup::{CachingLookup, LookupConfig};
+pub use traits::{
+    DbAdapter, InvalidationSink, LoadStamp, NoRemoteRealms, PersistOutcome, Prerenderer,
+    RealmProbe,
+};
+pub use types::{
+    CacheEntry, CacheScope, CodeRef, ConsumerRow, EntryScope, ErrorDetail, ErrorDoc,
+    PrerenderRequest, PrerenderResponse, PrerenderStatus, ProbeResult, Realm,
+};
+pub use wire::Invalidation;

@@ -1,0 +1,1 @@
+pub struct CachingLookup; pub struct LookupConfig;
