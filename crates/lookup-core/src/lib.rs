@@ -24,8 +24,7 @@ pub use error::{BoxError, LookupError};
 pub use generations::{Generations, Snapshot};
 pub use lookup::{CachingLookup, LookupConfig};
 pub use traits::{
-    DbAdapter, InvalidationSink, LoadStamp, NoRemoteRealms, PersistOutcome, Prerenderer,
-    RealmProbe,
+    DbAdapter, InvalidationSink, LoadStamp, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe,
 };
 pub use types::{
     CacheEntry, CacheScope, CodeRef, ConsumerRow, EntryScope, ErrorDetail, ErrorDoc,

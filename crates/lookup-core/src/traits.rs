@@ -111,7 +111,11 @@ pub trait RealmProbe: Send + Sync + 'static {
 pub struct NoRemoteRealms;
 
 impl RealmProbe for NoRemoteRealms {
-    async fn probe(&self, _module_url: &str, _user: &str) -> Result<Option<ProbeResult>, LookupError> {
+    async fn probe(
+        &self,
+        _module_url: &str,
+        _user: &str,
+    ) -> Result<Option<ProbeResult>, LookupError> {
         Ok(None)
     }
 }

@@ -51,7 +51,10 @@ pub struct CodeRef {
 impl CodeRef {
     /// A code ref for `name` exported by `module`.
     pub fn new(module: impl Into<String>, name: impl Into<String>) -> Self {
-        CodeRef { module: module.into(), name: name.into() }
+        CodeRef {
+            module: module.into(),
+            name: name.into(),
+        }
     }
 
     /// The key of this export in a row's `definitions`: `"<alias of canonical module>/<name>"`.
@@ -124,7 +127,11 @@ pub struct ErrorDetail {
     #[serde(default)]
     pub deps: Vec<String>,
     /// Errors of dependency rows, appended when the error is persisted.
-    #[serde(default, rename = "additionalErrors", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "additionalErrors",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub additional_errors: Vec<ErrorDetail>,
     /// Fields this crate does not interpret, kept as they came.
     #[serde(flatten)]
@@ -174,7 +181,13 @@ pub struct PrerenderResponse {
 impl PrerenderResponse {
     /// A ready response.
     pub fn ready(definitions: Map<String, Value>, deps: Vec<String>) -> Self {
-        PrerenderResponse { status: PrerenderStatus::Ready, definitions, deps, error: None, meta: None }
+        PrerenderResponse {
+            status: PrerenderStatus::Ready,
+            definitions,
+            deps,
+            error: None,
+            meta: None,
+        }
     }
 
     /// An error response.
@@ -190,7 +203,10 @@ impl PrerenderResponse {
 
     /// The "this module does not exist" answer: a 404 module error with no dependencies.
     pub fn missing(module_url: &str) -> Self {
-        Self::error(ErrorDoc::module_error(format!("{module_url} not found"), 404, Vec::new()), Vec::new())
+        Self::error(
+            ErrorDoc::module_error(format!("{module_url} not found"), 404, Vec::new()),
+            Vec::new(),
+        )
     }
 }
 
