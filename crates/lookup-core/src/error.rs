@@ -95,11 +95,7 @@ impl LookupError {
         transient: bool,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        LookupError::Database {
-            operation,
-            transient,
-            source: Arc::new(source),
-        }
+        LookupError::Database { operation, transient, source: Arc::new(source) }
     }
 
     /// Whether retrying the same call may succeed (a transient database or prerender failure).
@@ -113,10 +109,7 @@ impl LookupError {
 
     /// Whether the thing asked for does not exist (module or definition).
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            LookupError::ModuleNotFound { .. } | LookupError::DefinitionNotFound { .. }
-        )
+        matches!(self, LookupError::ModuleNotFound { .. } | LookupError::DefinitionNotFound { .. })
     }
 
     /// The module error detail carried by this error, if any.

@@ -79,9 +79,7 @@ impl Generations {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the maps inconsistent in a way that
         // matters for safety (worst case: extra discards), so poisoning is ignored.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Takes a snapshot; hold it for as long as the load runs.
@@ -89,10 +87,7 @@ impl Generations {
         let mut state = self.lock();
         let epoch = state.epoch;
         *state.live.entry(epoch).or_default() += 1;
-        Snapshot {
-            generations: Arc::clone(self),
-            epoch,
-        }
+        Snapshot { generations: Arc::clone(self), epoch }
     }
 
     /// Records that `urls` of `realm_url` were invalidated.
@@ -169,9 +164,9 @@ impl Snapshot {
             return false;
         }
         match state.modules.get(realm_url) {
-            Some(bumped) => !urls
-                .iter()
-                .any(|u| bumped.get(u.as_ref()).is_some_and(|e| *e > self.epoch)),
+            Some(bumped) => {
+                !urls.iter().any(|u| bumped.get(u.as_ref()).is_some_and(|e| *e > self.epoch))
+            }
             None => true,
         }
     }
@@ -185,10 +180,7 @@ impl Drop for Snapshot {
             if *count == 0 {
                 state.live.remove(&self.epoch);
                 // Only the oldest snapshot leaving can make remembered bumps forgettable.
-                let oldest_left = state
-                    .live
-                    .first_key_value()
-                    .is_none_or(|(e, _)| *e > self.epoch);
+                let oldest_left = state.live.first_key_value().is_none_or(|(e, _)| *e > self.epoch);
                 if oldest_left {
                     state.prune();
                 }
@@ -211,19 +203,10 @@ mod tests {
         let snap = g.snapshot();
         g.bump_modules("R/", &urls(&["R/x"]));
         assert!(!snap.is_current("R/", &["R/x"]));
-        assert!(
-            snap.is_current("R/", &["R/y"]),
-            "unrelated module must stay current"
-        );
-        assert!(
-            snap.is_current("S/", &["R/x"]),
-            "same URL in another realm stays current"
-        );
+        assert!(snap.is_current("R/", &["R/y"]), "unrelated module must stay current");
+        assert!(snap.is_current("S/", &["R/x"]), "same URL in another realm stays current");
         let later = g.snapshot();
-        assert!(
-            later.is_current("R/", &["R/x"]),
-            "bumps before a snapshot do not count"
-        );
+        assert!(later.is_current("R/", &["R/x"]), "bumps before a snapshot do not count");
     }
 
     #[test]
@@ -248,11 +231,7 @@ mod tests {
         g.bump_modules("R/", &urls(&["R/a", "R/b"]));
         assert_eq!(g.remembered_bumps(), 2);
         drop(snap);
-        assert_eq!(
-            g.remembered_bumps(),
-            0,
-            "the last snapshot leaving forgets everything"
-        );
+        assert_eq!(g.remembered_bumps(), 0, "the last snapshot leaving forgets everything");
     }
 
     #[test]
@@ -263,11 +242,7 @@ mod tests {
         let young = g.snapshot();
         g.bump_modules("R/", &urls(&["R/b"]));
         drop(old);
-        assert_eq!(
-            g.remembered_bumps(),
-            1,
-            "R/a predates the only live snapshot"
-        );
+        assert_eq!(g.remembered_bumps(), 1, "R/a predates the only live snapshot");
         assert!(young.is_current("R/", &["R/a"]));
         assert!(!young.is_current("R/", &["R/b"]));
     }
@@ -280,10 +255,7 @@ mod tests {
             g.bump_modules("R/", &[format!("R/m{i}")]);
         }
         assert!(g.remembered_bumps() <= MAX_REMEMBERED_BUMPS);
-        assert!(
-            !snap.is_current("S/", &["S/unrelated"]),
-            "folding is conservative"
-        );
+        assert!(!snap.is_current("S/", &["S/unrelated"]), "folding is conservative");
         let fresh = g.snapshot();
         assert!(fresh.is_current("S/", &["S/unrelated"]));
     }

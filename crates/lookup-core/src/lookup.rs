@@ -33,10 +33,7 @@ pub struct LookupConfig {
 
 impl Default for LookupConfig {
     fn default() -> Self {
-        LookupConfig {
-            error_ttl: Duration::from_secs(30),
-            max_load_attempts: 3,
-        }
+        LookupConfig { error_ttl: Duration::from_secs(30), max_load_attempts: 3 }
     }
 }
 
@@ -59,7 +56,8 @@ type SharedResult = Result<Arc<CacheEntry>, LookupError>;
 #[derive(Debug)]
 struct Slot {
     id: u64,
-    result: watch::Receiver<Option<SharedResult>>,
+    /// Shared with the load's task, which sends the result; joiners subscribe.
+    result: Arc<watch::Sender<Option<SharedResult>>>,
 }
 
 /// What one attempt of a load produced.
@@ -95,9 +93,7 @@ pub struct CachingLookup<D, P, R = NoRemoteRealms> {
 
 impl<D, P, R> Clone for CachingLookup<D, P, R> {
     fn clone(&self) -> Self {
-        CachingLookup {
-            inner: Arc::clone(&self.inner),
-        }
+        CachingLookup { inner: Arc::clone(&self.inner) }
     }
 }
 
@@ -125,10 +121,7 @@ fn absolute_url(raw: &str) -> Result<String, LookupError> {
             url: raw.to_owned(),
             reason: "not a hierarchical URL".to_owned(),
         }),
-        Err(e) => Err(LookupError::InvalidUrl {
-            url: raw.to_owned(),
-            reason: e.to_string(),
-        }),
+        Err(e) => Err(LookupError::InvalidUrl { url: raw.to_owned(), reason: e.to_string() }),
     }
 }
 
@@ -177,6 +170,11 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
         self.inner.slots().len()
     }
 
+    /// Number of callers currently waiting on in-flight loads (for tests and diagnostics).
+    pub fn in_flight_waiters(&self) -> usize {
+        self.inner.slots().values().map(|slot| slot.result.receiver_count()).sum()
+    }
+
     /// Registers a local realm. Its URL must be absolute and end with `/`; registering the
     /// same URL again replaces the previous registration.
     pub fn register_realm(&self, realm: Realm) -> Result<(), LookupError> {
@@ -195,11 +193,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
 
     /// The registered local realms, in registration order.
     pub fn realms(&self) -> Vec<Realm> {
-        self.inner
-            .realms
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.inner.realms.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Looks up one definition, prerendering its module on a miss.
@@ -276,24 +270,16 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
         url: String,
         snapshot: Snapshot,
     ) -> Result<Arc<CacheEntry>, LookupError> {
-        let key = LoadKey {
-            scope: context.scope.clone(),
-            url: url.clone(),
-        };
+        let key = LoadKey { scope: context.scope.clone(), url: url.clone() };
         let mut result = {
             let mut slots = self.inner.slots();
             match slots.get(&key) {
-                Some(slot) => slot.result.clone(),
+                Some(slot) => slot.result.subscribe(),
                 None => {
                     let id = self.inner.next_slot.fetch_add(1, Ordering::Relaxed);
                     let (tx, rx) = watch::channel(None);
-                    slots.insert(
-                        key.clone(),
-                        Slot {
-                            id,
-                            result: rx.clone(),
-                        },
-                    );
+                    let tx = Arc::new(tx);
+                    slots.insert(key.clone(), Slot { id, result: Arc::clone(&tx) });
                     let inner = Arc::clone(&self.inner);
                     let url = url.clone();
                     // The load runs as its own task: a caller that gives up must not cancel
@@ -302,7 +288,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
                         let outcome = inner.run_load(&context, &url, snapshot).await;
                         inner.release(&key, id);
                         // Nobody waiting is fine: the row is persisted either way.
-                        let _ = tx.send(Some(outcome));
+                        tx.send_replace(Some(outcome));
                     });
                     rx
                 }
@@ -310,9 +296,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
         };
         let settled = result.wait_for(Option::is_some).await;
         match settled {
-            Ok(value) => value
-                .clone()
-                .unwrap_or_else(|| Err(LookupError::LoadAborted { url })),
+            Ok(value) => value.clone().unwrap_or_else(|| Err(LookupError::LoadAborted { url })),
             Err(_) => Err(LookupError::LoadAborted { url }),
         }
     }
@@ -357,8 +341,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
         let mut out = HashMap::new();
         for (scope, names) in by_scope {
             for entry in self.inner.db.read_rows_batch(&scope, &names).await? {
-                out.entry(entry.file_alias.clone())
-                    .or_insert_with(|| entry.clone());
+                out.entry(entry.file_alias.clone()).or_insert_with(|| entry.clone());
                 out.insert(entry.url.clone(), entry);
             }
         }
@@ -380,10 +363,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
         // No await between the bump and dropping the slots: a caller arriving after this
         // point can neither join an old load nor see an old load persist.
         self.inner.bump_modules(&realm.url, &list);
-        let invalidation = Invalidation::Modules {
-            realm_url: realm.url,
-            urls: list.clone(),
-        };
+        let invalidation = Invalidation::Modules { realm_url: realm.url, urls: list.clone() };
         let deleted = self.inner.db.apply_invalidation(&invalidation).await?;
         tracing::debug!(module = %url, invalidated = list.len(), deleted, "invalidated module");
         Ok(list)
@@ -398,9 +378,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
         let deleted = self
             .inner
             .db
-            .apply_invalidation(&Invalidation::Realm {
-                realm_url: realm_url.clone(),
-            })
+            .apply_invalidation(&Invalidation::Realm { realm_url: realm_url.clone() })
             .await?;
         tracing::debug!(realm = %realm_url, deleted, "cleared realm");
         Ok(deleted)
@@ -410,11 +388,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
     pub async fn clear_all(&self) -> Result<u64, LookupError> {
         let _exclusive = self.inner.persist_gate.write().await;
         self.inner.bump_global();
-        let deleted = self
-            .inner
-            .db
-            .apply_invalidation(&Invalidation::Global)
-            .await?;
+        let deleted = self.inner.db.apply_invalidation(&Invalidation::Global).await?;
         tracing::debug!(deleted, "cleared all");
         Ok(deleted)
     }
@@ -511,11 +485,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
                 (CacheScope::RealmAuth, realm.owner.clone())
             };
             return Ok(Some(Context {
-                scope: EntryScope {
-                    realm_url: realm.url,
-                    scope,
-                    user,
-                },
+                scope: EntryScope { realm_url: realm.url, scope, user },
                 prerender_user: realm.owner,
             }));
         }
@@ -540,11 +510,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
                     (CacheScope::RealmAuth, owner.clone())
                 };
                 Ok(Some(Context {
-                    scope: EntryScope {
-                        realm_url: found.resolved_realm_url,
-                        scope,
-                        user,
-                    },
+                    scope: EntryScope { realm_url: found.resolved_realm_url, scope, user },
                     prerender_user: owner,
                 }))
             }
@@ -561,9 +527,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
             return false;
         }
         let ttl = i64::try_from(self.config.error_ttl.as_millis()).unwrap_or(i64::MAX);
-        entry
-            .created_at
-            .is_none_or(|created| now_ms().saturating_sub(created) > ttl)
+        entry.created_at.is_none_or(|created| now_ms().saturating_sub(created) > ttl)
     }
 
     /// SPEC §3.4 with the deterministic choice: the exact URL first, then the population
@@ -580,15 +544,9 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
         }
         let mut order = vec![url.to_owned()];
         order.extend(urls::population_candidates(&alias));
-        let rank = |row: &CacheEntry| {
-            order
-                .iter()
-                .position(|u| *u == row.url)
-                .unwrap_or(order.len())
-        };
-        Ok(rows
-            .into_iter()
-            .min_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.url.cmp(&b.url))))
+        let rank =
+            |row: &CacheEntry| order.iter().position(|u| *u == row.url).unwrap_or(order.len());
+        Ok(rows.into_iter().min_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.url.cmp(&b.url))))
     }
 
     fn release(&self, key: &LoadKey, id: u64) {
@@ -687,9 +645,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
                 PersistOutcome::Stale => Ok(Attempt::Discarded(entry)),
             };
         }
-        Err(LookupError::ModuleNotFound {
-            url: url.to_owned(),
-        })
+        Err(LookupError::ModuleNotFound { url: url.to_owned() })
     }
 
     /// Turns a prerender response into the row to store; for an error, merges deps and
@@ -731,9 +687,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
         }
         error.error.deps = merged.clone();
         entry.deps = merged;
-        let found = self
-            .dependency_errors(&context.scope, &entry.deps, &error.error)
-            .await?;
+        let found = self.dependency_errors(&context.scope, &entry.deps, &error.error).await?;
         error.error.additional_errors.extend(found);
         entry.error = Some(error);
         Ok(entry)
@@ -818,10 +772,7 @@ mod tests {
         let r = "https://r.test/";
         let consumers = vec![
             row(&format!("{r}deep-card.gts"), &[&format!("{r}middle-field")]),
-            row(
-                &format!("{r}middle-field.gts"),
-                &[&format!("{r}leaf-field")],
-            ),
+            row(&format!("{r}middle-field.gts"), &[&format!("{r}leaf-field")]),
         ];
         let list = fan_out(urls::variants(&format!("{r}leaf-field.gts")), consumers);
         let expected: Vec<String> = [
@@ -852,10 +803,7 @@ mod tests {
     #[test]
     fn missing_module_rule() {
         let candidate = "https://r.test/p.gts";
-        assert!(is_missing_module(
-            &PrerenderResponse::missing(candidate),
-            candidate
-        ));
+        assert!(is_missing_module(&PrerenderResponse::missing(candidate), candidate));
         let self_dep = PrerenderResponse::error(
             crate::types::ErrorDoc::module_error("nope", 404, vec!["https://r.test/p".into()]),
             vec![],

@@ -51,10 +51,7 @@ pub struct CodeRef {
 impl CodeRef {
     /// A code ref for `name` exported by `module`.
     pub fn new(module: impl Into<String>, name: impl Into<String>) -> Self {
-        CodeRef {
-            module: module.into(),
-            name: name.into(),
-        }
+        CodeRef { module: module.into(), name: name.into() }
     }
 
     /// The key of this export in a row's `definitions`: `"<alias of canonical module>/<name>"`.
@@ -127,11 +124,7 @@ pub struct ErrorDetail {
     #[serde(default)]
     pub deps: Vec<String>,
     /// Errors of dependency rows, appended when the error is persisted.
-    #[serde(
-        default,
-        rename = "additionalErrors",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, rename = "additionalErrors", skip_serializing_if = "Vec::is_empty")]
     pub additional_errors: Vec<ErrorDetail>,
     /// Fields this crate does not interpret, kept as they came.
     #[serde(flatten)]

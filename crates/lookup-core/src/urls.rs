@@ -34,11 +34,7 @@ pub fn has_executable_extension(url: &str) -> bool {
 /// The `file_alias` of a URL: the URL with one trailing executable extension removed
 /// (`x.d.ts` becomes `x.d`, as in the reference).
 pub fn file_alias(url: &str) -> String {
-    EXECUTABLE_EXTENSIONS
-        .iter()
-        .find_map(|ext| url.strip_suffix(ext))
-        .unwrap_or(url)
-        .to_owned()
+    EXECUTABLE_EXTENSIONS.iter().find_map(|ext| url.strip_suffix(ext)).unwrap_or(url).to_owned()
 }
 
 /// The variants of a URL used by invalidation: the URL, its alias and, unless it ends with
@@ -78,10 +74,7 @@ pub fn normalise_deps<S: AsRef<str>>(module_url: &str, deps: &[S]) -> Vec<String
     for dep in deps {
         let dep = dep.as_ref();
         let resolved = match &base {
-            Some(base) => base
-                .join(dep)
-                .map(String::from)
-                .unwrap_or_else(|_| dep.to_owned()),
+            Some(base) => base.join(dep).map(String::from).unwrap_or_else(|_| dep.to_owned()),
             None => dep.to_owned(),
         };
         push_unique(&mut out, file_alias(&canonical_url(&resolved)));
@@ -106,26 +99,17 @@ mod tests {
 
     #[test]
     fn canonical_drops_query_and_fragment() {
-        assert_eq!(
-            canonical_url("https://r.test/a/b.gts?x=1#frag"),
-            "https://r.test/a/b.gts"
-        );
+        assert_eq!(canonical_url("https://r.test/a/b.gts?x=1#frag"), "https://r.test/a/b.gts");
         assert_eq!(canonical_url("not a url#frag?q"), "not a url");
         assert_eq!(canonical_url("not a url?q#f"), "not a url");
     }
 
     #[test]
     fn alias_trims_one_executable_extension() {
-        assert_eq!(
-            file_alias("https://r.test/person.gts"),
-            "https://r.test/person"
-        );
+        assert_eq!(file_alias("https://r.test/person.gts"), "https://r.test/person");
         assert_eq!(file_alias("https://r.test/person"), "https://r.test/person");
         assert_eq!(file_alias("https://r.test/x.d.ts"), "https://r.test/x.d");
-        assert_eq!(
-            file_alias("https://r.test/data.json"),
-            "https://r.test/data.json"
-        );
+        assert_eq!(file_alias("https://r.test/data.json"), "https://r.test/data.json");
         assert!(!has_executable_extension("https://r.test/x.d.ts"));
         assert!(has_executable_extension("https://r.test/x.gjs"));
     }
@@ -147,10 +131,7 @@ mod tests {
 
     #[test]
     fn candidates_follow_the_reference_order() {
-        assert_eq!(
-            population_candidates("https://r.test/p.ts"),
-            ["https://r.test/p.ts"]
-        );
+        assert_eq!(population_candidates("https://r.test/p.ts"), ["https://r.test/p.ts"]);
         assert_eq!(
             population_candidates("https://r.test/p"),
             [
@@ -165,19 +146,10 @@ mod tests {
 
     #[test]
     fn deps_are_resolved_canonicalised_trimmed_and_unique() {
-        let deps = [
-            "./leaf.gts",
-            "../other/x.js?v=2",
-            "./leaf",
-            "https://cdn.test/lib.js#a",
-        ];
+        let deps = ["./leaf.gts", "../other/x.js?v=2", "./leaf", "https://cdn.test/lib.js#a"];
         assert_eq!(
             normalise_deps("https://r.test/cards/card.gts", &deps),
-            [
-                "https://r.test/cards/leaf",
-                "https://r.test/other/x",
-                "https://cdn.test/lib"
-            ]
+            ["https://r.test/cards/leaf", "https://r.test/other/x", "https://cdn.test/lib"]
         );
     }
 }

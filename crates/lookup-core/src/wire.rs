@@ -87,16 +87,9 @@ fn json_len(text: &str) -> usize {
 /// becomes a global one for the same reason. An empty fan-out encodes to nothing.
 pub fn encode_payloads(invalidation: &Invalidation, origin: Option<&str>) -> Vec<String> {
     match invalidation {
-        Invalidation::Global => vec![to_json(&GlobalPayload {
-            k: "global",
-            o: origin,
-        })],
+        Invalidation::Global => vec![to_json(&GlobalPayload { k: "global", o: origin })],
         Invalidation::Realm { realm_url } => {
-            let payload = to_json(&RealmPayload {
-                k: "realm",
-                r: realm_url,
-                o: origin,
-            });
+            let payload = to_json(&RealmPayload { k: "realm", r: realm_url, o: origin });
             if payload.len() < PAYLOAD_BUDGET_BYTES {
                 vec![payload]
             } else {
@@ -107,12 +100,7 @@ pub fn encode_payloads(invalidation: &Invalidation, origin: Option<&str>) -> Vec
             if urls.is_empty() {
                 return Vec::new();
             }
-            let empty = to_json(&ModulePayload {
-                k: "module",
-                r: realm_url,
-                m: &[],
-                o: origin,
-            });
+            let empty = to_json(&ModulePayload { k: "module", r: realm_url, m: &[], o: origin });
             let mut chunks = Vec::new();
             let mut start = 0;
             let mut size = empty.len();
@@ -121,9 +109,7 @@ pub fn encode_payloads(invalidation: &Invalidation, origin: Option<&str>) -> Vec
                 let first = i == start;
                 let added = json_len(url) + usize::from(!first);
                 if empty.len() + json_len(url) >= PAYLOAD_BUDGET_BYTES {
-                    let realm = Invalidation::Realm {
-                        realm_url: realm_url.clone(),
-                    };
+                    let realm = Invalidation::Realm { realm_url: realm_url.clone() };
                     return encode_payloads(&realm, origin);
                 }
                 if size + added >= PAYLOAD_BUDGET_BYTES {
@@ -137,30 +123,18 @@ pub fn encode_payloads(invalidation: &Invalidation, origin: Option<&str>) -> Vec
             chunks.push(&urls[start..]);
             chunks
                 .into_iter()
-                .map(|m| {
-                    to_json(&ModulePayload {
-                        k: "module",
-                        r: realm_url,
-                        m,
-                        o: origin,
-                    })
-                })
+                .map(|m| to_json(&ModulePayload { k: "module", r: realm_url, m, o: origin }))
                 .collect()
         }
     }
 }
 
 fn malformed(reason: impl Into<String>) -> LookupError {
-    LookupError::MalformedPayload {
-        reason: reason.into(),
-    }
+    LookupError::MalformedPayload { reason: reason.into() }
 }
 
 fn non_empty_str<'a>(object: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a str> {
-    object
-        .get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
+    object.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
 /// Parses one payload. Extra keys are ignored; anything SPEC §7 rejects is an error and the
@@ -189,26 +163,18 @@ pub fn parse_payload(payload: &str) -> Result<ParsedPayload, LookupError> {
                 .ok_or_else(|| {
                     malformed("module payload with a URL that is not a non-empty string")
                 })?;
-            Invalidation::Modules {
-                realm_url: realm_url.to_owned(),
-                urls,
-            }
+            Invalidation::Modules { realm_url: realm_url.to_owned(), urls }
         }
         Some("realm") => {
             let realm_url = non_empty_str(&object, "r")
                 .ok_or_else(|| malformed("realm payload without a non-empty \"r\""))?;
-            Invalidation::Realm {
-                realm_url: realm_url.to_owned(),
-            }
+            Invalidation::Realm { realm_url: realm_url.to_owned() }
         }
         Some("global") => Invalidation::Global,
         Some(other) => return Err(malformed(format!("unknown kind {other:?}"))),
         None => return Err(malformed("missing kind \"k\"")),
     };
-    Ok(ParsedPayload {
-        invalidation,
-        origin,
-    })
+    Ok(ParsedPayload { invalidation, origin })
 }
 
 #[cfg(test)]
@@ -225,10 +191,7 @@ mod tests {
 
     #[test]
     fn encodes_in_the_reference_key_order() {
-        let inv = modules(
-            "https://r.test/",
-            &["https://r.test/a.gts", "https://r.test/a"],
-        );
+        let inv = modules("https://r.test/", &["https://r.test/a.gts", "https://r.test/a"]);
         assert_eq!(
             encode_payloads(&inv, None),
             [
@@ -237,43 +200,28 @@ mod tests {
         );
         assert_eq!(
             encode_payloads(
-                &Invalidation::Realm {
-                    realm_url: "https://r.test/".into()
-                },
+                &Invalidation::Realm { realm_url: "https://r.test/".into() },
                 Some("p1")
             ),
             [r#"{"k":"realm","r":"https://r.test/","o":"p1"}"#]
         );
-        assert_eq!(
-            encode_payloads(&Invalidation::Global, None),
-            [r#"{"k":"global"}"#]
-        );
+        assert_eq!(encode_payloads(&Invalidation::Global, None), [r#"{"k":"global"}"#]);
     }
 
     #[test]
     fn parses_the_three_kinds_and_ignores_extra_keys() {
         let single =
             parse_payload(r#"{"k":"module","r":"https://r.test/","m":["https://r.test/a"]}"#);
-        assert_eq!(
-            single.unwrap().invalidation,
-            modules("https://r.test/", &["https://r.test/a"])
-        );
+        assert_eq!(single.unwrap().invalidation, modules("https://r.test/", &["https://r.test/a"]));
         let multi =
             parse_payload(r#"{"k":"module","r":"R/","m":["R/a","R/b"],"o":"x","z":1}"#).unwrap();
         assert_eq!(multi.invalidation, modules("R/", &["R/a", "R/b"]));
         assert_eq!(multi.origin.as_deref(), Some("x"));
         assert_eq!(
-            parse_payload(r#"{"k":"realm","r":"R/"}"#)
-                .unwrap()
-                .invalidation,
-            Invalidation::Realm {
-                realm_url: "R/".into()
-            }
+            parse_payload(r#"{"k":"realm","r":"R/"}"#).unwrap().invalidation,
+            Invalidation::Realm { realm_url: "R/".into() }
         );
-        assert_eq!(
-            parse_payload(r#"{"k":"global"}"#).unwrap().invalidation,
-            Invalidation::Global
-        );
+        assert_eq!(parse_payload(r#"{"k":"global"}"#).unwrap().invalidation, Invalidation::Global);
     }
 
     #[test]
@@ -308,10 +256,7 @@ mod tests {
             urls: vec!["https://r.test/a".into(), long],
         };
         let payloads = encode_payloads(&inv, Some("me"));
-        assert_eq!(
-            payloads,
-            [r#"{"k":"realm","r":"https://r.test/","o":"me"}"#]
-        );
+        assert_eq!(payloads, [r#"{"k":"realm","r":"https://r.test/","o":"me"}"#]);
     }
 
     fn url_strategy() -> impl Strategy<Value = String> {
