@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lookup_core::{
     CacheEntry, ConsumerRow, DbAdapter, EntryScope, Invalidation, LoadStamp, LookupError,
@@ -11,7 +11,7 @@ use lookup_core::{
 };
 use rusqlite::{Connection, params};
 
-use crate::error::SqliteError;
+use crate::error::{SqliteError, is_busy};
 use crate::rows::{self, RawRow, entry_columns};
 use crate::schema::{self, MigrateError};
 
@@ -98,9 +98,7 @@ impl SqliteAdapter {
             // WAL lets readers in other processes (an operator's `sqlite3` shell, a CLI) read
             // while this one writes. This is also the first statement that reads the file, so
             // it is where a file that is not a database is caught.
-            let mode: String = conn
-                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-                .map_err(|e| open_error(&path, e))?;
+            let mode = enable_wal(&conn).map_err(|e| open_error(&path, e))?;
             if !mode.eq_ignore_ascii_case("wal") {
                 tracing::warn!(path = %path.display(), mode, "SQLite refused WAL journaling");
             }
@@ -183,6 +181,25 @@ impl SqliteAdapter {
     }
 }
 
+/// Switches the file to WAL journaling and returns the journal mode now in force.
+///
+/// Switching a fresh file needs an exclusive lock, and when another connection opening the same
+/// fresh file holds a shared lock, SQLite answers BUSY at once instead of waiting (waiting
+/// there could deadlock), so the busy timeout does not cover it. Two processes starting
+/// together on a new cache file would otherwise fail at random; retry until the timeout instead.
+/// Once the file is in WAL mode (the mode is stored in the file), the switch is a no-op.
+fn enable_wal(conn: &Connection) -> rusqlite::Result<String> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)) {
+            Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Wraps an error met while opening or configuring `path`.
 fn open_error(path: &Path, source: rusqlite::Error) -> SqliteError {
     SqliteError::Open { path: path.to_path_buf(), source: Box::new(source) }
@@ -195,11 +212,16 @@ fn json_array(names: &[String]) -> String {
     serde_json::to_string(names).unwrap_or_else(|_| "[]".to_owned())
 }
 
+// In the reads and the module delete below, `+resolved_realm_url` (a unary plus) keeps SQLite
+// from using the realm index for that term. Without table statistics the planner may otherwise
+// pick it and scan every row of a large realm; with it, the planner looks the url up in the
+// primary key and the alias in the `file_alias` index (a multi-index OR), then checks the realm.
+
 const READ_ROWS_SQL: &str = concat!(
     "SELECT ",
     entry_columns!(),
     " FROM modules
-     WHERE resolved_realm_url = ?1 AND cache_scope = ?2 AND auth_user_id = ?3
+     WHERE +resolved_realm_url = ?1 AND cache_scope = ?2 AND auth_user_id = ?3
        AND (url = ?4 OR file_alias = ?5)"
 );
 
@@ -208,7 +230,7 @@ const READ_ROWS_BATCH_SQL: &str = concat!(
     "SELECT ",
     entry_columns!(),
     " FROM modules
-     WHERE resolved_realm_url = ?1 AND cache_scope = ?2 AND auth_user_id = ?3
+     WHERE +resolved_realm_url = ?1 AND cache_scope = ?2 AND auth_user_id = ?3
        AND (url IN (SELECT value FROM json_each(?4))
             OR file_alias IN (SELECT value FROM json_each(?5)))"
 );
@@ -259,7 +281,7 @@ const CONSUMERS_SQL: &str = "
 
 const DELETE_MODULES_SQL: &str = "
     DELETE FROM modules
-    WHERE resolved_realm_url = ?1
+    WHERE +resolved_realm_url = ?1
       AND (url IN (SELECT value FROM json_each(?2))
            OR file_alias IN (SELECT value FROM json_each(?2)))";
 

@@ -16,7 +16,9 @@ pub(crate) type BoxSource = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum SqliteError {
     /// The connection URL is not `sqlite://PATH` or `sqlite::memory:`.
-    #[error("unsupported SQLite URL {url:?}: {reason} (expected `sqlite://PATH` or `sqlite::memory:`)")]
+    #[error(
+        "unsupported SQLite URL {url:?}: {reason} (expected `sqlite://PATH` or `sqlite::memory:`)"
+    )]
     InvalidUrl {
         /// The URL as given.
         url: String,
@@ -115,12 +117,7 @@ impl SqliteError {
             | SqliteError::Query { source, .. } => source,
             _ => return false,
         };
-        source
-            .downcast_ref::<rusqlite::Error>()
-            .and_then(rusqlite::Error::sqlite_error_code)
-            .is_some_and(|code| {
-                matches!(code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            })
+        source.downcast_ref::<rusqlite::Error>().is_some_and(is_busy)
     }
 
     /// The operation that failed, as reported in [`LookupError::Database`].
@@ -134,6 +131,13 @@ impl SqliteError {
             | SqliteError::Worker { operation, .. } => operation,
         }
     }
+}
+
+/// Whether SQLite reported `SQLITE_BUSY` or `SQLITE_LOCKED`: another connection held a lock.
+pub(crate) fn is_busy(error: &rusqlite::Error) -> bool {
+    error.sqlite_error_code().is_some_and(|code| {
+        matches!(code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    })
 }
 
 impl From<SqliteError> for LookupError {

@@ -60,7 +60,9 @@ impl RawRow {
         })?;
         // SQL NULL in a JSON column means "none", as in the reference table.
         let definitions: Map<String, Value> = match &self.definitions {
-            Some(text) => serde_json::from_str(text).map_err(|e| corrupt("definitions", e.into()))?,
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| corrupt("definitions", e.into()))?
+            }
             None => Map::new(),
         };
         let deps = parse_deps(self.deps.as_deref()).map_err(|e| corrupt("deps", e.into()))?;
@@ -69,7 +71,9 @@ impl RawRow {
             None => None,
         };
         let diagnostics: Option<Value> = match &self.diagnostics {
-            Some(text) => serde_json::from_str(text).map_err(|e| corrupt("diagnostics", e.into()))?,
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| corrupt("diagnostics", e.into()))?
+            }
             None => None,
         };
         // Every row this adapter writes has an alias; a NULL one (a hand-written row) is
@@ -101,7 +105,12 @@ pub(crate) fn decode_consumer(
     let deps = match parse_deps(deps.as_deref()) {
         Ok(deps) => deps,
         Err(e) => {
-            return Err(SqliteError::CorruptRow { operation, url, column: "deps", source: e.into() });
+            return Err(SqliteError::CorruptRow {
+                operation,
+                url,
+                column: "deps",
+                source: e.into(),
+            });
         }
     };
     let file_alias = file_alias.unwrap_or_else(|| urls::file_alias(&url));
@@ -132,7 +141,8 @@ pub(crate) fn encode(entry: &CacheEntry) -> Result<EncodedJson, SqliteError> {
         source: Box::new(source),
     };
     Ok(EncodedJson {
-        definitions: serde_json::to_string(&entry.definitions).map_err(|e| fail("definitions", e))?,
+        definitions: serde_json::to_string(&entry.definitions)
+            .map_err(|e| fail("definitions", e))?,
         deps: serde_json::to_string(&entry.deps).map_err(|e| fail("deps", e))?,
         error_doc: entry
             .error

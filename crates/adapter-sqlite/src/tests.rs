@@ -99,18 +99,26 @@ async fn schema_is_idempotent_on_one_file() {
 
 #[test]
 fn concurrent_first_opens_of_a_fresh_file_all_succeed() {
+    // Several processes starting together on a new cache file: the WAL switch and the schema
+    // creation race. Repeated on fresh files because one round rarely hits the window.
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("race.db");
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
-            let path = path.clone();
-            std::thread::spawn(move || SqliteAdapter::open(path).map(drop))
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("no panic").expect("every racing open succeeds");
+    for round in 0..10 {
+        let path = dir.path().join(format!("race-{round}.db"));
+        let start = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let (path, start) = (path.clone(), std::sync::Arc::clone(&start));
+                std::thread::spawn(move || {
+                    start.wait();
+                    SqliteAdapter::open(path).map(drop)
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("no panic").expect("every racing open succeeds");
+        }
+        assert_eq!(user_version(&path), crate::schema::LATEST_VERSION);
     }
-    assert_eq!(user_version(&path), crate::schema::LATEST_VERSION);
 }
 
 #[test]
@@ -206,9 +214,7 @@ async fn upsert_round_trips_every_field() {
         message: "boom".to_owned(),
         status: 500,
         deps: vec![format!("{REALM}dep-a")],
-        additional_errors: vec![
-            ErrorDoc::module_error("dep-a is missing", 404, Vec::new()).error,
-        ],
+        additional_errors: vec![ErrorDoc::module_error("dep-a is missing", 404, Vec::new()).error],
         extra: Map::new(),
     };
     detail.extra.insert("stack".to_owned(), json!("at line 1"));
@@ -413,8 +419,10 @@ fn busy_and_locked_are_transient_in_the_lookup_error() {
         rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
         Some("database is locked".to_owned()),
     );
-    let locked =
-        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_LOCKED), None);
+    let locked = rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_LOCKED),
+        None,
+    );
     let constraint = rusqlite::Error::SqliteFailure(
         rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
         None,
