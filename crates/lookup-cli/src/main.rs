@@ -1,1 +1,262 @@
-fn main() {}
+//! `deflookup`: look module definitions up through the cache, invalidate them, and watch the
+//! cache work in a narrated demo.
+//!
+//! Realms are directories of module files (`--realm URL=DIR`); modules are "prerendered" by a
+//! small source scanner (see `scan.rs`). The database is an embedded SQLite file by default.
+
+#![forbid(unsafe_code)]
+
+mod demo;
+mod files;
+mod scan;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use adapter_sqlite::SqliteAdapter;
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use lookup_core::{CachingLookup, CodeRef, DbAdapter, LookupError, Realm};
+use serde_json::json;
+
+use crate::files::FilePrerenderer;
+
+/// The default database: an SQLite file in the current directory.
+const DEFAULT_DB: &str = "sqlite://deflookup.sqlite3";
+
+/// Cache of prerendered module definitions, shared safely by many processes.
+#[derive(Debug, Parser)]
+#[command(name = "deflookup", version, about, long_about = None)]
+struct Cli {
+    /// Database URL: `sqlite://PATH`, `sqlite::memory:` (Postgres arrives with adapter-pg).
+    /// Defaults to $DATABASE_URL, else `sqlite://deflookup.sqlite3`.
+    #[arg(long, value_name = "URL")]
+    db: Option<String>,
+
+    /// A local realm backed by a directory, as `URL=DIR` (repeatable). URL must end with `/`.
+    #[arg(long = "realm", value_name = "URL=DIR", value_parser = parse_realm)]
+    realms: Vec<(String, PathBuf)>,
+
+    /// Make the `--realm`s private (rows per owner) instead of public.
+    #[arg(long)]
+    private: bool,
+
+    /// The user realms belong to and modules are rendered as.
+    #[arg(long, value_name = "USER", default_value = "@owner:localhost")]
+    owner: String,
+
+    /// Milliseconds the file prerenderer waits after reading a module, to make renders slow.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    prerender_delay_ms: u64,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// A self-contained, narrated session in a temporary directory and database.
+    Demo,
+    /// Look one exported definition up: prints {"definition", "prerendered", …}.
+    Lookup {
+        /// Absolute module URL, or a path relative to the first realm.
+        module: String,
+        /// The exported name (`default` for the default export).
+        name: String,
+    },
+    /// Print the cache entry of a module (prerendering it on a miss).
+    Entry {
+        /// Absolute module URL, or a path relative to the first realm.
+        module: String,
+    },
+    /// Invalidate a module and everything that depends on it; prints every URL invalidated.
+    Invalidate {
+        /// Absolute module URL, or a path relative to the first realm.
+        module: String,
+    },
+    /// Drop every cached row of a realm.
+    ClearRealm {
+        /// The realm URL.
+        realm_url: String,
+    },
+    /// Drop every cached row.
+    ClearAll,
+}
+
+fn parse_realm(text: &str) -> Result<(String, PathBuf), String> {
+    let (url, dir) =
+        text.split_once('=').ok_or_else(|| format!("expected URL=DIR, got {text:?}"))?;
+    if url.is_empty() || dir.is_empty() {
+        return Err(format!("expected URL=DIR with both parts, got {text:?}"));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| format!("realm URL {url:?} is invalid: {e}"))?;
+    if !parsed.as_str().ends_with('/') {
+        return Err(format!("realm URL {url:?} must end with '/'"));
+    }
+    Ok((parsed.to_string(), PathBuf::from(dir)))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("deflookup: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: the error and its causes, outermost first.
+            let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
+            eprintln!("deflookup: error: {}", dedup_chain(chain).join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Drops causes already spelled out by the message before them.
+fn dedup_chain(chain: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for message in chain {
+        if !out.last().is_some_and(|prev| prev.contains(&message)) {
+            out.push(message);
+        }
+    }
+    out
+}
+
+fn init_logging() {
+    // RUST_LOG uses the `target=level` syntax; warnings and errors are shown by default.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN)
+        });
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if matches!(cli.command, Command::Demo) {
+        return demo::run(Duration::from_millis(cli.prerender_delay_ms)).await;
+    }
+    let db_url = cli
+        .db
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| DEFAULT_DB.to_owned());
+    if db_url.starts_with("sqlite:") {
+        let db = SqliteAdapter::from_url(&db_url)
+            .with_context(|| format!("cannot open database {db_url}"))?;
+        run_with(db, cli).await
+    } else if db_url.starts_with("postgres://") || db_url.starts_with("postgresql://") {
+        bail!(
+            "Postgres databases are not supported by this build yet (adapter-pg is a placeholder)"
+        )
+    } else {
+        bail!("unsupported database URL {db_url:?}: expected sqlite://PATH or sqlite::memory:")
+    }
+}
+
+/// Builds the lookup over `db` with the command line's realms.
+fn build_lookup<D: DbAdapter>(db: D, cli: &Cli) -> Result<CachingLookup<D, FilePrerenderer>> {
+    let mut prerenderer = FilePrerenderer::new(cli.realms.clone());
+    if cli.prerender_delay_ms > 0 {
+        prerenderer = prerenderer.with_delay(Duration::from_millis(cli.prerender_delay_ms));
+    }
+    let lookup = CachingLookup::new(db, prerenderer);
+    for (url, dir) in &cli.realms {
+        if !dir.is_dir() {
+            bail!("realm directory {} does not exist or is not a directory", dir.display());
+        }
+        lookup.register_realm(Realm {
+            url: url.clone(),
+            owner: cli.owner.clone(),
+            public: !cli.private,
+        })?;
+    }
+    Ok(lookup)
+}
+
+/// An absolute URL stays as it is; anything else is a path under the first realm.
+fn module_url(cli: &Cli, module: &str) -> Result<String> {
+    if url::Url::parse(module).is_ok() {
+        return Ok(module.to_owned());
+    }
+    let Some((realm, _)) = cli.realms.first() else {
+        bail!("{module:?} is not an absolute URL and no --realm was given to resolve it against")
+    };
+    let base = url::Url::parse(realm).with_context(|| format!("realm URL {realm}"))?;
+    let joined = base
+        .join(module.trim_start_matches('/'))
+        .with_context(|| format!("cannot resolve {module:?} against {realm}"))?;
+    Ok(joined.to_string())
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn run_with<D: DbAdapter>(db: D, cli: Cli) -> Result<()> {
+    let lookup = build_lookup(db, &cli)?;
+    let renders_before = lookup.prerenderer().prerender_count();
+    match &cli.command {
+        Command::Demo => unreachable!("handled before a database is opened"),
+        Command::Lookup { module, name } => {
+            let url = module_url(&cli, module)?;
+            let code_ref = CodeRef::new(url.clone(), name.clone());
+            let definition = lookup.lookup_definition(&code_ref, None).await.map_err(explain)?;
+            let prerendered = lookup.prerenderer().prerender_count() > renders_before;
+            print_json(&json!({
+                "module": lookup_core::urls::canonical_url(&url),
+                "key": code_ref.definition_key(),
+                "definition": definition,
+                "prerendered": prerendered,
+            }))
+        }
+        Command::Entry { module } => {
+            let url = module_url(&cli, module)?;
+            let entry = lookup.load_entry(&url, None).await.map_err(explain)?;
+            let prerendered = lookup.prerenderer().prerender_count() > renders_before;
+            let mut value = serde_json::to_value(&*entry)?;
+            value["prerendered"] = json!(prerendered);
+            print_json(&value)
+        }
+        Command::Invalidate { module } => {
+            let url = module_url(&cli, module)?;
+            let list = lookup.invalidate(&url).await.map_err(explain)?;
+            print_json(&json!(list))
+        }
+        Command::ClearRealm { realm_url } => {
+            let deleted = lookup.clear_realm(realm_url).await.map_err(explain)?;
+            print_json(&json!({ "realm": realm_url, "deleted": deleted }))
+        }
+        Command::ClearAll => {
+            let deleted = lookup.clear_all().await.map_err(explain)?;
+            print_json(&json!({ "deleted": deleted }))
+        }
+    }
+}
+
+/// Lookup errors become one readable line (module errors keep their dependency errors).
+fn explain(error: LookupError) -> anyhow::Error {
+    if let Some(detail) = error.module_error() {
+        let mut line = error.to_string();
+        for extra in &detail.additional_errors {
+            let from = extra.id.as_deref().unwrap_or("a dependency");
+            line.push_str(&format!("; caused by {from}: {}", extra.message));
+        }
+        return anyhow::anyhow!(line);
+    }
+    anyhow::Error::new(error)
+}
