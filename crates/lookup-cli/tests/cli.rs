@@ -1,0 +1,184 @@
+//! End-to-end tests of the `deflookup` binary on real files and real SQLite databases.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const REALM: &str = "http://localhost:4201/app/";
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("realm")).expect("realm dir");
+        let fixture = Fixture { dir };
+        fixture.write("person.gts", "export class Person {}\n");
+        fixture.write(
+            "pet.gts",
+            "import { Person } from './person';\nexport class Pet extends Person {}\n",
+        );
+        fixture.write("lonely.gts", "export const lonely = 1;\n");
+        fixture.write("broken.gts", "import { X } from './nowhere';\nexport class Broken {}\n");
+        fixture
+    }
+
+    fn write(&self, name: &str, source: &str) {
+        std::fs::write(self.dir.path().join("realm").join(name), source).expect("write module");
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("cache.sqlite3")
+    }
+
+    /// Runs the binary with this fixture's database and realm before `args`.
+    fn run(&self, args: &[&str]) -> Output {
+        let realm = format!("{REALM}={}", self.dir.path().join("realm").display());
+        let db = format!("sqlite://{}", self.db().display());
+        deflookup(&[&["--db", &db, "--realm", &realm], args].concat())
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let output = self.run(args);
+        assert!(output.status.success(), "{args:?} failed: {}", stderr(&output));
+        serde_json::from_slice(&output.stdout).expect("stdout is one JSON document")
+    }
+}
+
+fn deflookup(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("deflookup runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A failure is a non-zero exit with exactly one line on stderr that contains `needle`.
+fn assert_fails_with(output: &Output, needle: &str) {
+    assert!(!output.status.success(), "expected failure, got success: {:?}", output.stdout);
+    let err = stderr(output);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line on stderr, got {err:?}");
+    assert!(err.contains(needle), "stderr {err:?} should mention {needle:?}");
+    assert!(!err.contains("panicked"), "never a panic: {err}");
+}
+
+/// A usage error is clap's: exit code 2, the reason on the first line of stderr.
+fn assert_usage_error(output: &Output, needle: &str) {
+    assert_eq!(output.status.code(), Some(2), "usage errors exit with 2");
+    let err = stderr(output);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.contains(needle), "first line {first:?} should mention {needle:?}");
+}
+
+#[test]
+fn demo_runs_and_narrates_every_step() {
+    let output = deflookup(&["demo"]);
+    assert!(output.status.success(), "demo failed: {}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    for step in [
+        "1. cold lookup",
+        "2. the same lookup",
+        "3. eight concurrent",
+        "4. invalidating",
+        "5. edit",
+        "6. a broken import",
+        "done:",
+    ] {
+        assert!(text.contains(step), "demo output lacks {step:?}:\n{text}");
+    }
+    assert!(text.contains("with 1 prerender"), "coalescing reported:\n{text}");
+}
+
+#[test]
+fn lookup_prerenders_once_then_hits_across_processes() {
+    let f = Fixture::new();
+    let first = f.json(&["lookup", "pet.gts", "Pet"]);
+    assert_eq!(first["prerendered"], true);
+    assert_eq!(first["definition"]["type"], "definition");
+    assert_eq!(first["definition"]["extends"], "Person");
+    assert_eq!(first["key"], format!("{REALM}pet/Pet"));
+
+    let second = f.json(&["lookup", &format!("{REALM}pet"), "Pet"]);
+    assert_eq!(second["prerendered"], false, "the second process hits the SQLite file");
+    assert_eq!(second["definition"], first["definition"]);
+
+    let entry = f.json(&["entry", "pet.gts"]);
+    assert_eq!(entry["url"], format!("{REALM}pet.gts"));
+    assert_eq!(entry["deps"], serde_json::json!([format!("{REALM}person")]));
+    assert_eq!(entry["cache_scope"], "public");
+    assert_eq!(entry["prerendered"], false);
+}
+
+#[test]
+fn invalidate_lists_consumers_and_an_edit_is_then_served() {
+    let f = Fixture::new();
+    f.json(&["lookup", "pet.gts", "Pet"]);
+    f.json(&["lookup", "person.gts", "Person"]);
+    f.json(&["lookup", "lonely.gts", "lonely"]);
+    let list = f.json(&["invalidate", "person.gts"]);
+    let list: Vec<&str> =
+        list.as_array().expect("array").iter().filter_map(Value::as_str).collect();
+    assert!(list.contains(&format!("{REALM}pet.gts").as_str()), "{list:?}");
+    assert!(!list.iter().any(|u| u.contains("lonely")), "{list:?}");
+
+    f.write("person.gts", "export class Person {}\nexport class Employee extends Person {}\n");
+    let employee = f.json(&["lookup", "person", "Employee"]);
+    assert_eq!(employee["prerendered"], true);
+    assert_eq!(f.json(&["lookup", "lonely.gts", "lonely"])["prerendered"], false);
+
+    let cleared = f.json(&["clear-realm", REALM]);
+    assert!(cleared["deleted"].as_u64().expect("count") >= 2, "{cleared}");
+    assert_eq!(f.json(&["lookup", "lonely.gts", "lonely"])["prerendered"], true);
+    assert_eq!(f.json(&["clear-all"])["deleted"], 1);
+}
+
+#[test]
+fn missing_things_fail_with_one_line() {
+    let f = Fixture::new();
+    assert_fails_with(&f.run(&["lookup", "ghost.gts", "Ghost"]), "not found");
+    assert_fails_with(&f.run(&["lookup", "person.gts", "Nobody"]), "definition not found");
+    assert_fails_with(&f.run(&["lookup", "broken.gts", "Broken"]), "nowhere");
+    assert_fails_with(
+        &f.run(&["lookup", "https://other.test/x.gts", "X"]),
+        "cannot determine realm",
+    );
+    // An errored module's entry is shown (it is what is cached), not an error.
+    let entry = f.json(&["entry", "broken.gts"]);
+    assert_eq!(entry["error"]["error"]["status"], 404);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let f = Fixture::new();
+    assert_usage_error(&deflookup(&["--realm", "nodir", "demo"]), "URL=DIR");
+    let noslash = deflookup(&["--realm", "http://x.test/noslash=/tmp", "demo"]);
+    assert_usage_error(&noslash, "must end with '/'");
+    assert_usage_error(&deflookup(&["lookup", "only-module"]), "required");
+    assert_fails_with(&deflookup(&["--db", "mysql://x", "clear-all"]), "unsupported database URL");
+    assert_fails_with(
+        &deflookup(&["--db", "sqlite::memory:", "lookup", "x.gts", "X"]),
+        "no --realm",
+    );
+    let missing_dir = format!("{REALM}={}", f.dir.path().join("absent").display());
+    assert_fails_with(
+        &deflookup(&["--db", "sqlite::memory:", "--realm", &missing_dir, "clear-all"]),
+        "absent",
+    );
+
+    let corrupt = f.dir.path().join("corrupt.sqlite3");
+    std::fs::write(&corrupt, "this is not a database, just text ".repeat(200)).expect("write");
+    let db = format!("sqlite://{}", corrupt.display());
+    assert_fails_with(&deflookup(&["--db", &db, "clear-all"]), &corrupt.display().to_string());
+
+    let unwritable = Path::new("/proc/deflookup-cannot-write-here/cache.sqlite3");
+    let db = format!("sqlite://{}", unwritable.display());
+    assert_fails_with(&deflookup(&["--db", &db, "clear-all"]), &unwritable.display().to_string());
+}
