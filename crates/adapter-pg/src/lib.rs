@@ -1,11 +1,28 @@
 //! `adapter-pg`: the Postgres backend of deflookup.
 //!
-//! This crate is a placeholder: it fixes the dependency line
-//! (`lookup-core ← adapter-pg ← invalidation-listener`) and re-exports what the listener will
-//! need from the core. The `DbAdapter` implementation on tokio-postgres arrives with the
-//! Postgres issue; until then, use `adapter-sqlite`.
+//! Depend on it to share one `modules` table between many processes: [`PgAdapter`] implements
+//! the core's `DbAdapter` on a deadpool of tokio-postgres connections, and every invalidation
+//! deletes its rows and `pg_notify`s peers **in one transaction**, so peers hear of it if and
+//! only if the delete committed. The listening side lives in `invalidation-listener`, which
+//! depends only on this crate; the core items it needs are re-exported here.
+//!
+//! It deliberately does not listen for notifications (a pooled connection would drop them),
+//! and it does not speak TLS (connections use `NoTls`; put Postgres on a trusted network or a
+//! local socket).
 
 #![warn(missing_docs)]
 
-pub use lookup_core::wire::{INVALIDATION_CHANNEL, ParsedPayload, parse_payload};
+mod adapter;
+mod config;
+mod error;
+mod schema;
+
+pub use adapter::{PgAdapter, PgAdapterStats};
+pub use config::{PgConfig, redact_url};
+pub use error::{BoxError, PgError};
+
+pub use lookup_core::wire::{
+    INVALIDATION_CHANNEL, POPULATE_CHANNEL, ParsedPayload, encode_payloads, parse_payload,
+};
 pub use lookup_core::{Invalidation, InvalidationSink};
+pub use tokio_postgres;

@@ -1,0 +1,1 @@
+pub struct PgAdapter; pub struct PgAdapterStats;
