@@ -262,10 +262,18 @@ impl RealmProbe for FakeProbe {
 /// Instantiates every behaviour case as a `#[tokio::test]` for one adapter.
 ///
 /// `$make` is an expression callable with no arguments that returns a future of a fresh,
-/// empty adapter (e.g. `|| async { SqliteAdapter::open_in_memory().unwrap() }`).
+/// empty adapter (e.g. `|| async { SqliteAdapter::open_in_memory().unwrap() }`). With
+/// `optional:` before it, the future yields an `Option` instead, and `None` skips the case
+/// (for backends that need a server, see [`database_url`]).
 #[macro_export]
 macro_rules! behaviour_suite {
+    (optional: $make:expr) => {
+        $crate::behaviour_suite!(@all $make);
+    };
     ($make:expr) => {
+        $crate::behaviour_suite!(@all || async { Some(($make)().await) });
+    };
+    (@all $make:expr) => {
         $crate::behaviour_suite!(@cases $make;
             cold_lookup_prerenders_once_then_hits,
             invalidate_of_unregistered_realm_does_nothing,
@@ -300,9 +308,39 @@ macro_rules! behaviour_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                let db = ($make)().await;
-                $crate::cases::$case(db).await;
+                if let Some(db) = ($make)().await {
+                    $crate::cases::$case(db).await;
+                }
             }
         )*
     };
+}
+
+/// The database URL for tests that need a real server (Postgres), from `DATABASE_URL`.
+///
+/// Without one, the test is skipped with a notice, except under `CI`, where it fails: a CI
+/// run that silently skipped the Postgres suite would prove nothing.
+pub fn database_url(test: &str) -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{test}: DATABASE_URL is not set under CI; run `cargo xtask test-pg`")
+        }
+        _ => {
+            eprintln!("{test}: skipped, DATABASE_URL is not set (`cargo xtask test-pg` sets it)");
+            None
+        }
+    }
+}
+
+/// A name unique to this process and call, usable as a Postgres schema or channel name:
+/// `prefix_<pid>_<counter>_<nanos>`.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{prefix}_{}_{}_{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }

@@ -1,1 +1,407 @@
-pub struct PgAdapter; pub struct PgAdapterStats;
+//! [`PgAdapter`]: the `DbAdapter` on a pool of tokio-postgres connections.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use lookup_core::wire::encode_payloads;
+use lookup_core::{
+    CacheEntry, CacheScope, ConsumerRow, DbAdapter, EntryScope, ErrorDoc, Invalidation, LoadStamp,
+    LookupError, PersistOutcome,
+};
+use serde_json::{Map, Value};
+use tokio_postgres::{NoTls, Row};
+
+use crate::config::PgConfig;
+use crate::error::PgError;
+use crate::schema;
+
+const COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
+                       error_doc, created_at, file_alias, diagnostics";
+
+/// Counters of what the adapter broadcast.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PgAdapterStats {
+    /// Invalidations applied (committed).
+    pub invalidations: u64,
+    /// NOTIFY payloads committed.
+    pub payloads_sent: u64,
+    /// Invalidation transactions that failed after their DELETE (at NOTIFY or COMMIT).
+    pub broadcast_failures: u64,
+    /// Invalidations whose rows were deleted without a broadcast (after two failures).
+    pub unbroadcast_deletes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    invalidations: AtomicU64,
+    payloads_sent: AtomicU64,
+    broadcast_failures: AtomicU64,
+    unbroadcast_deletes: AtomicU64,
+}
+
+/// The Postgres backend: a connection pool, this process's origin id, and the channel.
+///
+/// Cheap to clone; clones share the pool and counters.
+#[derive(Clone)]
+pub struct PgAdapter {
+    pool: Pool,
+    config: Arc<PgConfig>,
+    origin: Arc<str>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for PgAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgAdapter")
+            .field("config", &self.config)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A process-unique id for the `"o"` key of payloads: the pid plus a random-seeded hash, so
+/// two adapters in one process (as in tests) differ too.
+fn new_origin() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:x}-{:016x}", std::process::id(), hasher.finish())
+}
+
+fn query_error(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    move |source| PgError::Query { operation, source: Box::new(source) }
+}
+
+impl PgAdapter {
+    /// Connects a pool, checks the server answers, and creates or upgrades the schema.
+    pub async fn connect(config: PgConfig) -> Result<Self, PgError> {
+        let pg_config = config.tokio_postgres_config()?;
+        let manager = Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager).max_size(config.pool_max()).build().map_err(|e| {
+            PgError::InvalidConfig {
+                url: config.redacted_url(),
+                reason: "cannot build the connection pool".to_owned(),
+                source: Some(Box::new(e)),
+            }
+        })?;
+        let mut client = pool
+            .get()
+            .await
+            .map_err(|e| PgError::Connect { url: config.redacted_url(), source: Box::new(e) })?;
+        schema::migrate(&mut client, config.schema_name()).await?;
+        drop(client);
+        let origin: Arc<str> = new_origin().into();
+        tracing::debug!(url = %config.redacted_url(), %origin, "connected to Postgres");
+        Ok(PgAdapter { pool, config: Arc::new(config), origin, counters: Arc::default() })
+    }
+
+    /// This process's origin id, sent as `"o"` in every payload. Give it to the listener so
+    /// it skips our own echoes.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The settings this adapter was connected with.
+    pub fn config(&self) -> &PgConfig {
+        &self.config
+    }
+
+    /// The broadcast counters so far.
+    pub fn stats(&self) -> PgAdapterStats {
+        let c = &self.counters;
+        PgAdapterStats {
+            invalidations: c.invalidations.load(Ordering::Relaxed),
+            payloads_sent: c.payloads_sent.load(Ordering::Relaxed),
+            broadcast_failures: c.broadcast_failures.load(Ordering::Relaxed),
+            unbroadcast_deletes: c.unbroadcast_deletes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Number of rows in the table (for tests and the CLI).
+    pub async fn row_count(&self) -> Result<u64, PgError> {
+        let client = self.client("count rows").await?;
+        let row = client
+            .query_one("SELECT count(*) FROM modules", &[])
+            .await
+            .map_err(query_error("count rows"))?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    async fn client(&self, operation: &'static str) -> Result<Object, PgError> {
+        self.pool.get().await.map_err(|e| PgError::Query { operation, source: Box::new(e) })
+    }
+
+    async fn query(
+        &self,
+        operation: &'static str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, PgError> {
+        let client = self.client(operation).await?;
+        let statement = client.prepare_cached(sql).await.map_err(query_error(operation))?;
+        client.query(&statement, params).await.map_err(query_error(operation))
+    }
+
+    /// Deletes what `invalidation` covers; returns the number of rows.
+    async fn delete(
+        client: &impl deadpool_postgres::GenericClient,
+        invalidation: &Invalidation,
+    ) -> Result<u64, tokio_postgres::Error> {
+        match invalidation {
+            Invalidation::Modules { realm_url, urls } => {
+                client
+                    .execute(
+                        "DELETE FROM modules WHERE resolved_realm_url = $1 AND \
+                         (url_hash = ANY (SELECT md5(u) FROM unnest($2::text[]) AS u) \
+                          OR file_alias = ANY ($2))",
+                        &[realm_url, urls],
+                    )
+                    .await
+            }
+            Invalidation::Realm { realm_url } => {
+                client
+                    .execute("DELETE FROM modules WHERE resolved_realm_url = $1", &[realm_url])
+                    .await
+            }
+            Invalidation::Global => client.execute("DELETE FROM modules", &[]).await,
+        }
+    }
+
+    /// One attempt: DELETE and every NOTIFY in one transaction. The error says whether the
+    /// delete itself failed (`Err(Ok(e))`) or only what came after it (`Err(Err(e))`).
+    async fn delete_and_notify(
+        &self,
+        client: &mut Object,
+        invalidation: &Invalidation,
+        payloads: &[String],
+    ) -> Result<u64, Result<tokio_postgres::Error, tokio_postgres::Error>> {
+        let tx = client.transaction().await.map_err(Ok)?;
+        let deleted = Self::delete(&tx, invalidation).await.map_err(Ok)?;
+        let channel = self.config.channel_name();
+        for payload in payloads {
+            tx.execute("SELECT pg_notify($1, $2)", &[&channel, payload]).await.map_err(Err)?;
+        }
+        // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
+        tx.commit().await.map_err(Err)?;
+        Ok(deleted)
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(
+    row_url: &str,
+    column: &'static str,
+    value: Option<Value>,
+) -> Result<Option<T>, PgError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => serde_json::from_value(value).map(Some).map_err(|e| PgError::CorruptRow {
+            url: row_url.to_owned(),
+            column,
+            source: Box::new(e),
+        }),
+    }
+}
+
+fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {
+    let url: String = row.get("url");
+    let scope_text: String = row.get("cache_scope");
+    let cache_scope = CacheScope::parse(&scope_text).ok_or_else(|| PgError::CorruptRow {
+        url: url.clone(),
+        column: "cache_scope",
+        source: format!("unknown scope {scope_text:?}").into(),
+    })?;
+    let definitions: Map<String, Value> =
+        decode_json(&url, "definitions", row.get("definitions"))?.unwrap_or_default();
+    let deps: Vec<String> = decode_json(&url, "deps", row.get("deps"))?.unwrap_or_default();
+    let error: Option<ErrorDoc> = decode_json(&url, "error_doc", row.get("error_doc"))?;
+    let file_alias: Option<String> = row.get("file_alias");
+    Ok(CacheEntry {
+        file_alias: file_alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
+        url,
+        cache_scope,
+        auth_user_id: row.get("auth_user_id"),
+        resolved_realm_url: row.get("resolved_realm_url"),
+        definitions,
+        deps,
+        error,
+        created_at: row.get("created_at"),
+        diagnostics: row.get::<_, Option<Value>>("diagnostics").filter(|v| !v.is_null()),
+    })
+}
+
+fn entries(rows: Vec<Row>) -> Result<Vec<CacheEntry>, LookupError> {
+    rows.iter().map(|row| entry_from_row(row).map_err(LookupError::from)).collect()
+}
+
+impl DbAdapter for PgAdapter {
+    async fn read_rows(
+        &self,
+        scope: &EntryScope,
+        url: &str,
+        alias: &str,
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        // `url_hash = md5(url)` lets the primary key find the exact row.
+        let sql = format!(
+            "SELECT {COLUMNS} FROM modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
+             AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)"
+        );
+        let rows = self
+            .query(
+                "read row",
+                &sql,
+                &[&scope.realm_url, &scope.scope.as_str(), &scope.user, &url, &alias],
+            )
+            .await?;
+        entries(rows)
+    }
+
+    async fn read_rows_batch(
+        &self,
+        scope: &EntryScope,
+        names: &[String],
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {COLUMNS} FROM modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
+             AND auth_user_id = $3 AND (url_hash = ANY (SELECT md5(n) FROM unnest($4::text[]) AS n) \
+             OR file_alias = ANY ($4))"
+        );
+        let rows = self
+            .query(
+                "read rows",
+                &sql,
+                &[&scope.realm_url, &scope.scope.as_str(), &scope.user, &names],
+            )
+            .await?;
+        entries(rows)
+    }
+
+    async fn upsert(
+        &self,
+        entry: &CacheEntry,
+        _stamp: LoadStamp,
+    ) -> Result<PersistOutcome, LookupError> {
+        let sql = format!(
+            "INSERT INTO modules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT ON CONSTRAINT modules_pkey DO UPDATE SET \
+             resolved_realm_url = EXCLUDED.resolved_realm_url, definitions = EXCLUDED.definitions, \
+             deps = EXCLUDED.deps, error_doc = EXCLUDED.error_doc, created_at = EXCLUDED.created_at, \
+             file_alias = EXCLUDED.file_alias, diagnostics = EXCLUDED.diagnostics"
+        );
+        let definitions = Value::Object(entry.definitions.clone());
+        let deps = serde_json::to_value(&entry.deps).unwrap_or_default();
+        let error_doc = match &entry.error {
+            Some(doc) => Some(serde_json::to_value(doc).map_err(|e| {
+                LookupError::from(PgError::CorruptRow {
+                    url: entry.url.clone(),
+                    column: "error_doc",
+                    source: Box::new(e),
+                })
+            })?),
+            None => None,
+        };
+        let diagnostics = entry.diagnostics.clone().filter(|v| !v.is_null());
+        self.query(
+            "upsert",
+            &sql,
+            &[
+                &entry.url,
+                &entry.cache_scope.as_str(),
+                &entry.auth_user_id,
+                &entry.resolved_realm_url,
+                &definitions,
+                &deps,
+                &error_doc,
+                &entry.created_at,
+                &entry.file_alias,
+                &diagnostics,
+            ],
+        )
+        .await?;
+        Ok(PersistOutcome::Written)
+    }
+
+    async fn consumers(
+        &self,
+        realm_url: &str,
+        names: &[String],
+    ) -> Result<Vec<ConsumerRow>, LookupError> {
+        // One recursive query. Each step finds rows whose deps contain a name with `@>`, which
+        // the GIN index on deps answers without scanning the realm; UNION de-duplicates, so a
+        // dependency cycle ends.
+        let sql = "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
+                SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
+                JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
+              UNION \
+                SELECT m.url, m.file_alias, m.deps FROM consumer c \
+                CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
+                JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
+            ) SELECT url, file_alias, deps FROM consumer";
+        let rows = self.query("consumer closure", sql, &[&realm_url, &names]).await?;
+        rows.iter()
+            .map(|row| {
+                let url: String = row.get(0);
+                let deps: Vec<String> = decode_json(&url, "deps", row.get(2))?.unwrap_or_default();
+                let alias: Option<String> = row.get(1);
+                Ok(ConsumerRow {
+                    file_alias: alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
+                    url,
+                    deps,
+                })
+            })
+            .collect::<Result<_, PgError>>()
+            .map_err(LookupError::from)
+    }
+
+    /// DELETE and NOTIFY in one transaction. If the transaction fails after its DELETE (at a
+    /// NOTIFY or at COMMIT), it is retried once; if that fails too, the rows are deleted
+    /// without a broadcast and a warning is logged. Rationale: the rows are shared, so the
+    /// delete is what every peer reads; the broadcast only stops peers' in-flight loads from
+    /// persisting, which the next invalidation (or the durable guard) also covers, whereas
+    /// failing the whole invalidation would leave stale rows for everyone.
+    async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<u64, LookupError> {
+        let payloads = encode_payloads(invalidation, Some(&self.origin));
+        let mut client = self.client("invalidate").await?;
+        let mut last_error = None;
+        for attempt in 1..=2 {
+            match self.delete_and_notify(&mut client, invalidation, &payloads).await {
+                Ok(deleted) => {
+                    self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+                    self.counters.payloads_sent.fetch_add(payloads.len() as u64, Ordering::Relaxed);
+                    return Ok(deleted);
+                }
+                Err(Ok(delete_error)) => return Err(query_error("invalidate")(delete_error).into()),
+                Err(Err(broadcast_error)) => {
+                    self.counters.broadcast_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(attempt, error = %broadcast_error, "invalidation broadcast failed");
+                    last_error = Some(broadcast_error);
+                    if client.is_closed() {
+                        client = self.client("invalidate").await?;
+                    }
+                }
+            }
+        }
+        let deleted =
+            Self::delete(&client, invalidation).await.map_err(query_error("invalidate"))?;
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.counters.unbroadcast_deletes.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            error = %last_error.map(|e| e.to_string()).unwrap_or_default(),
+            deleted,
+            "rows deleted WITHOUT a broadcast: peers' in-flight loads may persist stale rows"
+        );
+        Ok(deleted)
+    }
+}

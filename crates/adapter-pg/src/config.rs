@@ -89,13 +89,12 @@ impl PgConfig {
     /// The tokio-postgres settings for one connection: the URL, the connect timeout, and the
     /// schema as the connection's `search_path` (so every statement finds the right table).
     pub fn tokio_postgres_config(&self) -> Result<tokio_postgres::Config, PgError> {
-        let mut config: tokio_postgres::Config = self.url.parse().map_err(|source| {
-            PgError::InvalidConfig {
+        let mut config: tokio_postgres::Config =
+            self.url.parse().map_err(|source| PgError::InvalidConfig {
                 url: self.redacted_url(),
                 reason: "not a valid Postgres connection string".to_owned(),
                 source: Some(Box::new(source)),
-            }
-        })?;
+            })?;
         config.connect_timeout(self.connect_timeout);
         if config.get_application_name().is_none() {
             config.application_name("deflookup");
@@ -197,7 +196,8 @@ mod tests {
 
     #[test]
     fn bad_settings_are_refused_with_the_url_redacted() {
-        let err = PgConfig::new("postgres://u:pw@h/db").schema("Robert'); DROP").tokio_postgres_config();
+        let err =
+            PgConfig::new("postgres://u:pw@h/db").schema("Robert'); DROP").tokio_postgres_config();
         let message = err.expect_err("bad schema").to_string();
         assert!(message.contains("schema") && !message.contains("pw@"), "{message}");
         let err = PgConfig::new("postgres://u:pw@h/db").channel("a-b").tokio_postgres_config();

@@ -56,7 +56,9 @@ pub enum PgError {
         source: BoxError,
     },
     /// The database schema is newer than this code.
-    #[error("the modules schema is at version {found}, newer than this build supports ({supported})")]
+    #[error(
+        "the modules schema is at version {found}, newer than this build supports ({supported})"
+    )]
     UnsupportedSchemaVersion {
         /// Version found in the database.
         found: i32,
@@ -74,7 +76,9 @@ impl PgError {
     pub fn is_transient(&self) -> bool {
         match self {
             PgError::Connect { .. } => true,
-            PgError::Query { source, .. } | PgError::Schema { source } => is_transient_source(source.as_ref()),
+            PgError::Query { source, .. } | PgError::Schema { source } => {
+                is_transient_source(source.as_ref())
+            }
             _ => false,
         }
     }
@@ -94,8 +98,14 @@ fn is_transient_pg(error: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     match error.code() {
         Some(code) => {
-            [SqlState::T_R_SERIALIZATION_FAILURE, SqlState::T_R_DEADLOCK_DETECTED, SqlState::ADMIN_SHUTDOWN, SqlState::CANNOT_CONNECT_NOW, SqlState::TOO_MANY_CONNECTIONS]
-                .contains(code)
+            [
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::TOO_MANY_CONNECTIONS,
+            ]
+            .contains(code)
                 || code.code().starts_with("08")
         }
         // No SQLSTATE: the connection itself failed.
