@@ -211,6 +211,7 @@ impl Prerenderer for FilePrerenderer {
             Location::Refused => PrerenderResponse::missing(&module_url),
             Location::File(path) => self.render(&module_url, &path).await,
         };
+        tracing::info!(module = %module_url, status = ?response.status, "prerendered (source read)");
         // The wait comes after the read on purpose: an edit made during it is not in this
         // answer, which is exactly the stale render the cache's generation guard must catch.
         if !self.delay.is_zero() {
