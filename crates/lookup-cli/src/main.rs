@@ -14,10 +14,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use adapter_pg::{PgAdapter, PgConfig};
 use adapter_sqlite::SqliteAdapter;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use lookup_core::{CachingLookup, CodeRef, DbAdapter, LookupError, Realm};
+use invalidation_listener::PgInvalidationListener;
+use lookup_core::{CachingLookup, CodeRef, DbAdapter, InvalidationSink, LookupError, Realm};
 use serde_json::json;
 
 use crate::files::FilePrerenderer;
@@ -29,7 +33,7 @@ const DEFAULT_DB: &str = "sqlite://deflookup.sqlite3";
 #[derive(Debug, Parser)]
 #[command(name = "deflookup", version, about, long_about = None)]
 struct Cli {
-    /// Database URL: `sqlite://PATH`, `sqlite::memory:` (Postgres arrives with adapter-pg).
+    /// Database URL: `sqlite://PATH`, `sqlite::memory:` or `postgres://…`.
     /// Defaults to $DATABASE_URL, else `sqlite://deflookup.sqlite3`.
     #[arg(long, value_name = "URL")]
     db: Option<String>,
@@ -82,6 +86,9 @@ enum Command {
     },
     /// Drop every cached row.
     ClearAll,
+    /// Print every invalidation broadcast on the database, one JSON object per line, until
+    /// Ctrl-C or SIGTERM (Postgres only).
+    Listen,
 }
 
 fn parse_realm(text: &str) -> Result<(String, PathBuf), String> {
@@ -155,16 +162,95 @@ async fn run(cli: Cli) -> Result<()> {
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| DEFAULT_DB.to_owned());
     if db_url.starts_with("sqlite:") {
+        if matches!(cli.command, Command::Listen) {
+            bail!("`listen` needs a Postgres database: SQLite has no broadcast");
+        }
         let db = SqliteAdapter::from_url(&db_url)
             .with_context(|| format!("cannot open database {db_url}"))?;
-        run_with(db, cli).await
+        execute(&build_lookup(db, &cli)?, &cli).await
     } else if db_url.starts_with("postgres://") || db_url.starts_with("postgresql://") {
-        bail!(
-            "Postgres databases are not supported by this build yet (adapter-pg is a placeholder)"
-        )
+        run_postgres(PgConfig::new(db_url), cli).await
     } else {
-        bail!("unsupported database URL {db_url:?}: expected sqlite://PATH or sqlite::memory:")
+        let shown = adapter_pg::redact_url(&db_url);
+        bail!(
+            "unsupported database URL {shown:?}: expected sqlite://PATH, sqlite::memory: or postgres://…"
+        )
     }
+}
+
+async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
+    let db =
+        PgAdapter::connect(config.clone()).await.context("cannot open the Postgres database")?;
+    if matches!(cli.command, Command::Listen) {
+        return listen(&config).await;
+    }
+    let lookup = build_lookup(db.clone(), &cli)?;
+    // A render can take long: listen while it runs, so a peer's invalidation of the module
+    // discards our stale result instead of letting us persist it.
+    let listener = if matches!(cli.command, Command::Lookup { .. } | Command::Entry { .. }) {
+        let sink: Arc<dyn InvalidationSink> = Arc::new(lookup.clone());
+        let origin = Some(db.origin().to_owned());
+        Some(PgInvalidationListener::start(&config, origin, sink).await.context("cannot LISTEN")?)
+    } else {
+        None
+    };
+    let result = execute(&lookup, &cli).await;
+    if let Some(listener) = listener {
+        listener.shutdown().await;
+    }
+    result
+}
+
+/// `deflookup listen`: prints listener events as JSON lines until Ctrl-C or SIGTERM.
+async fn listen(config: &PgConfig) -> Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::sync::broadcast::error::RecvError;
+    let listener = PgInvalidationListener::start(config, None, Arc::new(IgnoreBumps))
+        .await
+        .context("cannot LISTEN")?;
+    let mut events = listener.subscribe();
+    let mut stdout = tokio::io::stdout();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch SIGTERM")?;
+    let outcome = loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = terminate.recv() => break Ok(()),
+        };
+        match event {
+            Ok(event) => {
+                let line = format!("{}\n", event.to_json());
+                let written = async {
+                    stdout.write_all(line.as_bytes()).await?;
+                    stdout.flush().await
+                };
+                if let Err(e) = written.await {
+                    // A closed stdout (e.g. `| head`) ends the command quietly.
+                    break if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        Ok(())
+                    } else {
+                        Err(e.into())
+                    };
+                }
+            }
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "output fell behind; events were skipped");
+            }
+            Err(RecvError::Closed) => break Err(anyhow::anyhow!("the listener stopped")),
+        }
+    };
+    listener.shutdown().await;
+    outcome
+}
+
+/// `listen` only watches: it has no cache of its own to bump.
+struct IgnoreBumps;
+
+impl InvalidationSink for IgnoreBumps {
+    fn bump_modules(&self, _realm_url: &str, _urls: &[String]) {}
+    fn bump_realm(&self, _realm_url: &str) {}
+    fn bump_global(&self) {}
 }
 
 /// Builds the lookup over `db` with the command line's realms.
@@ -207,13 +293,15 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-async fn run_with<D: DbAdapter>(db: D, cli: Cli) -> Result<()> {
-    let lookup = build_lookup(db, &cli)?;
+async fn execute<D: DbAdapter>(
+    lookup: &CachingLookup<D, FilePrerenderer>,
+    cli: &Cli,
+) -> Result<()> {
     let renders_before = lookup.prerenderer().prerender_count();
     match &cli.command {
-        Command::Demo => unreachable!("handled before a database is opened"),
+        Command::Demo | Command::Listen => unreachable!("handled before a lookup is built"),
         Command::Lookup { module, name } => {
-            let url = module_url(&cli, module)?;
+            let url = module_url(cli, module)?;
             let code_ref = CodeRef::new(url.clone(), name.clone());
             let definition = lookup.lookup_definition(&code_ref, None).await.map_err(explain)?;
             let prerendered = lookup.prerenderer().prerender_count() > renders_before;
@@ -225,7 +313,7 @@ async fn run_with<D: DbAdapter>(db: D, cli: Cli) -> Result<()> {
             }))
         }
         Command::Entry { module } => {
-            let url = module_url(&cli, module)?;
+            let url = module_url(cli, module)?;
             let entry = lookup.load_entry(&url, None).await.map_err(explain)?;
             let prerendered = lookup.prerenderer().prerender_count() > renders_before;
             let mut value = serde_json::to_value(&*entry)?;
@@ -233,7 +321,7 @@ async fn run_with<D: DbAdapter>(db: D, cli: Cli) -> Result<()> {
             print_json(&value)
         }
         Command::Invalidate { module } => {
-            let url = module_url(&cli, module)?;
+            let url = module_url(cli, module)?;
             let list = lookup.invalidate(&url).await.map_err(explain)?;
             print_json(&json!(list))
         }
