@@ -182,3 +182,144 @@ fn bad_input_is_a_clear_error() {
     let db = format!("sqlite://{}", unwritable.display());
     assert_fails_with(&deflookup(&["--db", &db, "clear-all"]), &unwritable.display().to_string());
 }
+
+/// A fresh Postgres database for one test, from `DATABASE_URL` (skipped without it, failing
+/// under CI): returns its URL.
+fn fresh_pg_database(test: &str) -> Option<String> {
+    let url = behaviour_suite::database_url(test)?;
+    let name = behaviour_suite::unique_name("cli");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    runtime.block_on(async {
+        let (client, connection) =
+            adapter_pg::tokio_postgres::connect(&url, adapter_pg::tokio_postgres::NoTls)
+                .await
+                .expect("connect to DATABASE_URL");
+        tokio::spawn(connection);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+    });
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url.as_str(), String::new()),
+    };
+    let base = base.rsplit_once('/').map_or(base, |(head, _)| head);
+    Some(format!("{base}/{name}{query}"))
+}
+
+impl Fixture {
+    fn run_on(&self, db: &str, args: &[&str]) -> Output {
+        let realm = format!("{REALM}={}", self.dir.path().join("realm").display());
+        deflookup(&[&["--db", db, "--realm", &realm], args].concat())
+    }
+
+    fn json_on(&self, db: &str, args: &[&str]) -> Value {
+        let output = self.run_on(db, args);
+        assert!(output.status.success(), "{args:?} failed: {}", stderr(&output));
+        serde_json::from_slice(&output.stdout).expect("stdout is one JSON document")
+    }
+}
+
+#[test]
+fn every_subcommand_works_on_postgres() {
+    let Some(db) = fresh_pg_database("every_subcommand_works_on_postgres") else { return };
+    let f = Fixture::new();
+    assert_eq!(f.json_on(&db, &["lookup", "pet.gts", "Pet"])["prerendered"], true);
+    assert_eq!(f.json_on(&db, &["lookup", "pet", "Pet"])["prerendered"], false);
+    let entry = f.json_on(&db, &["entry", "pet.gts"]);
+    assert_eq!(entry["deps"], serde_json::json!([format!("{REALM}person")]));
+    f.json_on(&db, &["lookup", "lonely.gts", "lonely"]);
+    let list = f.json_on(&db, &["invalidate", "person"]);
+    assert!(list.as_array().expect("array").contains(&Value::from(format!("{REALM}pet.gts"))));
+    assert_eq!(f.json_on(&db, &["lookup", "lonely.gts", "lonely"])["prerendered"], false);
+    assert_eq!(f.json_on(&db, &["clear-realm", REALM])["deleted"], 1);
+    f.json_on(&db, &["lookup", "lonely.gts", "lonely"]);
+    assert_eq!(f.json_on(&db, &["clear-all"])["deleted"], 1);
+    assert_fails_with(&f.run_on(&db, &["lookup", "ghost.gts", "Ghost"]), "not found");
+    let wrong = db.replace("postgres://", "postgres://nobody:topsecret@");
+    let output = f.run_on(&wrong, &["clear-all"]);
+    assert!(!output.status.success());
+    assert!(!stderr(&output).contains("topsecret"), "password leaked: {}", stderr(&output));
+}
+
+/// Reads `child`'s stream line by line until one contains `needle` (bounded by the child's
+/// own lifetime: if it exits first, the test fails).
+fn wait_for_line(reader: &mut impl std::io::BufRead, needle: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("read child output");
+        assert!(n > 0, "the process ended before printing {needle:?}");
+        if line.contains(needle) {
+            return line.clone();
+        }
+    }
+}
+
+#[test]
+fn listen_prints_peers_invalidations_as_json_lines() {
+    let Some(db) = fresh_pg_database("listen_prints_peers_invalidations") else { return };
+    let f = Fixture::new();
+    f.json_on(&db, &["lookup", "pet.gts", "Pet"]);
+    let mut listener = Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args(["--db", &db, "listen"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("listen starts");
+    let mut out = std::io::BufReader::new(listener.stdout.take().expect("stdout"));
+    assert_eq!(wait_for_line(&mut out, "connected").trim(), r#"{"event":"connected"}"#);
+    f.json_on(&db, &["invalidate", "person.gts"]);
+    let line = wait_for_line(&mut out, "module");
+    let event: Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(event["realm"], REALM);
+    assert!(
+        event["urls"].as_array().expect("urls").contains(&Value::from(format!("{REALM}pet.gts")))
+    );
+    f.json_on(&db, &["clear-realm", REALM]);
+    assert_eq!(
+        wait_for_line(&mut out, "realm").trim(),
+        format!(r#"{{"event":"realm","realm":"{REALM}"}}"#)
+    );
+    f.json_on(&db, &["clear-all"]);
+    assert_eq!(wait_for_line(&mut out, "global").trim(), r#"{"event":"global"}"#);
+    let _ = Command::new("kill").args(["-TERM", &listener.id().to_string()]).status();
+    let status = listener.wait().expect("listen exits");
+    assert!(status.success(), "SIGTERM ends listen cleanly: {status}");
+}
+
+#[test]
+fn a_peers_invalidation_during_a_slow_render_is_not_persisted_stale() {
+    let Some(db) = fresh_pg_database("peer_invalidation_during_render") else { return };
+    let f = Fixture::new();
+    f.write("pet.gts", "export class Pet {}\n");
+    let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
+    // The render reads pet.gts, logs that it did, then takes three seconds to "finish".
+    let mut slow = Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args([
+            "--db",
+            &db,
+            "--realm",
+            &realm,
+            "--prerender-delay-ms",
+            "3000",
+            "lookup",
+            "pet.gts",
+            "Pet",
+        ])
+        .env("RUST_LOG", "deflookup=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("slow lookup starts");
+    let mut log = std::io::BufReader::new(slow.stderr.take().expect("stderr"));
+    wait_for_line(&mut log, "prerendered (source read)");
+    // The render has read the old source: edit it and invalidate from another process.
+    f.write("pet.gts", "export class Animal {}\nexport class Pet extends Animal {}\n");
+    f.json_on(&db, &["invalidate", "pet.gts"]);
+    let output = slow.wait_with_output().expect("slow lookup ends");
+    assert!(output.status.success(), "slow lookup failed");
+    let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(answer["definition"]["extends"], "Animal", "the discarded render re-ran on v2");
+    let entry = f.json_on(&db, &["entry", "pet.gts"]);
+    assert_eq!(entry["prerendered"], false);
+    let key = format!("{REALM}pet/Pet");
+    assert_eq!(entry["definitions"][&key]["extends"], "Animal", "no stale row was persisted");
+}
