@@ -1,20 +1,33 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
-//! - `test`: formatting check, clippy with warnings denied, and every test of the workspace.
+//! - `test`: formatting check, clippy with warnings denied, and every test of the workspace,
+//!   the Postgres tests included (`test.rs`).
+//! - `test-pg`: the tests of the crates that need Postgres (`test_pg.rs`).
+//!
+//! Both run the Postgres tests on `$DATABASE_URL` when it is set. Otherwise they start a
+//! throwaway cluster with the machine's `initdb` and `pg_ctl` (`pg.rs`), pass its URL to the
+//! tests as `DATABASE_URL` and a command restarting it as `DEFLOOKUP_PG_RESTART`, run the
+//! `#[ignore]`d server-restart tests of `invalidation-listener` one at a time after the
+//! others, and always stop and delete the cluster, also when tests fail or on Ctrl-C.
 
 #![forbid(unsafe_code)]
 
+mod pg;
 mod test;
+mod test_pg;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
+        Some("test-pg") => test_pg::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print_help();
             Ok(())
@@ -34,7 +47,14 @@ fn main() -> std::process::ExitCode {
 
 fn print_help() {
     println!("cargo xtask <command>\n");
-    println!("  test    fmt --check, clippy -D warnings, and every test of the workspace");
+    println!("  test [CARGO TEST ARGS]     fmt --check, clippy -D warnings, and every test of the");
+    println!("                             workspace, the Postgres tests included");
+    println!("  test-pg [CARGO TEST ARGS]  the tests of adapter-pg, invalidation-listener and");
+    println!("                             lookup-cli, then the server-restart tests\n");
+    println!("The Postgres tests use $DATABASE_URL when it is set; the server-restart tests then");
+    println!("run only if $DEFLOOKUP_PG_RESTART holds a shell command that restarts that server.");
+    println!("Otherwise xtask starts a throwaway cluster with initdb and pg_ctl (from PATH or");
+    println!("/usr/lib/postgresql/*/bin) and always stops and deletes it, also on Ctrl-C.");
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -53,8 +73,35 @@ pub fn cargo() -> Command {
 pub fn run_step(title: &str, mut command: Command) -> Result<()> {
     eprintln!("xtask: == {title}");
     let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
+    if interrupted() {
+        bail!("interrupted");
+    }
     if !status.success() {
         bail!("{title} failed ({status})");
     }
     Ok(())
+}
+
+/// Set by the Ctrl-C handler.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// From now on, Ctrl-C (SIGINT) does not end xtask: it only sets a flag ([`interrupted`]).
+///
+/// A Ctrl-C on a terminal reaches the whole foreground process group, so the cargo and test
+/// processes xtask waits for still die, xtask sees them end, returns "interrupted", and the
+/// guards it holds (the Postgres cluster) clean up on the way out. Idempotent.
+pub fn catch_interrupts() -> Result<()> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
+                .map_err(|error| error.to_string())
+        })
+        .clone()
+        .map_err(|error| anyhow!("cannot install the Ctrl-C handler: {error}"))
+}
+
+/// Whether Ctrl-C was pressed since [`catch_interrupts`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }

@@ -1,0 +1,428 @@
+//! A throwaway Postgres cluster for the tests: [`EphemeralPg`].
+//!
+//! The cluster lives in one fresh temporary directory (data directory, socket directory and
+//! server log), listens on a free loopback port, trusts every local connection, and trades
+//! durability for speed (`fsync=off` and friends). Dropping the guard stops the server and
+//! removes the directory, whatever happened in between: tests that fail, a panic, or Ctrl-C
+//! (see [`crate::catch_interrupts`]).
+//!
+//! Every `initdb`/`pg_ctl` call runs in its own process group, so a Ctrl-C on the terminal,
+//! which goes to xtask's foreground group, cannot kill a half-done start or the final stop:
+//! only the cargo and test processes die, and xtask, which survives, cleans up.
+
+use std::fmt::Write as _;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{catch_interrupts, interrupted};
+
+/// How long `pg_ctl` may wait for the server to start, restart or stop, in seconds.
+const PG_CTL_TIMEOUT_SECS: &str = "60";
+/// How long the server may take to accept TCP connections once `pg_ctl` says it is up.
+const TCP_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Ports tried before giving up: a port found free can be taken by another process before
+/// the server binds it.
+const PORT_ATTEMPTS: usize = 3;
+/// Lines of the server log printed when something fails.
+const LOG_TAIL_LINES: usize = 40;
+/// The Postgres settings of the cluster, besides port and socket directory. `max_connections`
+/// is high because test binaries run many tests at once, each with a pool and a listener.
+const SERVER_SETTINGS: &str = "-c listen_addresses=127.0.0.1 -c max_connections=300 \
+     -c fsync=off -c synchronous_commit=off -c full_page_writes=off";
+
+/// A running throwaway Postgres cluster, stopped and deleted on drop.
+#[derive(Debug)]
+pub struct EphemeralPg {
+    /// The temporary directory holding everything; removed on drop.
+    dir: PathBuf,
+    /// The directory of `initdb` and `pg_ctl`.
+    bin: PathBuf,
+    /// Whether the tools run as the `postgres` user (xtask runs as root, which initdb refuses).
+    as_postgres: bool,
+    port: u16,
+    /// Whether `pg_ctl start` has been called, so drop must stop the server.
+    launched: bool,
+}
+
+impl EphemeralPg {
+    /// Creates, starts and waits for a new cluster.
+    pub fn start() -> Result<Self> {
+        // Before the first child: from now on Ctrl-C only sets a flag, and the guard cleans up.
+        catch_interrupts()?;
+        let began = Instant::now();
+        let bin = find_bin_dir()?;
+        let as_postgres = running_as_root()?;
+        let dir = create_unique_dir()?;
+        // From here on the guard exists, so every early return below removes the directory.
+        let mut pg = EphemeralPg { dir, bin, as_postgres, port: 0, launched: false };
+        let result = pg.init_and_launch(began);
+        if let Err(error) = result {
+            if !interrupted() {
+                pg.print_log_tail();
+            }
+            return Err(error);
+        }
+        Ok(pg)
+    }
+
+    /// `postgres://` URL of the cluster's `postgres` database as the `postgres` superuser.
+    pub fn database_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A shell command (for `sh -c`) that restarts this server with the same options, for
+    /// the tests that check recovery from a server restart.
+    pub fn restart_command(&self) -> String {
+        let mut words = Vec::new();
+        if self.as_postgres {
+            words.extend(["runuser", "-u", "postgres", "--"].map(String::from));
+        }
+        words.push(path_str(&self.bin.join("pg_ctl")));
+        words.extend(["restart", "-m", "fast", "-w", "-t", PG_CTL_TIMEOUT_SECS].map(String::from));
+        words.extend(["-D".into(), path_str(&self.data_dir())]);
+        // The log file matters beyond logging: without `-l` the restarted server would inherit
+        // the test's stdout and keep xtask's output pipe open after the tests end.
+        words.extend(["-l".into(), path_str(&self.log_file())]);
+        words.extend(["-o".into(), self.server_options()]);
+        words.iter().map(|word| shell_quote(word)).collect::<Vec<_>>().join(" ")
+    }
+
+    /// Prints the end of the server log to stderr, to explain a failure.
+    pub fn print_log_tail(&self) {
+        let log = self.log_file();
+        match std::fs::read_to_string(&log) {
+            Ok(text) => {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+                eprintln!("xtask: last {} lines of {}:", tail.len(), log.display());
+                for line in tail {
+                    eprintln!("  {line}");
+                }
+            }
+            Err(error) if error.kind() == ErrorKind::NotFound => {}
+            Err(error) => eprintln!("xtask: cannot read {}: {error}", log.display()),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.dir.join("sock")
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    /// The `-o` argument of `pg_ctl`. pg_ctl hands it to `/bin/sh`, hence the quoted path.
+    fn server_options(&self) -> String {
+        let socket_dir = shell_quote(&path_str(&self.socket_dir()));
+        format!("-p {} -k {socket_dir} {SERVER_SETTINGS}", self.port)
+    }
+
+    fn init_and_launch(&mut self, began: Instant) -> Result<()> {
+        let socket_dir = self.socket_dir();
+        // The longest socket path is `.../sock/.s.PGSQL.65535`; Linux allows 107 bytes.
+        if socket_dir.as_os_str().len() + 18 > 107 {
+            bail!(
+                "the socket path under {} would be too long for a Unix socket; \
+                 set TMPDIR to a shorter directory such as /tmp",
+                self.dir.display()
+            );
+        }
+        std::fs::create_dir(&socket_dir)
+            .with_context(|| format!("cannot create {}", socket_dir.display()))?;
+        if self.as_postgres {
+            let mut chown = Command::new("chown");
+            chown.arg("-R").arg("postgres:").arg(&self.dir);
+            run_quietly("chown the cluster directory to postgres", &mut chown)?;
+        }
+        let version = run_quietly("pg_ctl --version", self.tool("pg_ctl").arg("--version"))?;
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+
+        // The C locale: the environment's locale may be missing on the machine, and tests
+        // should sort the same everywhere.
+        let mut initdb = self.tool("initdb");
+        initdb.arg("-D").arg(self.data_dir());
+        initdb.args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
+        run_quietly("initdb", &mut initdb)?;
+        check_interrupt()?;
+
+        for attempt in 1..=PORT_ATTEMPTS {
+            self.port = free_port()?;
+            eprintln!(
+                "xtask: starting Postgres ({version}) in {} on port {}",
+                self.dir.display(),
+                self.port
+            );
+            let mut start = self.tool("pg_ctl");
+            start.arg("start").arg("-D").arg(self.data_dir()).arg("-l").arg(self.log_file());
+            start.args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-o", &self.server_options()]);
+            // Set before the call: should pg_ctl time out, a server may still come up.
+            self.launched = true;
+            match run_quietly("pg_ctl start", &mut start) {
+                Ok(_) => break,
+                Err(_) if attempt < PORT_ATTEMPTS && self.port_was_taken() => {
+                    eprintln!("xtask: port {} was taken meanwhile; trying another", self.port);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        check_interrupt()?;
+        self.wait_for_tcp()?;
+        eprintln!(
+            "xtask: Postgres ready on port {} after {:.1}s",
+            self.port,
+            began.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// Whether the server log says the port was in use.
+    fn port_was_taken(&self) -> bool {
+        std::fs::read_to_string(self.log_file()).is_ok_and(|log| {
+            log.contains("Address already in use") || log.contains("could not bind")
+        })
+    }
+
+    /// Waits until the server accepts TCP connections, which is how the tests connect.
+    fn wait_for_tcp(&self) -> Result<()> {
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = Instant::now() + TCP_READY_TIMEOUT;
+        loop {
+            match TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
+                Ok(_) => return Ok(()),
+                Err(error) if Instant::now() >= deadline => {
+                    bail!("Postgres does not accept connections on {address}: {error}")
+                }
+                Err(_) => {
+                    check_interrupt()?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// A Postgres tool, as the `postgres` user when needed, in its own process group.
+    fn tool(&self, name: &str) -> Command {
+        let program = self.bin.join(name);
+        let mut command = if self.as_postgres {
+            let mut runuser = Command::new("runuser");
+            runuser.args(["-u", "postgres", "--"]).arg(program);
+            runuser
+        } else {
+            Command::new(program)
+        };
+        // A directory the postgres user can enter, whatever xtask's own directory is.
+        command.current_dir(&self.dir).process_group(0);
+        command
+    }
+
+    /// Stops the server if it runs; reports problems but never fails (it runs from `drop`).
+    fn stop(&self) {
+        let pid_file = self.data_dir().join("postmaster.pid");
+        if !pid_file.exists() {
+            // Never started, or already stopped (say by a restart test that failed halfway).
+            eprintln!("xtask: Postgres on port {} was not running", self.port);
+            return;
+        }
+        let began = Instant::now();
+        let mut stop = self.tool("pg_ctl");
+        stop.arg("stop").arg("-D").arg(self.data_dir());
+        stop.args(["-m", "immediate", "-w", "-t", PG_CTL_TIMEOUT_SECS]);
+        match run_quietly("pg_ctl stop", &mut stop) {
+            Ok(_) => eprintln!(
+                "xtask: stopped Postgres on port {} in {:.1}s",
+                self.port,
+                began.elapsed().as_secs_f64()
+            ),
+            Err(error) => {
+                eprintln!("xtask: error: {error:#}");
+                self.print_log_tail();
+                self.kill_postmaster(&pid_file);
+            }
+        }
+    }
+
+    /// Last resort when `pg_ctl stop` failed: SIGKILL the postmaster named in our own pid file.
+    fn kill_postmaster(&self, pid_file: &Path) {
+        let pid = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok());
+        let Some(pid) = pid else {
+            eprintln!("xtask: warning: no pid in {}; the server may still run", pid_file.display());
+            return;
+        };
+        let mut kill = Command::new("kill");
+        kill.args(["-KILL", &pid.to_string()]).process_group(0);
+        match run_quietly("kill the postmaster", &mut kill) {
+            Ok(_) => eprintln!("xtask: killed Postgres (pid {pid})"),
+            Err(error) => {
+                eprintln!("xtask: warning: {error:#}; Postgres (pid {pid}) may still run")
+            }
+        }
+    }
+}
+
+impl Drop for EphemeralPg {
+    fn drop(&mut self) {
+        if self.launched {
+            self.stop();
+        }
+        if let Err(error) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("xtask: warning: cannot remove {}: {error}", self.dir.display());
+        }
+    }
+}
+
+/// Fails with "interrupted" once Ctrl-C was pressed.
+fn check_interrupt() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Runs a short command with its output captured; fails, quoting that output, if it fails.
+fn run_quietly(title: &str, command: &mut Command) -> Result<Output> {
+    let output = command.output().with_context(|| format!("cannot run {command:?}"))?;
+    if !output.status.success() {
+        let mut message = format!("{title} failed ({})", output.status);
+        for stream in [&output.stdout, &output.stderr] {
+            let text = String::from_utf8_lossy(stream);
+            if !text.trim().is_empty() {
+                let _ = write!(message, "\n{}", text.trim_end());
+            }
+        }
+        bail!(message);
+    }
+    Ok(output)
+}
+
+/// The directory holding both `initdb` and `pg_ctl`: the first on `PATH`, else the newest
+/// `/usr/lib/postgresql/<version>/bin` (Debian's layout, not on `PATH` by default).
+fn find_bin_dir() -> Result<PathBuf> {
+    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(dir) = std::env::split_paths(&path).find(|dir| has_tools(dir)) {
+        return Ok(dir);
+    }
+    let mut versions: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let version = name.split('.').map(str::parse).collect::<Result<Vec<u32>, _>>().ok()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, bin)| has_tools(bin))
+        .collect();
+    versions.sort();
+    match versions.pop() {
+        Some((_, bin)) => Ok(bin),
+        None => bail!(
+            "initdb and pg_ctl are neither on PATH nor under /usr/lib/postgresql/*/bin; \
+             install Postgres, or set DATABASE_URL to a server the tests may use"
+        ),
+    }
+}
+
+/// Whether xtask runs as root, in which case the Postgres tools must run as `postgres`.
+fn running_as_root() -> Result<bool> {
+    let output = run_quietly("id -u", Command::new("id").arg("-u"))?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim() == "0")
+}
+
+/// Creates a new directory `deflookup-pg-<pid>-<n>` in the system's temporary directory.
+fn create_unique_dir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    let pid = std::process::id();
+    for n in 0..1000 {
+        let dir = base.join(format!("deflookup-pg-{pid}-{n}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            // Left over by an earlier process with the same pid: leave it, take the next name.
+            Err(error) if error.kind() == ErrorKind::AlreadyExists => continue,
+            Err(error) => {
+                return Err(error).with_context(|| format!("cannot create {}", dir.display()));
+            }
+        }
+    }
+    bail!("cannot find an unused directory name in {}", base.display())
+}
+
+/// A loopback port that nobody listened on a moment ago.
+fn free_port() -> Result<u16> {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a loopback port")?;
+    Ok(listener.local_addr().context("reading the bound port")?.port())
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// Quotes a word for `sh` unless it is plainly safe.
+fn shell_quote(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, TcpStream};
+    use std::process::Command;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::{EphemeralPg, shell_quote};
+
+    #[test]
+    #[ignore = "starts a Postgres cluster: cargo test -p xtask -- --ignored"]
+    fn a_cluster_starts_restarts_and_is_gone_after_drop() {
+        let pg = EphemeralPg::start().expect("cluster starts");
+        let (dir, port) = (pg.dir.clone(), pg.port);
+        let pid_file = pg.data_dir().join("postmaster.pid");
+        let pid = || std::fs::read_to_string(&pid_file).unwrap().lines().next().unwrap().to_owned();
+        TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("accepts connections");
+        let before = pid();
+
+        // Captured output: a restarted server that inherited the pipe would keep it open and
+        // hang the reader, which is what would happen to xtask's test output.
+        let restart = pg.restart_command();
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(Command::new("sh").arg("-c").arg(&restart).output());
+        });
+        let output = finished.recv_timeout(Duration::from_secs(90)).expect("restart finishes");
+        let output = output.expect("sh runs");
+        assert!(output.status.success(), "{output:?}");
+        assert_ne!(pid(), before, "a new postmaster");
+        TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("accepts connections again");
+
+        drop(pg);
+        assert!(!dir.exists(), "{} is removed", dir.display());
+        assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err(), "the server is gone");
+    }
+
+    #[test]
+    fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
+        assert_eq!(shell_quote("/tmp/deflookup-pg-1-0/data"), "/tmp/deflookup-pg-1-0/data");
+        assert_eq!(shell_quote("-p 5 -k x"), "'-p 5 -k x'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}
