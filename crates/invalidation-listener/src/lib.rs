@@ -1,10 +1,42 @@
 //! `invalidation-listener`: listens on `module_cache_invalidated` and replays every peer's
-//! invalidation into this process's generations.
+//! invalidation into this process's lookup.
 //!
-//! This crate is a placeholder that fixes the dependency line: its only workspace dependency
-//! is `adapter-pg`, which re-exports the wire parser and the sink trait from the core. The
-//! listener itself arrives with the Postgres issue.
+//! Depend on it in every process that shares a Postgres `modules` table through
+//! `adapter-pg` and keeps loads in flight: [`PgInvalidationListener`] holds one dedicated,
+//! unpooled connection, `LISTEN`s on the invalidation channel, parses each payload with the
+//! core's parser and calls an [`InvalidationSink`] (the lookup): a module payload bumps each
+//! URL, a realm payload bumps the realm, a global payload bumps everything. Payloads carrying
+//! this process's own origin id are skipped; malformed ones are counted, warned about (at
+//! most once every 10 s) and ignored.
+//!
+//! Notifications sent while a connection is down are lost for good, so after any error or
+//! end of the connection the listener reconnects with capped exponential backoff and jitter,
+//! `LISTEN`s again and then **resyncs**: it bumps the global generation, which discards every
+//! load that might have missed an invalidation. An idle connection is probed now and then
+//! (`SELECT 1`), so one silently dropped by a NAT or firewall is noticed too. Its state is observable through
+//! [`PgInvalidationListener::stats`] and [`PgInvalidationListener::subscribe`], and `tracing`
+//! events mark every change.
+//!
+//! What it deliberately does not do:
+//! - It does not work through a transaction-pooling proxy: PgBouncer in transaction mode
+//!   hands the session to someone else after `LISTEN` and notifications silently stop. Give it
+//!   a direct or session-pooled connection.
+//! - It does not share its connection, and one listener per process is enough: every lookup
+//!   of the process can be fed through one sink.
+//! - It does not delete rows or broadcast; that is `adapter-pg`'s job. It does not speak TLS.
+//!
+//! Its only workspace dependency is `adapter-pg`, whose error type [`PgError`] it reuses.
 
 #![warn(missing_docs)]
 
-pub use adapter_pg::{INVALIDATION_CHANNEL, InvalidationSink, parse_payload};
+mod event;
+mod listener;
+mod options;
+
+pub use event::{ListenerEvent, ListenerStats};
+pub use listener::PgInvalidationListener;
+pub use options::ListenerOptions;
+
+pub use adapter_pg::{
+    INVALIDATION_CHANNEL, Invalidation, InvalidationSink, PgConfig, PgError, parse_payload,
+};

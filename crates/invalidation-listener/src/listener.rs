@@ -1,0 +1,618 @@
+//! `PgInvalidationListener`: one task that owns one dedicated connection.
+//!
+//! # Why a start racing a shutdown leaves no subscription behind
+//!
+//! A subscription lives exactly as long as a session (Postgres drops a session's `LISTEN`s
+//! when the session ends), and every session is owned by the listener's single task: no
+//! other code holds the client or the connection. The task stops on a *level-triggered*
+//! signal, a `watch` whose value is `true` after [`PgInvalidationListener::shutdown`] and
+//! whose channel closes when the listener (or a cancelled `start` future, which owns the
+//! listener until it returns it) is dropped. Every await of the task — connecting,
+//! `LISTEN`ing, serving, backing off — sits in a `select!` with that signal, and the signal
+//! is checked first (`biased`). A shutdown that arrives before the task reaches one of those
+//! awaits is still seen there (a level, not an edge, so no wake-up is lost), and whatever
+//! session the task held is then closed or dropped, ending the server backend and its
+//! `LISTEN`. So once `shutdown` returns, or shortly after a drop, no session of this
+//! listener remains; `shutdown` itself waits for the task to be gone.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use adapter_pg::tokio_postgres::tls::NoTlsStream;
+use adapter_pg::tokio_postgres::{
+    self, AsyncMessage, Client, Connection, NoTls, Notification, SimpleQueryMessage, Socket,
+};
+use adapter_pg::{Invalidation, InvalidationSink, PgConfig, PgError, parse_payload};
+use tokio::sync::{broadcast, oneshot, watch};
+
+use crate::event::{ListenerEvent, ListenerStats};
+use crate::options::{Backoff, ListenerOptions};
+
+/// At most one malformed-payload warning per this interval; the rest are counted.
+const MALFORMED_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a clean close may take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How much of a malformed payload a log line shows.
+const LOGGED_PAYLOAD_BYTES: usize = 200;
+
+/// Replays peers' invalidations, heard on a dedicated `LISTEN` connection, into a sink.
+///
+/// Create it with [`start`](Self::start), which returns once `LISTEN` is established; stop it
+/// with [`shutdown`](Self::shutdown). Dropping it also stops it (the connection is closed in
+/// the background). Dropping a `start` future before it resolves cancels the start and leaves
+/// no connection behind.
+pub struct PgInvalidationListener {
+    shared: Arc<Shared>,
+    /// `true` asks the task to stop; dropping it (with the listener) does too.
+    shutdown: watch::Sender<bool>,
+    /// Closes when the task has ended (its sender lives in the task).
+    stopped: watch::Receiver<()>,
+    /// Created before the task started, so the first subscriber also sees the events of the
+    /// first connection, which happen before `start` returns.
+    first_events: Mutex<Option<broadcast::Receiver<ListenerEvent>>>,
+}
+
+impl fmt::Debug for PgInvalidationListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgInvalidationListener")
+            .field("url", &self.shared.redacted_url)
+            .field("channel", &self.shared.channel)
+            .field("origin", &self.shared.origin)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgInvalidationListener {
+    /// Connects, `LISTEN`s on `config`'s channel and starts replaying notifications into
+    /// `sink`, with the default [`ListenerOptions`]. See [`start_with`](Self::start_with).
+    pub async fn start(
+        config: &PgConfig,
+        origin: Option<String>,
+        sink: Arc<dyn InvalidationSink>,
+    ) -> Result<PgInvalidationListener, PgError> {
+        Self::start_with(config, origin, sink, ListenerOptions::default()).await
+    }
+
+    /// Connects, `LISTEN`s on `config`'s channel and starts replaying notifications into
+    /// `sink`. Payloads whose origin id (`"o"`) equals `origin` are this process's own
+    /// broadcasts echoed back and are skipped.
+    ///
+    /// Resolves once `LISTEN` is established on the first connection. A failure of that first
+    /// connection is returned (nothing is retried: a wrong URL should fail loudly at startup);
+    /// later failures are retried forever with backoff.
+    pub async fn start_with(
+        config: &PgConfig,
+        origin: Option<String>,
+        sink: Arc<dyn InvalidationSink>,
+        options: ListenerOptions,
+    ) -> Result<PgInvalidationListener, PgError> {
+        let mut pg = config.tokio_postgres_config()?;
+        // Name the connection so operators can tell it from the pool's in pg_stat_activity.
+        if pg.get_application_name() == Some("deflookup") {
+            pg.application_name("deflookup-listener");
+        }
+        let (events, first_events) = broadcast::channel(options.event_capacity);
+        let shared = Arc::new(Shared {
+            sink,
+            origin,
+            channel: config.channel_name().to_owned(),
+            redacted_url: config.redacted_url(),
+            stats: Mutex::new(ListenerStats::default()),
+            events,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (stopped_tx, stopped) = watch::channel(());
+        let (ready_tx, ready_rx) = oneshot::channel();
+        // The listener exists before the first await: if this future is dropped, so is the
+        // listener, which closes the shutdown channel and stops the task.
+        let listener = PgInvalidationListener {
+            shared: Arc::clone(&shared),
+            shutdown,
+            stopped,
+            first_events: Mutex::new(Some(first_events)),
+        };
+        let task = Task { shared, pg, options, shutdown: shutdown_rx, _stopped: stopped_tx };
+        tokio::spawn(task.run(ready_tx));
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(listener),
+            Ok(Err(error)) => Err(error),
+            // The task ended without a word: it panicked or its runtime is shutting down.
+            Err(_) => Err(PgError::ShutDown),
+        }
+    }
+
+    /// Stops the listener and closes its connection; returns once the task has ended.
+    /// Idempotent: later (or concurrent) calls wait for the same end and do nothing more.
+    pub async fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        let mut stopped = self.stopped.clone();
+        // The sender is never used to send; `changed` fails once the task has dropped it.
+        while stopped.changed().await.is_ok() {}
+    }
+
+    /// A snapshot of the state and counters.
+    pub fn stats(&self) -> ListenerStats {
+        self.shared.stats().clone()
+    }
+
+    /// The server process id of the current `LISTEN` connection, when connected.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.shared.stats().backend_pid
+    }
+
+    /// The channel listened on.
+    pub fn channel(&self) -> &str {
+        &self.shared.channel
+    }
+
+    /// Events from now on. The first call also receives the events since `start` (at least
+    /// the first [`ListenerEvent::Connected`]), so a program that subscribes right after
+    /// `start` misses nothing. A receiver that falls more than the configured capacity behind
+    /// gets `RecvError::Lagged` and then continues with the newest events.
+    pub fn subscribe(&self) -> broadcast::Receiver<ListenerEvent> {
+        let first = self.first_events.lock().unwrap_or_else(PoisonError::into_inner).take();
+        first.unwrap_or_else(|| self.shared.events.subscribe())
+    }
+}
+
+/// State shared by the handle and the task.
+struct Shared {
+    sink: Arc<dyn InvalidationSink>,
+    origin: Option<String>,
+    channel: String,
+    redacted_url: String,
+    stats: Mutex<ListenerStats>,
+    events: broadcast::Sender<ListenerEvent>,
+}
+
+impl Shared {
+    fn stats(&self) -> MutexGuard<'_, ListenerStats> {
+        // Counters stay meaningful even if a panic interrupted an update.
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, event: ListenerEvent) {
+        // No receiver is not an error: events are optional observability.
+        let _ = self.events.send(event);
+    }
+
+    /// `LISTEN` is established on `session`. After a reconnect, resync first: everything
+    /// broadcast while we were away is lost, so every load that might have missed an
+    /// invalidation must be discarded. The bump comes after `LISTEN`, so an invalidation
+    /// committed in between is either covered by it or heard afterwards.
+    fn connected(&self, session: &Session, reconnected: bool) {
+        if reconnected {
+            self.sink.bump_global();
+        }
+        {
+            let mut stats = self.stats();
+            stats.connected = true;
+            stats.backend_pid = session.backend_pid;
+            if reconnected {
+                stats.reconnects += 1;
+                stats.resyncs += 1;
+            }
+        }
+        tracing::info!(
+            url = %self.redacted_url,
+            channel = %self.channel,
+            backend_pid = session.backend_pid,
+            reconnected,
+            "invalidation listener is listening"
+        );
+        self.emit(ListenerEvent::Connected);
+        if reconnected {
+            tracing::info!(channel = %self.channel, "resynced after reconnect: bumped the global generation");
+            self.emit(ListenerEvent::Resync);
+        }
+    }
+
+    fn disconnected(&self, error: String) {
+        tracing::warn!(
+            url = %self.redacted_url,
+            channel = %self.channel,
+            %error,
+            "invalidation listener lost its connection; reconnecting"
+        );
+        {
+            let mut stats = self.stats();
+            stats.connected = false;
+            stats.backend_pid = None;
+            stats.last_error = Some(error.clone());
+        }
+        self.emit(ListenerEvent::Disconnected { error });
+    }
+
+    fn reconnect_failed(&self, error: &PgError, attempt: u32) {
+        let error = error_chain(error);
+        tracing::warn!(%error, attempt, "invalidation listener cannot reconnect yet; backing off");
+        self.stats().last_error = Some(error);
+    }
+
+    /// Replays one notification payload. The sink is called before the event is sent.
+    fn dispatch(&self, payload: &str, warnings: &mut MalformedWarnings) {
+        if payload.is_empty() {
+            // A bare `NOTIFY channel` carries nothing to replay.
+            return;
+        }
+        let parsed = match parse_payload(payload) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                self.stats().malformed_payloads += 1;
+                warnings.note(&self.channel, payload, &error);
+                self.emit(ListenerEvent::Malformed { payload: payload.to_owned() });
+                return;
+            }
+        };
+        if self.origin.is_some() && parsed.origin == self.origin {
+            // Our own broadcast: the local invalidation already bumped, and replaying it now
+            // could discard a load that legitimately started after that invalidation.
+            self.stats().own_echoes_skipped += 1;
+            tracing::trace!(channel = %self.channel, "skipped own invalidation echo");
+            return;
+        }
+        self.sink.apply(&parsed.invalidation);
+        tracing::debug!(channel = %self.channel, invalidation = ?parsed.invalidation, "replayed invalidation");
+        let event = {
+            let mut stats = self.stats();
+            match parsed.invalidation {
+                Invalidation::Modules { realm_url, urls } => {
+                    stats.module_payloads += 1;
+                    ListenerEvent::Module { realm_url, urls }
+                }
+                Invalidation::Realm { realm_url } => {
+                    stats.realm_payloads += 1;
+                    ListenerEvent::Realm { realm_url }
+                }
+                Invalidation::Global => {
+                    stats.global_payloads += 1;
+                    ListenerEvent::Global
+                }
+            }
+        };
+        self.emit(event);
+    }
+}
+
+/// Rate-limits the malformed-payload warning: a peer spamming garbage must not flood logs.
+#[derive(Debug, Default)]
+struct MalformedWarnings {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl MalformedWarnings {
+    fn note(&mut self, channel: &str, payload: &str, error: &dyn std::error::Error) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now.duration_since(last) < MALFORMED_WARNING_INTERVAL) {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            channel,
+            payload = %truncate(payload, LOGGED_PAYLOAD_BYTES),
+            %error,
+            suppressed_since_last_warning = self.suppressed,
+            "ignoring a malformed invalidation payload"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// The task: owns every session, reconnects, and is the only code that touches the sink.
+struct Task {
+    shared: Arc<Shared>,
+    pg: tokio_postgres::Config,
+    options: ListenerOptions,
+    shutdown: watch::Receiver<bool>,
+    /// Dropped when the task ends, whichever way: that is what `shutdown` waits for.
+    _stopped: watch::Sender<()>,
+}
+
+impl Task {
+    async fn run(mut self, ready: oneshot::Sender<Result<(), PgError>>) {
+        let opened = tokio::select! {
+            biased;
+            () = signalled(&mut self.shutdown) => Err(PgError::ShutDown),
+            opened = Session::open(&self.pg, &self.shared.channel, &self.shared.redacted_url) => opened,
+        };
+        let mut session = match opened {
+            Ok(session) => session,
+            Err(error) => {
+                let _ = ready.send(Err(error));
+                return;
+            }
+        };
+        self.shared.connected(&session, false);
+        if ready.send(Ok(())).is_err() {
+            // `start` was cancelled; the listener it owned is gone with it.
+            session.close().await;
+            return;
+        }
+
+        let mut backoff = Backoff::new(&self.options);
+        let mut warnings = MalformedWarnings::default();
+        loop {
+            let up_since = Instant::now();
+            let served = tokio::select! {
+                biased;
+                () = signalled(&mut self.shutdown) => None,
+                error = session.serve(&self.shared, &self.options, &mut warnings) => Some(error),
+            };
+            let Some(error) = served else {
+                session.close().await;
+                return;
+            };
+            drop(session);
+            self.shared.disconnected(error);
+            // A connection that stayed up a while starts the next outage from the shortest
+            // delay; one that keeps failing right after connecting keeps backing off.
+            if up_since.elapsed() >= self.options.max_backoff {
+                backoff.reset();
+            }
+            session = loop {
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    biased;
+                    () = signalled(&mut self.shutdown) => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                let opened = tokio::select! {
+                    biased;
+                    () = signalled(&mut self.shutdown) => return,
+                    opened = Session::open(&self.pg, &self.shared.channel, &self.shared.redacted_url) => opened,
+                };
+                match opened {
+                    Ok(session) => break session,
+                    Err(error) => self.shared.reconnect_failed(&error, backoff.attempts()),
+                }
+            };
+            self.shared.connected(&session, true);
+        }
+    }
+}
+
+impl Drop for Task {
+    // Runs however the task ends (shutdown, a failed start, a panicking sink, a runtime
+    // shutting down), so the stats never claim a connection that is gone.
+    fn drop(&mut self) {
+        {
+            let mut stats = self.shared.stats();
+            stats.connected = false;
+            stats.backend_pid = None;
+        }
+        if std::thread::panicking() {
+            tracing::error!(channel = %self.shared.channel, "invalidation listener died in a panic; invalidations from peers are no longer replayed");
+        } else {
+            tracing::info!(channel = %self.shared.channel, "invalidation listener stopped");
+        }
+    }
+}
+
+/// Resolves once shutdown is asked for or the listener is gone. Level-triggered: it resolves
+/// at once if that already happened.
+async fn signalled(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the sender (the listener) was dropped: stop as well.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+type PgConnection = Connection<Socket, NoTlsStream>;
+
+/// The next message of a connection; also drives its I/O (queries of the client progress
+/// only while this is polled). Dropping the future loses nothing: the state is in the
+/// connection.
+fn next_message(
+    connection: &mut PgConnection,
+) -> impl Future<Output = Option<Result<AsyncMessage, tokio_postgres::Error>>> + '_ {
+    poll_fn(move |cx| connection.poll_message(cx))
+}
+
+/// One connection with `LISTEN` established.
+struct Session {
+    client: Client,
+    connection: PgConnection,
+    backend_pid: Option<i32>,
+    /// Notifications that arrived while `LISTEN` was being confirmed.
+    early: VecDeque<Notification>,
+}
+
+impl Session {
+    async fn open(
+        pg: &tokio_postgres::Config,
+        channel: &str,
+        redacted_url: &str,
+    ) -> Result<Session, PgError> {
+        let (client, mut connection) = pg.connect(NoTls).await.map_err(|source| {
+            PgError::Connect { url: redacted_url.to_owned(), source: Box::new(source) }
+        })?;
+        let listen_failed = |source: tokio_postgres::Error| PgError::Query {
+            operation: "LISTEN",
+            source: Box::new(source),
+        };
+        // One round trip: subscribe and learn the backend pid (for operators and tests).
+        // Quoted, because `pg_notify` takes the channel name verbatim (no case folding).
+        let sql = format!("LISTEN {}; SELECT pg_backend_pid()", quote_identifier(channel));
+        let mut early = VecDeque::new();
+        let reply = {
+            let query = client.simple_query(&sql);
+            tokio::pin!(query);
+            loop {
+                tokio::select! {
+                    biased;
+                    reply = &mut query => break reply.map_err(listen_failed)?,
+                    message = next_message(&mut connection) => match message {
+                        Some(Ok(AsyncMessage::Notification(note))) => early.push_back(note),
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => return Err(listen_failed(error)),
+                        None => {
+                            return Err(PgError::Query {
+                                operation: "LISTEN",
+                                source: "the server closed the connection".into(),
+                            });
+                        }
+                    },
+                }
+            }
+        };
+        let backend_pid = reply.iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => row.get(0).and_then(|pid| pid.parse().ok()),
+            _ => None,
+        });
+        Ok(Session { client, connection, backend_pid, early })
+    }
+
+    /// Replays notifications until the connection fails or ends; returns why.
+    async fn serve(
+        &mut self,
+        shared: &Shared,
+        options: &ListenerOptions,
+        warnings: &mut MalformedWarnings,
+    ) -> String {
+        while let Some(note) = self.early.pop_front() {
+            shared.dispatch(note.payload(), warnings);
+        }
+        let Session { client, connection, .. } = self;
+        let heartbeat = heartbeat(client, options.heartbeat_interval, options.heartbeat_timeout);
+        tokio::pin!(heartbeat);
+        loop {
+            tokio::select! {
+                // Messages first: when the connection dies, its own error explains more than
+                // the heartbeat's.
+                biased;
+                message = next_message(connection) => match message {
+                    Some(Ok(AsyncMessage::Notification(note))) => shared.dispatch(note.payload(), warnings),
+                    Some(Ok(AsyncMessage::Notice(notice))) => {
+                        tracing::debug!(notice = %notice, "notice on the listener connection");
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return error_chain(&error),
+                    None => return "the server closed the connection".to_owned(),
+                },
+                reason = &mut heartbeat => return reason,
+            }
+        }
+    }
+
+    /// Closes cleanly (a Terminate message, then the socket), bounded in time; a server that
+    /// does not answer just gets the socket dropped.
+    async fn close(self) {
+        let Session { client, mut connection, .. } = self;
+        // With the client gone and nothing pending, the connection sends Terminate and ends.
+        drop(client);
+        let drain = async { while let Some(Ok(_)) = next_message(&mut connection).await {} };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
+    }
+}
+
+/// Probes an idle connection; resolves only when a probe fails or times out.
+async fn heartbeat(client: &Client, interval: Duration, timeout: Duration) -> String {
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return format!("heartbeat failed: {}", error_chain(&error)),
+            Err(_) => return format!("heartbeat got no answer within {timeout:?}"),
+        }
+    }
+}
+
+/// `"name"`, with embedded quotes doubled.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// An error and its sources, `": "`-separated (tokio-postgres puts the server's message in
+/// the source). Our errors carry redacted URLs only, and driver errors carry none.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// At most `max` bytes of `text`, cut on a character boundary, with `…` when cut.
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_warnings_are_rate_limited_and_count_the_suppressed() {
+        let error = std::io::Error::other("bad");
+        let mut warnings = MalformedWarnings::default();
+        warnings.note("c", "x", &error);
+        assert_eq!(warnings.suppressed, 0);
+        let first = warnings.last.expect("the first one is logged");
+        warnings.note("c", "y", &error);
+        warnings.note("c", "z", &error);
+        assert_eq!((warnings.last, warnings.suppressed), (Some(first), 2));
+        // Once the interval has passed, the next one is logged with the count, which resets.
+        warnings.last = Some(first - MALFORMED_WARNING_INTERVAL);
+        warnings.note("c", "w", &error);
+        assert_eq!(warnings.suppressed, 0);
+        assert!(warnings.last.is_some_and(|last| last > first - MALFORMED_WARNING_INTERVAL));
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_identifier("module_cache_invalidated"), "\"module_cache_invalidated\"");
+        assert_eq!(quote_identifier("Mixed"), "\"Mixed\"");
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn truncation_respects_characters() {
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("ééé", 3), "é…");
+        assert_eq!(truncate("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn error_chains_include_sources_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("outer")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&error), "outer: inner");
+        let connect = PgError::Connect {
+            url: "postgres://u:***@h/db".into(),
+            source: Box::new(std::io::Error::other("refused")),
+        };
+        // The source is already part of the message.
+        assert_eq!(error_chain(&connect), "cannot connect to postgres://u:***@h/db: refused");
+    }
+}

@@ -1,0 +1,868 @@
+//! The listener on a real Postgres, found through `DATABASE_URL`.
+//!
+//! Without `DATABASE_URL` these tests print a skip notice and pass, except under `CI`, where
+//! they fail: a CI run must never pass without having exercised Postgres. Each test listens
+//! on its own channel (and names its connections with its own `application_name`), so tests
+//! running in parallel on one server do not hear or count each other.
+//!
+//! Waits are bounded ([`bounded`], 20 s) and gated on the listener's own events, which it
+//! sends only after the sink was called. The one exception is waiting for a server backend to
+//! disappear after a close: the server offers no event for that, so it is polled, bounded.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use adapter_pg::tokio_postgres::{self, Client, NoTls};
+use behaviour_suite::bounded;
+use invalidation_listener::{
+    InvalidationSink, ListenerEvent, ListenerOptions, PgConfig, PgError, PgInvalidationListener,
+};
+use tokio::sync::broadcast;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers (also meant for the end-to-end A→B tests with real lookups).
+// ---------------------------------------------------------------------------------------------
+
+/// A Postgres server to test against.
+#[derive(Debug, Clone)]
+struct TestDb {
+    url: String,
+}
+
+impl TestDb {
+    /// The server of `DATABASE_URL`. Without one: under `CI`, panics (a CI run must exercise
+    /// Postgres); otherwise prints a skip notice for `test` and returns `None`.
+    fn from_env(test: &str) -> Option<TestDb> {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => Some(TestDb { url }),
+            _ if std::env::var_os("CI").is_some() => panic!(
+                "{test}: DATABASE_URL is not set but CI is: Postgres tests must not be skipped \
+                 in CI (run `cargo xtask test-pg`, which provides a server)"
+            ),
+            _ => {
+                eprintln!("skipping {test}: DATABASE_URL is not set (cargo xtask test-pg sets it)");
+                None
+            }
+        }
+    }
+
+    /// Settings on `channel`, with connections named `application_name` so the test can find
+    /// its own backends in `pg_stat_activity`. Add `.schema(fresh_name(..))` for a table.
+    fn config(&self, channel: &str, application_name: &str) -> PgConfig {
+        PgConfig::new(with_application_name(&self.url, application_name)).channel(channel)
+    }
+
+    /// A plain client for notifying and inspecting, its connection driven in the background.
+    async fn client(&self) -> Client {
+        let (client, connection) =
+            bounded("a test connection", tokio_postgres::connect(&self.url, NoTls))
+                .await
+                .expect("connect to DATABASE_URL");
+        tokio::spawn(async move {
+            // Ends with an error when the server goes away (restart test); nothing to do.
+            let _ = connection.await;
+        });
+        client
+    }
+}
+
+/// A name no other test (or run) uses: `t_<tag>_<pid>_<n>`, lower-case, at most 63 bytes, so
+/// it is a valid channel, schema or application name.
+fn fresh_name(tag: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let suffix = format!("_{}_{n}", std::process::id());
+    let tag: String = tag
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .take(63 - 2 - suffix.len())
+        .collect();
+    format!("t_{tag}{suffix}")
+}
+
+/// Adds `application_name` to a URL or key=value connection string.
+fn with_application_name(url: &str, name: &str) -> String {
+    if url.contains("://") {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}application_name={name}")
+    } else {
+        format!("{url} application_name={name}")
+    }
+}
+
+async fn notify(client: &Client, channel: &str, payload: &str) {
+    bounded("pg_notify", client.execute("SELECT pg_notify($1, $2)", &[&channel, &payload]))
+        .await
+        .expect("pg_notify");
+}
+
+/// Polls (bounded) until no backend matches `condition` with parameter `value`. The server has
+/// no event for "a backend has exited", so this is the one poll of the suite.
+async fn wait_no_backend(
+    client: &Client,
+    condition: &str,
+    value: &(dyn tokio_postgres::types::ToSql + Sync),
+) {
+    let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE {condition}");
+    bounded("the listener's backend to exit", async {
+        loop {
+            let count: i64 =
+                client.query_one(&sql, &[value]).await.expect("pg_stat_activity").get(0);
+            if count == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+async fn wait_no_backend_named(client: &Client, application_name: &str) {
+    // The listener's connections are named exactly as configured (the default "deflookup"
+    // alone becomes "deflookup-listener").
+    wait_no_backend(client, "application_name = $1", &application_name).await;
+}
+
+/// What the sink was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Modules(String, Vec<String>),
+    Realm(String),
+    Global,
+}
+
+/// A sink that records every call.
+#[derive(Debug, Default)]
+struct RecordingSink {
+    calls: Mutex<Vec<Call>>,
+}
+
+impl RecordingSink {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl InvalidationSink for RecordingSink {
+    fn bump_modules(&self, realm_url: &str, urls: &[String]) {
+        self.calls.lock().unwrap().push(Call::Modules(realm_url.to_owned(), urls.to_vec()));
+    }
+    fn bump_realm(&self, realm_url: &str) {
+        self.calls.lock().unwrap().push(Call::Realm(realm_url.to_owned()));
+    }
+    fn bump_global(&self) {
+        self.calls.lock().unwrap().push(Call::Global);
+    }
+}
+
+fn fast_options() -> ListenerOptions {
+    ListenerOptions::default().backoff(Duration::from_millis(20), Duration::from_millis(500))
+}
+
+async fn start(
+    config: &PgConfig,
+    origin: Option<&str>,
+    options: ListenerOptions,
+) -> (PgInvalidationListener, Arc<RecordingSink>, broadcast::Receiver<ListenerEvent>) {
+    let sink = Arc::new(RecordingSink::default());
+    let listener = bounded(
+        "the listener to start",
+        PgInvalidationListener::start_with(
+            config,
+            origin.map(str::to_owned),
+            sink.clone(),
+            options,
+        ),
+    )
+    .await
+    .expect("listener starts");
+    let mut events = listener.subscribe();
+    expect_event(&mut events, ListenerEvent::Connected).await;
+    (listener, sink, events)
+}
+
+async fn next_event(events: &mut broadcast::Receiver<ListenerEvent>, what: &str) -> ListenerEvent {
+    bounded(what, events.recv())
+        .await
+        .unwrap_or_else(|e| panic!("event stream failed waiting for {what}: {e}"))
+}
+
+/// The very next event must be `expected` (so no unexpected event slipped in before it).
+async fn expect_event(events: &mut broadcast::Receiver<ListenerEvent>, expected: ListenerEvent) {
+    let got = next_event(events, &format!("{expected:?}")).await;
+    assert_eq!(got, expected);
+}
+
+fn module_payload(realm: &str, urls: &[&str]) -> String {
+    checked(&format!(
+        r#"{{"k":"module","r":"{realm}","m":[{}]}}"#,
+        urls.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(",")
+    ))
+}
+
+/// Payloads here are written by hand on purpose (they are what a peer sends); this only
+/// checks that the test wrote valid wire text where it meant to.
+fn checked(text: &str) -> String {
+    assert!(
+        invalidation_listener::parse_payload(text).is_ok(),
+        "test payload {text} does not parse"
+    );
+    text.to_owned()
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_pg_notify_is_heard_and_each_kind_is_replayed_once() {
+    let Some(db) = TestDb::from_env("raw_pg_notify_is_heard_and_each_kind_is_replayed_once") else {
+        return;
+    };
+    let channel = fresh_name("dispatch");
+    // A heartbeat far more frequent than notifications, so pings interleave with replays.
+    let options = fast_options().heartbeat(Duration::from_millis(5), Duration::from_secs(5));
+    let (listener, sink, mut events) =
+        start(&db.config(&channel, &channel), Some("me"), options).await;
+    let client = db.client().await;
+    let realm = "https://r.test/";
+
+    notify(&client, &channel, &module_payload(realm, &["https://r.test/a.gts"])).await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Module { realm_url: realm.into(), urls: strings(&["https://r.test/a.gts"]) },
+    )
+    .await;
+
+    let multi = ["https://r.test/b.gts", "https://r.test/b", "https://r.test/c"];
+    notify(&client, &channel, &module_payload(realm, &multi)).await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Module { realm_url: realm.into(), urls: strings(&multi) },
+    )
+    .await;
+
+    notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/","extra":[1,2]}"#).await;
+    expect_event(&mut events, ListenerEvent::Realm { realm_url: realm.into() }).await;
+
+    notify(&client, &channel, r#"{"k":"global","o":"a-peer"}"#).await;
+    expect_event(&mut events, ListenerEvent::Global).await;
+
+    assert_eq!(
+        sink.calls(),
+        [
+            Call::Modules(realm.into(), strings(&["https://r.test/a.gts"])),
+            Call::Modules(realm.into(), strings(&multi)),
+            Call::Realm(realm.into()),
+            Call::Global,
+        ],
+        "each URL bumped exactly once, realm and global once each"
+    );
+    let stats = listener.stats();
+    assert!(stats.connected);
+    assert!(stats.backend_pid.is_some());
+    assert_eq!((stats.module_payloads, stats.realm_payloads, stats.global_payloads), (2, 1, 1));
+    assert_eq!((stats.malformed_payloads, stats.own_echoes_skipped), (0, 0));
+    assert_eq!((stats.reconnects, stats.resyncs, stats.last_error), (0, 0, None));
+    bounded("shutdown", listener.shutdown()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_empty_payloads_are_ignored_and_listening_goes_on() {
+    let Some(db) =
+        TestDb::from_env("malformed_and_empty_payloads_are_ignored_and_listening_goes_on")
+    else {
+        return;
+    };
+    let channel = fresh_name("malformed");
+    let (listener, sink, mut events) =
+        start(&db.config(&channel, &channel), None, fast_options()).await;
+    let client = db.client().await;
+
+    let malformed = [
+        "not json",
+        r#"{"k":"bogus"}"#,
+        r#"{"k":"module","r":"https://r.test/","m":[]}"#,
+        r#"{"k":"module","r":"https://r.test/","m":["https://r.test/a",7]}"#,
+        r#"{"k":"realm","r":""}"#,
+        "[1,2,3]",
+    ];
+    for payload in malformed {
+        notify(&client, &channel, payload).await;
+    }
+    // Empty payloads, both ways a peer can send one: ignored silently (no event, no count).
+    notify(&client, &channel, "").await;
+    bounded("NOTIFY", client.batch_execute(&format!("NOTIFY \"{channel}\"")))
+        .await
+        .expect("NOTIFY");
+    notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/"}"#).await;
+
+    for payload in malformed {
+        expect_event(&mut events, ListenerEvent::Malformed { payload: payload.into() }).await;
+    }
+    // The very next event is the realm payload: the empty ones produced nothing.
+    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+
+    assert_eq!(sink.calls(), [Call::Realm("https://r.test/".into())]);
+    let stats = listener.stats();
+    assert_eq!(stats.malformed_payloads, malformed.len() as u64);
+    assert_eq!(stats.realm_payloads, 1);
+    assert!(stats.connected, "a malformed payload must not cost the connection");
+    assert_eq!(stats.reconnects, 0);
+    bounded("shutdown", listener.shutdown()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_echo_is_skipped_and_peers_are_not() {
+    let Some(db) = TestDb::from_env("own_echo_is_skipped_and_peers_are_not") else {
+        return;
+    };
+    let channel = fresh_name("echo");
+    let (listener, sink, mut events) =
+        start(&db.config(&channel, &channel), Some("origin-me"), fast_options()).await;
+    let client = db.client().await;
+
+    notify(
+        &client,
+        &channel,
+        r#"{"k":"module","r":"https://r.test/","m":["https://r.test/a"],"o":"origin-me"}"#,
+    )
+    .await;
+    notify(&client, &channel, r#"{"k":"global","o":"origin-me"}"#).await;
+    notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/","o":"origin-peer"}"#).await;
+    notify(&client, &channel, r#"{"k":"realm","r":"https://s.test/"}"#).await;
+
+    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://s.test/".into() }).await;
+    assert_eq!(
+        sink.calls(),
+        [Call::Realm("https://r.test/".into()), Call::Realm("https://s.test/".into())]
+    );
+    let stats = listener.stats();
+    assert_eq!(stats.own_echoes_skipped, 2);
+    assert_eq!((stats.module_payloads, stats.realm_payloads, stats.global_payloads), (0, 2, 0));
+    bounded("shutdown", listener.shutdown()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_case_channel_is_listened_to_verbatim() {
+    let Some(db) = TestDb::from_env("a_mixed_case_channel_is_listened_to_verbatim") else {
+        return;
+    };
+    // pg_notify takes the channel verbatim; an unquoted LISTEN would fold it to lower case.
+    let channel = format!("Mixed_{}", fresh_name("case"));
+    let (listener, sink, mut events) =
+        start(&db.config(&channel, "t_mixed_case"), None, fast_options()).await;
+    let client = db.client().await;
+    notify(&client, &channel, r#"{"k":"global"}"#).await;
+    expect_event(&mut events, ListenerEvent::Global).await;
+    assert_eq!(sink.calls(), [Call::Global]);
+    bounded("shutdown", listener.shutdown()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start failures.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_connection_failure_is_returned_without_the_password() {
+    // Needs no server: nothing listens on port 1.
+    let config =
+        PgConfig::new("postgres://alice:s3cret-pw@127.0.0.1:1/app").channel("t_unreachable");
+    let sink = Arc::new(RecordingSink::default());
+    let error =
+        bounded("start to fail", PgInvalidationListener::start(&config, None, sink.clone()))
+            .await
+            .expect_err("nothing listens on port 1");
+    let text = format!("{error} / {error:?}");
+    assert!(matches!(error, PgError::Connect { .. }), "{text}");
+    assert!(error.is_transient());
+    assert!(!text.contains("s3cret-pw"), "password leaked: {text}");
+    assert!(text.contains("alice:***@127.0.0.1:1"), "{text}");
+    assert!(sink.calls().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_listen_is_returned_and_leaves_no_backend() {
+    let Some(db) = TestDb::from_env("a_failing_listen_is_returned_and_leaves_no_backend") else {
+        return;
+    };
+    let name = fresh_name("listen_fails");
+    // The empty channel passes the config check but `LISTEN ""` is refused by the server.
+    let sink = Arc::new(RecordingSink::default());
+    let error =
+        bounded("start to fail", PgInvalidationListener::start(&db.config("", &name), None, sink))
+            .await
+            .expect_err("LISTEN \"\" is refused");
+    assert!(matches!(error, PgError::Query { operation: "LISTEN", .. }), "{error:?}");
+    wait_no_backend_named(&db.client().await, &name).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults: reconnect and resync.
+// ---------------------------------------------------------------------------------------------
+
+/// After a lost connection: Disconnected, Connected, Resync in that order, with exactly one
+/// extra `bump_global` (the resync) and a new backend.
+async fn expect_reconnect_and_resync(
+    listener: &PgInvalidationListener,
+    sink: &RecordingSink,
+    events: &mut broadcast::Receiver<ListenerEvent>,
+    calls_before: usize,
+) -> (String, Duration) {
+    let error = match next_event(events, "Disconnected").await {
+        ListenerEvent::Disconnected { error } => error,
+        other => panic!("expected Disconnected, got {other:?}"),
+    };
+    let down = Instant::now();
+    expect_event(events, ListenerEvent::Connected).await;
+    let outage = down.elapsed();
+    expect_event(events, ListenerEvent::Resync).await;
+    let calls = sink.calls();
+    assert_eq!(calls[calls_before..], [Call::Global], "exactly one resync bump");
+    let stats = listener.stats();
+    assert!(stats.connected);
+    assert_eq!((stats.reconnects, stats.resyncs), (1, 1));
+    assert!(stats.last_error.is_some());
+    (error, outage)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_backend_reconnects_resyncs_and_serves() {
+    let Some(db) = TestDb::from_env("a_terminated_backend_reconnects_resyncs_and_serves") else {
+        return;
+    };
+    let channel = fresh_name("terminate");
+    // Production backoff, so the printed reconnect time is the one operators will see.
+    let options = ListenerOptions::default();
+    let (listener, sink, mut events) = start(&db.config(&channel, &channel), None, options).await;
+    let client = db.client().await;
+    notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/"}"#).await;
+    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+
+    let old_pid = listener.backend_pid().expect("connected listener has a backend");
+    let killed_at = Instant::now();
+    let row = bounded(
+        "pg_terminate_backend",
+        client.query_one("SELECT pg_terminate_backend($1)", &[&old_pid]),
+    )
+    .await
+    .expect("pg_terminate_backend");
+    assert!(row.get::<_, bool>(0), "backend {old_pid} was not terminated");
+
+    let (error, outage) = expect_reconnect_and_resync(&listener, &sink, &mut events, 1).await;
+    let reconnect = killed_at.elapsed();
+    eprintln!(
+        "reconnect after pg_terminate_backend: {reconnect:?} from the kill to the resync \
+         ({outage:?} from Disconnected to Connected); error: {error}"
+    );
+    assert_ne!(listener.backend_pid(), Some(old_pid));
+    assert!(!error.contains("s3cret"));
+
+    // Normal service on the new connection.
+    notify(
+        &client,
+        &channel,
+        &module_payload("https://r.test/", &["https://r.test/x.gts", "https://r.test/x"]),
+    )
+    .await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Module {
+            realm_url: "https://r.test/".into(),
+            urls: strings(&["https://r.test/x.gts", "https://r.test/x"]),
+        },
+    )
+    .await;
+    assert_eq!(
+        sink.calls(),
+        [
+            Call::Realm("https://r.test/".into()),
+            Call::Global,
+            Call::Modules(
+                "https://r.test/".into(),
+                strings(&["https://r.test/x.gts", "https://r.test/x"])
+            ),
+        ]
+    );
+    bounded("shutdown", listener.shutdown()).await;
+}
+
+/// A TCP relay to the test server that can freeze its current connections: they stay open but
+/// nothing passes any more, like a NAT that silently forgot a connection. New connections
+/// relay normally.
+struct FreezingRelay {
+    port: u16,
+    freeze: tokio::sync::watch::Sender<u64>,
+}
+
+impl FreezingRelay {
+    async fn start(upstream: (String, u16)) -> FreezingRelay {
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = socket.local_addr().expect("relay address").port();
+        let (freeze, freeze_rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = socket.accept().await else { return };
+                let mut frozen = freeze_rx.clone();
+                let epoch = *frozen.borrow_and_update();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let freeze = async {
+                        let _ = frozen.wait_for(|e| *e != epoch).await;
+                    };
+                    let frozen_now = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                        () = freeze => true,
+                    };
+                    if frozen_now {
+                        // Hold both sockets open, silent, until the test's runtime ends.
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        FreezingRelay { port, freeze }
+    }
+
+    fn freeze_current_connections(&self) {
+        self.freeze.send_modify(|epoch| *epoch += 1);
+    }
+}
+
+fn quote_conninfo(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_connection_is_noticed_by_the_heartbeat() {
+    let Some(db) = TestDb::from_env("a_silently_dead_connection_is_noticed_by_the_heartbeat")
+    else {
+        return;
+    };
+    let parsed: tokio_postgres::Config = db.url.parse().expect("DATABASE_URL parses");
+    let (Some(tokio_postgres::config::Host::Tcp(host)), Some(port)) =
+        (parsed.get_hosts().first(), parsed.get_ports().first().copied().or(Some(5432)))
+    else {
+        eprintln!("skipping the heartbeat test: DATABASE_URL is not a TCP address");
+        return;
+    };
+    let relay = FreezingRelay::start((host.clone(), port)).await;
+    let channel = fresh_name("heartbeat");
+    let mut conninfo = format!("host=127.0.0.1 port={} application_name={channel}", relay.port);
+    if let Some(user) = parsed.get_user() {
+        conninfo += &format!(" user={}", quote_conninfo(user));
+    }
+    if let Some(dbname) = parsed.get_dbname() {
+        conninfo += &format!(" dbname={}", quote_conninfo(dbname));
+    }
+    if let Some(password) = parsed.get_password() {
+        conninfo += &format!(" password={}", quote_conninfo(&String::from_utf8_lossy(password)));
+    }
+    let config = PgConfig::new(conninfo).channel(&channel);
+    let options = fast_options().heartbeat(Duration::from_millis(100), Duration::from_millis(300));
+    let (listener, sink, mut events) = start(&config, None, options).await;
+
+    relay.freeze_current_connections();
+    let (error, outage) = expect_reconnect_and_resync(&listener, &sink, &mut events, 0).await;
+    assert!(error.contains("heartbeat"), "{error}");
+    eprintln!(
+        "reconnect after a silent connection loss: {outage:?} from Disconnected to Connected"
+    );
+
+    let client = db.client().await;
+    notify(&client, &channel, r#"{"k":"global"}"#).await;
+    expect_event(&mut events, ListenerEvent::Global).await;
+    assert_eq!(sink.calls(), [Call::Global, Call::Global]);
+    bounded("shutdown", listener.shutdown()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_idempotent_and_leaves_no_backend() {
+    let Some(db) = TestDb::from_env("shutdown_is_idempotent_and_leaves_no_backend") else {
+        return;
+    };
+    let channel = fresh_name("shutdown");
+    let (listener, _sink, _events) =
+        start(&db.config(&channel, &channel), None, fast_options()).await;
+    let pid = listener.backend_pid().expect("connected");
+    let client = db.client().await;
+
+    // Two concurrent calls and a later one: all return, none does anything twice.
+    bounded("shutdown", async { tokio::join!(listener.shutdown(), listener.shutdown()) }).await;
+    bounded("second shutdown", listener.shutdown()).await;
+    let stats = listener.stats();
+    assert!(!stats.connected);
+    assert_eq!(stats.backend_pid, None);
+    assert_eq!(stats.last_error, None, "a shutdown is not an error");
+    wait_no_backend(&client, "pid = $1", &pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_listener_closes_its_connection() {
+    let Some(db) = TestDb::from_env("dropping_the_listener_closes_its_connection") else {
+        return;
+    };
+    let channel = fresh_name("drop");
+    let (listener, _sink, _events) =
+        start(&db.config(&channel, &channel), None, fast_options()).await;
+    let pid = listener.backend_pid().expect("connected");
+    drop(listener);
+    wait_no_backend(&db.client().await, "pid = $1", &pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_racing_a_shutdown_leaves_no_subscription() {
+    let Some(db) = TestDb::from_env("a_start_racing_a_shutdown_leaves_no_subscription") else {
+        return;
+    };
+    let name = fresh_name("race");
+    let config = db.config(&name, &name);
+    let client = db.client().await;
+
+    // 1. `start` cancelled at spread-out points: before connecting, while connecting, while
+    //    LISTEN is in flight, just after. The delays only vary where the cancellation lands;
+    //    the assertion does not depend on them.
+    let mut started = 0;
+    for step in 0..40u64 {
+        let sink = Arc::new(RecordingSink::default());
+        let start = PgInvalidationListener::start_with(&config, None, sink, fast_options());
+        match tokio::time::timeout(Duration::from_micros(step * 300), start).await {
+            Err(_cancelled) => {}
+            Ok(Ok(listener)) => {
+                started += 1;
+                // Alternate the two ways of stopping a listener that did start.
+                if step % 2 == 0 {
+                    bounded("shutdown", listener.shutdown()).await;
+                } else {
+                    drop(listener);
+                }
+            }
+            Ok(Err(error)) => panic!("start failed: {error}"),
+        }
+    }
+    eprintln!("race: {started} of 40 starts completed before their cancellation");
+
+    // 2. A shutdown while the task backs off before reconnecting: it must not wait out the
+    //    backoff (a minute here, far beyond the bounded wait).
+    let slow = ListenerOptions::default().backoff(Duration::from_secs(60), Duration::from_secs(60));
+    let (listener, _sink, mut events) = start(&config, None, slow.clone()).await;
+    let pid = listener.backend_pid().expect("connected");
+    client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("terminate");
+    assert!(matches!(
+        next_event(&mut events, "Disconnected").await,
+        ListenerEvent::Disconnected { .. }
+    ));
+    bounded("shutdown during backoff", listener.shutdown()).await;
+
+    // 3. A shutdown racing a reconnect in progress (no backoff to speak of).
+    let (listener, _sink, _events) = start(&config, None, fast_options()).await;
+    let pid = listener.backend_pid().expect("connected");
+    client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("terminate");
+    bounded("shutdown during reconnect", listener.shutdown()).await;
+    assert!(!listener.stats().connected);
+
+    // No backend of this test is left, so no LISTEN on its channel survives.
+    wait_no_backend_named(&client, &name).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server restart (run alone by `cargo xtask test-pg`, which sets DEFLOOKUP_PG_RESTART).
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the restart command with its output in a file. Its stdio must not be ours: the
+/// restarted server inherits the command's stdout and stderr and keeps them open for its
+/// whole life, so a pipe (a harness capturing the test's output) would never see its end.
+async fn run_restart_command(command: String) -> Instant {
+    let log = std::env::temp_dir().join(format!("deflookup-restart-{}.log", std::process::id()));
+    let file = std::fs::File::create(&log).expect("create the restart log");
+    let stderr = file.try_clone().expect("clone the restart log handle");
+    let status = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&command)
+                .stdin(std::process::Stdio::null())
+                .stdout(file)
+                .stderr(stderr)
+                .status()
+        }),
+    )
+    .await
+    .expect("the restart command finishes within 2 minutes")
+    .expect("the restart command's thread")
+    .expect("sh runs");
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.success(),
+        "the restart command failed: {status}; its output ({}):\n{output}",
+        log.display()
+    );
+    eprintln!("restart command output (the server keeps logging there): {}", log.display());
+    Instant::now()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the server: run alone by `cargo xtask test-pg` with DEFLOOKUP_PG_RESTART"]
+async fn a_server_restart_reconnects_resyncs_and_serves() {
+    let Some(db) = TestDb::from_env("a_server_restart_reconnects_resyncs_and_serves") else {
+        return;
+    };
+    let restart = match std::env::var("DEFLOOKUP_PG_RESTART") {
+        Ok(command) if !command.trim().is_empty() => command,
+        _ if std::env::var_os("CI").is_some() => {
+            panic!(
+                "DEFLOOKUP_PG_RESTART (a shell command restarting the server) is not set under CI"
+            )
+        }
+        _ => {
+            eprintln!("skipping the restart test: DEFLOOKUP_PG_RESTART is not set");
+            return;
+        }
+    };
+    let channel = fresh_name("restart");
+    // Production backoff, so the printed reconnect time is the one operators will see.
+    let options = ListenerOptions::default();
+    let (listener, sink, mut events) = start(&db.config(&channel, &channel), None, options).await;
+    let old_pid = listener.backend_pid();
+
+    // The restart runs alongside, so the events are observed as they happen.
+    let restart_began = Instant::now();
+    let restart = tokio::spawn(run_restart_command(restart));
+    let (error, outage) = expect_reconnect_and_resync(&listener, &sink, &mut events, 0).await;
+    let resynced = Instant::now();
+    let server_back = restart.await.expect("the restart command's task");
+    eprintln!(
+        "reconnect after a server restart: {outage:?} from Disconnected to Connected; resync {:?} \
+         after the restart command began and {:?} after it reported the server up; error: {error}",
+        resynced - restart_began,
+        resynced.saturating_duration_since(server_back),
+    );
+    assert_ne!(listener.backend_pid(), old_pid);
+
+    let client = db.client().await;
+    notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/"}"#).await;
+    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+    assert_eq!(sink.calls(), [Call::Global, Call::Realm("https://r.test/".into())]);
+    bounded("shutdown", listener.shutdown()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: two "processes" (two lookups, two adapters, two origins) on one database.
+// ---------------------------------------------------------------------------------------------
+
+use adapter_pg::PgAdapter;
+use behaviour_suite::{FakeModule, FakeRenderer};
+use lookup_core::{CachingLookup, Realm};
+
+const REALM: &str = "https://realm.test/app/";
+
+/// One peer: its own adapter (own origin and pool) on the shared schema and channel, a
+/// lookup with its own renderer, and a listener feeding that lookup.
+struct Peer {
+    lookup: CachingLookup<PgAdapter, FakeRenderer>,
+    renderer: FakeRenderer,
+    listener: PgInvalidationListener,
+    events: broadcast::Receiver<ListenerEvent>,
+}
+
+async fn peer(config: &PgConfig) -> Peer {
+    let db = bounded("connect", PgAdapter::connect(config.clone())).await.expect("adapter");
+    let renderer = FakeRenderer::default();
+    let lookup = CachingLookup::new(db.clone(), renderer.clone());
+    lookup
+        .register_realm(Realm { url: REALM.into(), owner: "@o:test".into(), public: true })
+        .expect("realm");
+    let sink: Arc<dyn InvalidationSink> = Arc::new(lookup.clone());
+    let listener = bounded(
+        "listener",
+        PgInvalidationListener::start(config, Some(db.origin().to_owned()), sink),
+    )
+    .await
+    .expect("listener");
+    let mut events = listener.subscribe();
+    expect_event(&mut events, ListenerEvent::Connected).await;
+    Peer { lookup, renderer, listener, events }
+}
+
+fn shared_config(db: &TestDb, test: &str) -> PgConfig {
+    db.config(&fresh_name(test), &fresh_name(test)).schema(fresh_name(test))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_invalidate_clear_realm_and_clear_all_reach_the_other_peer() {
+    let Some(db) = TestDb::from_env("e2e_kinds") else { return };
+    let config = shared_config(&db, "e2e_kinds");
+    let mut a = peer(&config).await;
+    // B records what its listener replays, with A's adapter as the sender.
+    let (b, b_sink, mut b_events) = start(&config, None, fast_options()).await;
+    let url = format!("{REALM}card.gts");
+    a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    a.lookup.get_module_entry(&url, None).await.expect("seed");
+
+    let list = a.lookup.invalidate(&url).await.expect("invalidate");
+    let heard = next_event(&mut b_events, "the module payload").await;
+    assert_eq!(heard, ListenerEvent::Module { realm_url: REALM.into(), urls: list.clone() });
+    a.lookup.clear_realm(REALM).await.expect("clear realm");
+    expect_event(&mut b_events, ListenerEvent::Realm { realm_url: REALM.into() }).await;
+    a.lookup.clear_all().await.expect("clear all");
+    expect_event(&mut b_events, ListenerEvent::Global).await;
+    assert_eq!(
+        b_sink.calls(),
+        [Call::Modules(REALM.into(), list), Call::Realm(REALM.into()), Call::Global],
+        "each broadcast is replayed exactly once"
+    );
+    // A skips its own three echoes. Notifications arrive in commit order, so once a marker
+    // sent after them is A's next event, A has seen (and skipped) all three.
+    let marker = format!(r#"{{"k":"realm","r":"{REALM}marker/"}}"#);
+    notify(&db.client().await, config.channel_name(), &marker).await;
+    expect_event(&mut a.events, ListenerEvent::Realm { realm_url: format!("{REALM}marker/") })
+        .await;
+    assert_eq!(a.listener.stats().own_echoes_skipped, 3);
+    a.listener.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_in_flight_load_started_before_an_invalidation_does_not_persist() {
+    let Some(db) = TestDb::from_env("e2e_in_flight") else { return };
+    let config = shared_config(&db, "e2e_in_flight");
+    let a = peer(&config).await;
+    let mut b = peer(&config).await;
+    let url = format!("{REALM}card.gts");
+    b.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    let gate = b.renderer.gate(&url);
+    let load = {
+        let lookup = b.lookup.clone();
+        let url = url.clone();
+        tokio::spawn(async move { lookup.get_module_entry(&url, None).await })
+    };
+    gate.entered().await; // B has read version 1 and is rendering it
+    b.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
+    let list = a.lookup.invalidate(&url).await.expect("A invalidates");
+    expect_event(&mut b.events, ListenerEvent::Module { realm_url: REALM.into(), urls: list })
+        .await;
+    gate.open();
+    let entry = bounded("B's load", load).await.expect("task").expect("load");
+    let key = lookup_core::CodeRef::new(url.clone(), "Card").definition_key();
+    assert_eq!(entry.definitions[&key]["version"], 2, "B re-ran instead of serving v1");
+    assert_eq!(b.renderer.calls(&url), 2);
+    // What is in the shared table is version 2, seen from A.
+    let stored = a.lookup.get_cached_entry(&url, None).await.expect("read").expect("row");
+    assert_eq!(stored.definitions[&key]["version"], 2, "the stale v1 render was never persisted");
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
