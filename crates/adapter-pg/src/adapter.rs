@@ -372,7 +372,11 @@ impl DbAdapter for PgAdapter {
     /// persisting, which the next invalidation (or the durable guard) also covers, whereas
     /// failing the whole invalidation would leave stale rows for everyone.
     async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<u64, LookupError> {
-        let payloads = encode_payloads(invalidation, Some(&self.origin));
+        let payloads = if self.config.broadcasts() {
+            encode_payloads(invalidation, Some(&self.origin))
+        } else {
+            Vec::new()
+        };
         let mut client = self.client("invalidate").await?;
         let mut last_error = None;
         for attempt in 1..=2 {

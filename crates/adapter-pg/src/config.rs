@@ -14,6 +14,9 @@ pub struct PgConfig {
     channel: String,
     pool_size: usize,
     connect_timeout: Duration,
+    broadcast: bool,
+    durable_guard: bool,
+    guard_horizon: Duration,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -24,6 +27,8 @@ impl std::fmt::Debug for PgConfig {
             .field("schema", &self.schema)
             .field("channel", &self.channel)
             .field("pool_size", &self.pool_size)
+            .field("broadcast", &self.broadcast)
+            .field("durable_guard", &self.durable_guard)
             .finish()
     }
 }
@@ -37,6 +42,9 @@ impl PgConfig {
             channel: INVALIDATION_CHANNEL.to_owned(),
             pool_size: 8,
             connect_timeout: Duration::from_secs(10),
+            broadcast: true,
+            durable_guard: true,
+            guard_horizon: Duration::from_secs(600),
         }
     }
 
@@ -64,6 +72,42 @@ impl PgConfig {
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// Turns the NOTIFY broadcast of invalidations off. **Unsafe**: peers' in-flight loads no
+    /// longer hear invalidations. Only for the soak test's control run.
+    pub fn broadcast(mut self, on: bool) -> Self {
+        self.broadcast = on;
+        self
+    }
+
+    /// Turns the durable persist guard off. **Unsafe**: a persist is no longer checked against
+    /// invalidations committed since its load began. Only for the soak test's control run.
+    pub fn durable_guard(mut self, on: bool) -> Self {
+        self.durable_guard = on;
+        self
+    }
+
+    /// How long the durable guard remembers an invalidated URL (default 10 minutes). A load
+    /// that started before a forgotten invalidation of its realm is treated as stale.
+    pub fn guard_horizon(mut self, horizon: Duration) -> Self {
+        self.guard_horizon = horizon;
+        self
+    }
+
+    /// Whether invalidations are broadcast.
+    pub fn broadcasts(&self) -> bool {
+        self.broadcast
+    }
+
+    /// Whether persists are checked by the durable guard.
+    pub fn guards_persists(&self) -> bool {
+        self.durable_guard
+    }
+
+    /// The durable guard's memory.
+    pub fn guard_horizon_duration(&self) -> Duration {
+        self.guard_horizon
     }
 
     /// The configured schema, if any.
