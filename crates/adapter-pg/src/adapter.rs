@@ -14,10 +14,16 @@ use tokio_postgres::{NoTls, Row};
 
 use crate::config::PgConfig;
 use crate::error::PgError;
-use crate::schema;
+use crate::{guard, schema};
 
 const COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
                        error_doc, created_at, file_alias, diagnostics";
+
+/// What an upsert does when the row exists: replace everything but the key.
+const UPSERT_TAIL: &str = "ON CONFLICT ON CONSTRAINT modules_pkey DO UPDATE SET \
+     resolved_realm_url = EXCLUDED.resolved_realm_url, definitions = EXCLUDED.definitions, \
+     deps = EXCLUDED.deps, error_doc = EXCLUDED.error_doc, created_at = EXCLUDED.created_at, \
+     file_alias = EXCLUDED.file_alias, diagnostics = EXCLUDED.diagnostics";
 
 /// Counters of what the adapter broadcast.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -177,15 +183,19 @@ impl PgAdapter {
         }
     }
 
-    /// One attempt: DELETE and every NOTIFY in one transaction. The error says whether the
-    /// delete itself failed (`Err(Ok(e))`) or only what came after it (`Err(Err(e))`).
-    async fn delete_and_notify(
+    /// One attempt: the guard record, the DELETE and every NOTIFY in one transaction. The
+    /// error says whether the invalidation itself failed (`Err(Ok(e))`) or only what came
+    /// after its DELETE (`Err(Err(e))`).
+    async fn invalidate_in_transaction(
         &self,
         client: &mut Object,
         invalidation: &Invalidation,
         payloads: &[String],
     ) -> Result<u64, Result<tokio_postgres::Error, tokio_postgres::Error>> {
         let tx = client.transaction().await.map_err(Ok)?;
+        if self.config.guards_persists() {
+            self.record(&tx, invalidation).await.map_err(Ok)?;
+        }
         let deleted = Self::delete(&tx, invalidation).await.map_err(Ok)?;
         let channel = self.config.channel_name();
         for payload in payloads {
@@ -194,6 +204,71 @@ impl PgAdapter {
         // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
         tx.commit().await.map_err(Err)?;
         Ok(deleted)
+    }
+
+    /// Takes the invalidation's lock and records it for the durable guard (see guard.rs).
+    async fn record(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        invalidation: &Invalidation,
+    ) -> Result<(), tokio_postgres::Error> {
+        match invalidation {
+            Invalidation::Modules { realm_url, urls } => {
+                let lock = tx.prepare_cached(guard::LOCK_REALM_EXCLUSIVE).await?;
+                tx.execute(&lock, &[&guard::LOCK_NS_REALM, realm_url, &guard::LOCK_NS_GLOBAL])
+                    .await?;
+                let record = tx.prepare_cached(guard::RECORD_MODULES).await?;
+                tx.execute(&record, &[realm_url, urls]).await?;
+                let horizon = self.config.guard_horizon_duration().as_secs_f64();
+                let prune = tx.prepare_cached(guard::PRUNE).await?;
+                tx.execute(&prune, &[realm_url, &horizon]).await?;
+            }
+            Invalidation::Realm { realm_url } => {
+                let lock = tx.prepare_cached(guard::LOCK_REALM_EXCLUSIVE).await?;
+                tx.execute(&lock, &[&guard::LOCK_NS_REALM, realm_url, &guard::LOCK_NS_GLOBAL])
+                    .await?;
+                let record = tx.prepare_cached(guard::RECORD_CLEAR).await?;
+                tx.execute(&record, &[realm_url]).await?;
+            }
+            Invalidation::Global => {
+                let lock = tx.prepare_cached(guard::LOCK_GLOBAL_EXCLUSIVE).await?;
+                tx.execute(&lock, &[&guard::LOCK_NS_GLOBAL]).await?;
+                let record = tx.prepare_cached(guard::RECORD_CLEAR).await?;
+                tx.execute(&record, &[&""]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The guarded persist: under the realm's shared lock, write only if still fresh.
+    async fn guarded_upsert(
+        &self,
+        entry: &CacheEntry,
+        stamp: LoadStamp,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<PersistOutcome, PgError> {
+        let mut client = self.client("upsert").await?;
+        let tx = client.transaction().await.map_err(query_error("upsert"))?;
+        let lock =
+            tx.prepare_cached(guard::LOCK_REALM_SHARED).await.map_err(query_error("upsert"))?;
+        let realm = &entry.resolved_realm_url;
+        tx.execute(&lock, &[&guard::LOCK_NS_REALM, realm, &guard::LOCK_NS_GLOBAL])
+            .await
+            .map_err(query_error("upsert"))?;
+        let mut checked: Vec<&str> = vec![&entry.url, &entry.file_alias];
+        checked.extend(entry.deps.iter().map(String::as_str));
+        let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
+        all.push(&checked);
+        all.push(&stamp.0);
+        let sql = format!(
+            "INSERT INTO modules ({COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, \
+             $5::jsonb, $6::jsonb, $7::jsonb, $8::bigint, $9::text, $10::jsonb WHERE {} {UPSERT_TAIL}",
+            guard::FRESH
+        );
+        let insert = tx.prepare_cached(&sql).await.map_err(query_error("upsert"))?;
+        let written = tx.execute(&insert, &all).await.map_err(query_error("upsert"))?;
+        tx.commit().await.map_err(query_error("upsert"))?;
+        Ok(if written == 0 { PersistOutcome::Stale } else { PersistOutcome::Written })
     }
 }
 
@@ -288,18 +363,20 @@ impl DbAdapter for PgAdapter {
         entries(rows)
     }
 
+    async fn begin_load(&self, realm_url: &str, _url: &str) -> Result<LoadStamp, LookupError> {
+        if !self.config.guards_persists() {
+            return Ok(LoadStamp::UNGUARDED);
+        }
+        let rows = self.query("stamp load", guard::STAMP, &[&realm_url]).await?;
+        let seq: i64 = rows.first().map(|row| row.get(0)).unwrap_or(0);
+        Ok(LoadStamp(seq))
+    }
+
     async fn upsert(
         &self,
         entry: &CacheEntry,
-        _stamp: LoadStamp,
+        stamp: LoadStamp,
     ) -> Result<PersistOutcome, LookupError> {
-        let sql = format!(
-            "INSERT INTO modules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT ON CONSTRAINT modules_pkey DO UPDATE SET \
-             resolved_realm_url = EXCLUDED.resolved_realm_url, definitions = EXCLUDED.definitions, \
-             deps = EXCLUDED.deps, error_doc = EXCLUDED.error_doc, created_at = EXCLUDED.created_at, \
-             file_alias = EXCLUDED.file_alias, diagnostics = EXCLUDED.diagnostics"
-        );
         let definitions = Value::Object(entry.definitions.clone());
         let deps = serde_json::to_value(&entry.deps).unwrap_or_default();
         let error_doc = match &entry.error {
@@ -313,23 +390,27 @@ impl DbAdapter for PgAdapter {
             None => None,
         };
         let diagnostics = entry.diagnostics.clone().filter(|v| !v.is_null());
-        self.query(
-            "upsert",
-            &sql,
-            &[
-                &entry.url,
-                &entry.cache_scope.as_str(),
-                &entry.auth_user_id,
-                &entry.resolved_realm_url,
-                &definitions,
-                &deps,
-                &error_doc,
-                &entry.created_at,
-                &entry.file_alias,
-                &diagnostics,
-            ],
-        )
-        .await?;
+        let scope = entry.cache_scope.as_str();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+            &entry.url,
+            &scope,
+            &entry.auth_user_id,
+            &entry.resolved_realm_url,
+            &definitions,
+            &deps,
+            &error_doc,
+            &entry.created_at,
+            &entry.file_alias,
+            &diagnostics,
+        ];
+        if self.config.guards_persists() && !stamp.is_unguarded() {
+            return Ok(self.guarded_upsert(entry, stamp, &params).await?);
+        }
+        let sql = format!(
+            "INSERT INTO modules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             {UPSERT_TAIL}"
+        );
+        self.query("upsert", &sql, &params).await?;
         Ok(PersistOutcome::Written)
     }
 
@@ -380,7 +461,7 @@ impl DbAdapter for PgAdapter {
         let mut client = self.client("invalidate").await?;
         let mut last_error = None;
         for attempt in 1..=2 {
-            match self.delete_and_notify(&mut client, invalidation, &payloads).await {
+            match self.invalidate_in_transaction(&mut client, invalidation, &payloads).await {
                 Ok(deleted) => {
                     self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
                     self.counters.payloads_sent.fetch_add(payloads.len() as u64, Ordering::Relaxed);
@@ -397,8 +478,11 @@ impl DbAdapter for PgAdapter {
                 }
             }
         }
-        let deleted =
-            Self::delete(&client, invalidation).await.map_err(query_error("invalidate"))?;
+        // The same transaction without its NOTIFYs: the guard record and the DELETE still land.
+        let deleted = self
+            .invalidate_in_transaction(&mut client, invalidation, &[])
+            .await
+            .map_err(|e| query_error("invalidate")(e.unwrap_or_else(|e| e)))?;
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         self.counters.unbroadcast_deletes.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(

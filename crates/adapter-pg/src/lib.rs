@@ -15,6 +15,7 @@
 mod adapter;
 mod config;
 mod error;
+mod guard;
 mod schema;
 
 pub use adapter::{PgAdapter, PgAdapterStats};

@@ -32,6 +32,23 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX modules_resolved_realm_url_index ON modules (resolved_realm_url);
     CREATE INDEX modules_file_alias_index ON modules (file_alias);
     CREATE INDEX modules_deps_index ON modules USING gin (deps jsonb_path_ops);",
+    // 2: the durable persist guard (see guard.rs). Logged tables, unlike `modules`: after a
+    // crash an empty guard would wave stale persists through.
+    "CREATE SEQUENCE modules_guard_seq;
+    CREATE TABLE modules_guard (
+        realm text NOT NULL,
+        url text NOT NULL,
+        seq bigint NOT NULL,
+        at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (realm, url)
+    );
+    CREATE INDEX modules_guard_age_index ON modules_guard (realm, at);
+    CREATE TABLE modules_guard_realm (
+        realm text PRIMARY KEY,
+        latest bigint NOT NULL DEFAULT 0,
+        cleared bigint NOT NULL DEFAULT 0,
+        pruned_through bigint NOT NULL DEFAULT 0
+    );",
 ];
 
 /// The newest schema version this build knows.

@@ -81,7 +81,7 @@ async fn the_table_matches_the_spec_and_creation_is_idempotent_under_concurrency
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1], "one migration recorded once");
+    assert_eq!(versions, [1, 2], "each migration recorded once");
     let columns: Vec<(String, String)> = client
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -258,4 +258,205 @@ async fn connection_errors_never_show_the_password() {
         assert!(!message.contains("hunter2secret"), "password leaked: {message}");
         assert!(err.is_transient() || message.contains("nobody_here"), "{message}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The durable guard (see src/guard.rs), driven through its interleavings.
+// ---------------------------------------------------------------------------------------------
+
+use lookup_core::{CachingLookup, PersistOutcome, Realm};
+
+/// The advisory keys of src/guard.rs: (namespace, hashtext(realm)) and (namespace, 0).
+const LOCK_NS_GLOBAL: i32 = 0x6466_6c67;
+const LOCK_NS_REALM: i32 = 0x6466_6c72;
+
+fn modules(urls: &[&str]) -> Invalidation {
+    Invalidation::Modules {
+        realm_url: REALM.into(),
+        urls: urls.iter().map(|p| format!("{REALM}{p}")).collect(),
+    }
+}
+
+async fn raw_client(config: &PgConfig) -> tokio_postgres::Client {
+    let (client, connection) =
+        config.tokio_postgres_config().unwrap().connect(NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Waits (bounded) until some backend waits for an advisory lock: the server's own word that
+/// the other party is blocked, the gate for the concurrent interleavings below.
+async fn someone_waits_for_a_lock(client: &tokio_postgres::Client) {
+    bounded("a backend to wait on the guard's lock", async {
+        loop {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persist_after_a_peers_invalidation_is_refused_and_before_it_is_deleted() {
+    let Some(config) = config("guard-orders") else { return };
+    let a = PgAdapter::connect(config.clone()).await.unwrap();
+    let b = PgAdapter::connect(config).await.unwrap();
+    let card = entry(REALM, "card.gts", &["leaf"]);
+
+    // Invalidation first: B's commit lands between A's stamp and A's persist.
+    let stamp = a.begin_load(REALM, &card.url).await.unwrap();
+    b.apply_invalidation(&modules(&["card.gts", "card"])).await.unwrap();
+    assert_eq!(a.upsert(&card, stamp).await.unwrap(), PersistOutcome::Stale);
+    assert_eq!(a.row_count().await.unwrap(), 0, "the stale render was not persisted");
+
+    // A dependency's invalidation counts too.
+    let stamp = a.begin_load(REALM, &card.url).await.unwrap();
+    b.apply_invalidation(&modules(&["leaf.gts", "leaf"])).await.unwrap();
+    assert_eq!(a.upsert(&card, stamp).await.unwrap(), PersistOutcome::Stale);
+
+    // An unrelated module's invalidation does not.
+    let stamp = a.begin_load(REALM, &card.url).await.unwrap();
+    b.apply_invalidation(&modules(&["other.gts"])).await.unwrap();
+    assert_eq!(a.upsert(&card, stamp).await.unwrap(), PersistOutcome::Written);
+
+    // Persist first: the later invalidation deletes the row.
+    let deleted = b.apply_invalidation(&modules(&["card.gts", "card"])).await.unwrap();
+    assert_eq!(deleted, 1);
+
+    // Realm and global clears cover everything in their scope.
+    for clear in [Invalidation::Realm { realm_url: REALM.into() }, Invalidation::Global] {
+        let stamp = a.begin_load(REALM, &card.url).await.unwrap();
+        b.apply_invalidation(&clear).await.unwrap();
+        assert_eq!(a.upsert(&card, stamp).await.unwrap(), PersistOutcome::Stale, "{clear:?}");
+    }
+    let stamp = a.begin_load(REALM, &card.url).await.unwrap();
+    assert_eq!(a.upsert(&card, stamp).await.unwrap(), PersistOutcome::Written, "fresh load");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_waits_for_a_persist_in_progress_then_deletes_its_row() {
+    let Some(config) = config("guard-persist-first") else { return };
+    let b = PgAdapter::connect(config.clone()).await.unwrap();
+    let mut persist = raw_client(&config).await;
+    let observer = raw_client(&config).await;
+    // A persist in progress: it holds the realm's key shared and has written its row.
+    let tx = persist.transaction().await.unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock_shared($1, hashtext($2)) FROM (SELECT pg_advisory_xact_lock_shared($3, 0)) g",
+        &[&LOCK_NS_REALM, &REALM, &LOCK_NS_GLOBAL],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, deps) \
+         VALUES ($1, 'public', '', $2, '[]')",
+        &[&format!("{REALM}card.gts"), &REALM],
+    )
+    .await
+    .unwrap();
+    let invalidation =
+        tokio::spawn(async move { b.apply_invalidation(&modules(&["card.gts"])).await });
+    someone_waits_for_a_lock(&observer).await;
+    assert!(!invalidation.is_finished(), "the invalidation must wait for the persist");
+    tx.commit().await.unwrap();
+    let deleted = bounded("the invalidation", invalidation).await.unwrap().unwrap();
+    assert_eq!(deleted, 1, "the invalidation ran after the persist and deleted its row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persist_waits_for_an_invalidation_in_progress_then_is_refused() {
+    let Some(config) = config("guard-invalidation-first") else { return };
+    let a = PgAdapter::connect(config.clone()).await.unwrap();
+    let mut peer = raw_client(&config).await;
+    let observer = raw_client(&config).await;
+    let card = entry(REALM, "card.gts", &[]);
+    let stamp = a.begin_load(REALM, &card.url).await.unwrap();
+    // An invalidation in progress: realm key exclusive, sequence taken and recorded, not yet
+    // committed (exactly the statements of src/guard.rs).
+    let tx = peer.transaction().await.unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2)) FROM (SELECT pg_advisory_xact_lock_shared($3, 0)) g",
+        &[&LOCK_NS_REALM, &REALM, &LOCK_NS_GLOBAL],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "INSERT INTO modules_guard (realm, url, seq) VALUES ($1, $2, nextval('modules_guard_seq'))",
+        &[&REALM, &card.url],
+    )
+    .await
+    .unwrap();
+    let persist = tokio::spawn(async move { a.upsert(&card, stamp).await });
+    someone_waits_for_a_lock(&observer).await;
+    assert!(!persist.is_finished(), "the persist must wait for the invalidation");
+    tx.commit().await.unwrap();
+    let outcome = bounded("the persist", persist).await.unwrap().unwrap();
+    assert_eq!(outcome, PersistOutcome::Stale, "the invalidation committed after the stamp");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_older_than_the_guard_horizon_is_stale() {
+    let Some(config) = config("guard-horizon") else { return };
+    let a = PgAdapter::connect(config.clone().guard_horizon(Duration::ZERO)).await.unwrap();
+    let z = entry(REALM, "z.gts", &[]);
+    let old = a.begin_load(REALM, &z.url).await.unwrap();
+    a.apply_invalidation(&modules(&["x.gts"])).await.unwrap();
+    // This one prunes x's record (older than a zero horizon): what `old` would need is gone.
+    a.apply_invalidation(&modules(&["y.gts"])).await.unwrap();
+    assert_eq!(a.upsert(&z, old).await.unwrap(), PersistOutcome::Stale);
+    let fresh = a.begin_load(REALM, &z.url).await.unwrap();
+    assert_eq!(a.upsert(&z, fresh).await.unwrap(), PersistOutcome::Written);
+}
+
+/// A process that hears nothing (its listener is disconnected, or it has none) renders a
+/// module while a peer invalidates it. With the guard its stale render is refused and re-run;
+/// without it (the control) the stale render lands.
+async fn deaf_peer_render(config: PgConfig) -> (u64, usize) {
+    let peer = PgAdapter::connect(config.clone()).await.unwrap();
+    let deaf_db = PgAdapter::connect(config).await.unwrap();
+    let renderer = behaviour_suite::FakeRenderer::default();
+    let deaf = CachingLookup::new(deaf_db, renderer.clone());
+    deaf.register_realm(Realm { url: REALM.into(), owner: "@o:test".into(), public: true })
+        .unwrap();
+    let url = format!("{REALM}card.gts");
+    renderer.set(&url, behaviour_suite::FakeModule::ready(&["Card"], &[]));
+    let gate = renderer.gate(&url);
+    let load = {
+        let deaf = deaf.clone();
+        let url = url.clone();
+        tokio::spawn(async move { deaf.get_module_entry(&url, None).await })
+    };
+    gate.entered().await;
+    renderer.set(&url, behaviour_suite::FakeModule::ready(&["Card"], &[]).version(2));
+    peer.apply_invalidation(&modules(&["card.gts", "card"])).await.unwrap();
+    gate.open();
+    bounded("the deaf load", load).await.unwrap().unwrap();
+    let key = lookup_core::CodeRef::new(url.clone(), "Card").definition_key();
+    let stored = deaf.get_cached_entry(&url, None).await.unwrap().expect("a row");
+    (stored.definitions[&key]["version"].as_u64().unwrap(), renderer.calls(&url))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persist_whose_listener_is_disconnected_is_refused_by_the_guard() {
+    let Some(config) = config("guard-deaf") else { return };
+    let (version, renders) = deaf_peer_render(config).await;
+    assert_eq!(version, 2, "the stale v1 render was refused");
+    assert_eq!(renders, 2, "and the load re-ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_guard_a_deaf_peer_persists_a_stale_row() {
+    let Some(config) = config("guard-off") else { return };
+    let (version, renders) = deaf_peer_render(config.durable_guard(false)).await;
+    assert_eq!((version, renders), (1, 1), "control: the window the guard closes is real");
 }

@@ -13,13 +13,19 @@ use crate::wire::Invalidation;
 ///
 /// Backends without a durable guard return [`LoadStamp::UNGUARDED`] and ignore it; a backend
 /// with one (the Postgres adapter) records its invalidation sequence here, so that a persist
-/// can be refused when the database saw an invalidation after the load began.
+/// can be refused when the database saw an invalidation after the load began. Writing with
+/// [`LoadStamp::UNGUARDED`] bypasses a durable guard (for seeding and repairs, not loads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LoadStamp(pub i64);
 
 impl LoadStamp {
-    /// The stamp of a backend that has no durable guard.
-    pub const UNGUARDED: LoadStamp = LoadStamp(0);
+    /// No stamp: the write is not checked against invalidations.
+    pub const UNGUARDED: LoadStamp = LoadStamp(i64::MIN);
+
+    /// Whether this stamp asks for no check.
+    pub fn is_unguarded(self) -> bool {
+        self == Self::UNGUARDED
+    }
 }
 
 /// What became of an upsert.

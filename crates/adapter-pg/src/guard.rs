@@ -1,0 +1,82 @@
+//! The durable persist guard: correctness that does not depend on NOTIFY timing.
+//!
+//! The in-memory generations stop a load from persisting after an invalidation this process
+//! *heard of*. A peer's invalidation is heard only after its NOTIFY arrives, and not at all
+//! while the listener is disconnected; a render finishing in that window would re-insert the
+//! row the peer just deleted. The guard closes the window in the database itself:
+//!
+//! - Every invalidation takes a sequence number and records it, in the same transaction as
+//!   its DELETE: per invalidated URL (`modules_guard`), and per realm (`modules_guard_realm`:
+//!   `latest` for any invalidation of the realm, `cleared` for a whole-realm clear; the row
+//!   `''` is the global scope).
+//! - A load records its *stamp* when it starts: the newest committed sequence of its realm
+//!   and of the global scope.
+//! - A persist succeeds only if no invalidation newer than the stamp covers the row's URL, its
+//!   alias or one of its dependencies, its realm, or everything.
+//!
+//! Why the stamp is sound: invalidations of one realm hold an exclusive transaction-scoped
+//! advisory lock on the realm (and a shared one on the global key); a global clear holds the
+//! global key exclusively. So the invalidations that can cover a realm commit one at a time,
+//! and each takes its sequence number while holding the lock: within a realm, sequence order
+//! is commit order. A stamp read from committed rows is therefore below the number of every
+//! invalidation covering the realm that commits later, including one in progress at the time.
+//!
+//! Why the check is sound: a persist takes the same two keys *shared*, checks and writes in
+//! one statement, and commits before releasing them. An invalidation covering the realm either
+//! committed before the check (its record is seen) or starts after the persist committed (its
+//! DELETE removes the row). Locks are always taken global first, then realm, so the two
+//! orders cannot deadlock.
+//!
+//! Records older than the horizon are pruned (by the next invalidation of the realm); the
+//! realm remembers the newest pruned sequence, and a load stamped before it is treated as
+//! stale, since what it would have needed to check is gone.
+
+/// Advisory lock namespaces (the two-key form, which never overlaps the one-key form used for
+/// schema changes and populate coalescing): "dflg" for the global key, "dflr" for realms.
+pub(crate) const LOCK_NS_GLOBAL: i32 = 0x6466_6c67;
+/// See [`LOCK_NS_GLOBAL`].
+pub(crate) const LOCK_NS_REALM: i32 = 0x6466_6c72;
+
+/// Takes the global key shared, then the realm key (exclusive when `exclusive`). The FROM
+/// subquery runs first, and it is not flattened (it calls a volatile function), which fixes
+/// the order: global before realm, everywhere.
+pub(crate) const LOCK_REALM_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1, hashtext($2)) \
+     FROM (SELECT pg_advisory_xact_lock_shared($3, 0)) AS g";
+/// See [`LOCK_REALM_SHARED`].
+pub(crate) const LOCK_REALM_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1, hashtext($2)) \
+     FROM (SELECT pg_advisory_xact_lock_shared($3, 0)) AS g";
+/// A global clear excludes every persist and every realm invalidation.
+pub(crate) const LOCK_GLOBAL_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1, 0)";
+
+/// The stamp of a load in realm `$1`.
+pub(crate) const STAMP: &str =
+    "SELECT coalesce(max(latest), 0) FROM modules_guard_realm WHERE realm = $1 OR realm = ''";
+
+/// Records a module fan-out: `$1` realm, `$2` URLs. Returns the sequence taken.
+pub(crate) const RECORD_MODULES: &str = "WITH s AS (SELECT nextval('modules_guard_seq') AS seq), \
+     r AS (INSERT INTO modules_guard_realm (realm, latest) SELECT $1, seq FROM s \
+           ON CONFLICT (realm) DO UPDATE SET latest = EXCLUDED.latest), \
+     u AS (INSERT INTO modules_guard (realm, url, seq) \
+           SELECT $1, x.url, s.seq FROM s, (SELECT DISTINCT unnest($2::text[]) AS url) AS x \
+           ON CONFLICT (realm, url) DO UPDATE SET seq = EXCLUDED.seq, at = now()) \
+     SELECT seq FROM s";
+
+/// Records a whole-realm (or, with `''`, global) clear: `$1` realm.
+pub(crate) const RECORD_CLEAR: &str = "WITH s AS (SELECT nextval('modules_guard_seq') AS seq) \
+     INSERT INTO modules_guard_realm (realm, latest, cleared) SELECT $1, seq, seq FROM s \
+     ON CONFLICT (realm) DO UPDATE SET latest = EXCLUDED.latest, cleared = EXCLUDED.cleared \
+     RETURNING latest";
+
+/// Forgets URL records of realm `$1` older than `$2` seconds, remembering the newest forgotten.
+pub(crate) const PRUNE: &str = "WITH gone AS (DELETE FROM modules_guard \
+         WHERE realm = $1 AND at < now() - make_interval(secs => $2) RETURNING seq) \
+     UPDATE modules_guard_realm SET pruned_through = greatest(pruned_through, \
+         (SELECT max(seq) FROM gone)) \
+     WHERE realm = $1 AND EXISTS (SELECT 1 FROM gone)";
+
+/// The condition under which a persist of a row in realm `$4`, checking URLs `$11` with stamp
+/// `$12`, is still fresh.
+pub(crate) const FRESH: &str = "NOT EXISTS (SELECT 1 FROM modules_guard \
+         WHERE realm = $4 AND url = ANY ($11::text[]) AND seq > $12) \
+     AND NOT EXISTS (SELECT 1 FROM modules_guard_realm WHERE \
+         (realm = $4 AND (cleared > $12 OR pruned_through > $12)) OR (realm = '' AND cleared > $12))";
