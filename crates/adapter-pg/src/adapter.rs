@@ -251,22 +251,25 @@ impl PgAdapter {
         let tx = client.transaction().await.map_err(query_error("upsert"))?;
         let lock =
             tx.prepare_cached(guard::LOCK_REALM_SHARED).await.map_err(query_error("upsert"))?;
-        let realm = &entry.resolved_realm_url;
-        tx.execute(&lock, &[&guard::LOCK_NS_REALM, realm, &guard::LOCK_NS_GLOBAL])
-            .await
-            .map_err(query_error("upsert"))?;
-        let mut checked: Vec<&str> = vec![&entry.url, &entry.file_alias];
-        checked.extend(entry.deps.iter().map(String::as_str));
-        let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
-        all.push(&checked);
-        all.push(&stamp.0);
         let sql = format!(
             "INSERT INTO modules ({COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, \
              $5::jsonb, $6::jsonb, $7::jsonb, $8::bigint, $9::text, $10::jsonb WHERE {} {UPSERT_TAIL}",
             guard::FRESH
         );
         let insert = tx.prepare_cached(&sql).await.map_err(query_error("upsert"))?;
-        let written = tx.execute(&insert, &all).await.map_err(query_error("upsert"))?;
+        let realm = &entry.resolved_realm_url;
+        let mut checked: Vec<&str> = vec![&entry.url, &entry.file_alias];
+        checked.extend(entry.deps.iter().map(String::as_str));
+        let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
+        all.push(&checked);
+        all.push(&stamp.0);
+        // Pipelined: both statements go out at once and the server runs them in order, so the
+        // check-and-write happens under the lock at the cost of one round trip.
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&guard::LOCK_NS_REALM, realm, &guard::LOCK_NS_GLOBAL];
+        let (_, written) =
+            tokio::try_join!(tx.execute(&lock, &lock_params), tx.execute(&insert, &all))
+                .map_err(query_error("upsert"))?;
         tx.commit().await.map_err(query_error("upsert"))?;
         Ok(if written == 0 { PersistOutcome::Stale } else { PersistOutcome::Written })
     }
