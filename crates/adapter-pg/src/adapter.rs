@@ -1,7 +1,9 @@
 //! [`PgAdapter`]: the `DbAdapter` on a pool of tokio-postgres connections.
 
+use std::future::Future as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use lookup_core::wire::encode_payloads;
@@ -263,13 +265,27 @@ impl PgAdapter {
         let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
         all.push(&checked);
         all.push(&stamp.0);
-        // Pipelined: both statements go out at once and the server runs them in order, so the
-        // check-and-write happens under the lock at the cost of one round trip.
+        // Pipelined: the lock request is written to the connection by the first poll of its
+        // future, before the insert's future even exists, so the server runs the lock first
+        // and the insert (with a fresh snapshot, as its own statement) once the lock is held.
+        // One round trip for both.
         let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&guard::LOCK_NS_REALM, realm, &guard::LOCK_NS_GLOBAL];
-        let (_, written) =
-            tokio::try_join!(tx.execute(&lock, &lock_params), tx.execute(&insert, &all))
-                .map_err(query_error("upsert"))?;
+        let (locked, written) = {
+            let mut locking = std::pin::pin!(tx.execute(&lock, &lock_params));
+            let first_poll =
+                std::future::poll_fn(|cx| Poll::Ready(locking.as_mut().poll(cx))).await;
+            let inserting = tx.execute(&insert, &all);
+            let locked = async {
+                match first_poll {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => locking.await,
+                }
+            };
+            tokio::join!(locked, inserting)
+        };
+        locked.map_err(query_error("upsert"))?;
+        let written = written.map_err(query_error("upsert"))?;
         tx.commit().await.map_err(query_error("upsert"))?;
         Ok(if written == 0 { PersistOutcome::Stale } else { PersistOutcome::Written })
     }
