@@ -34,17 +34,7 @@ impl TestDb {
     /// The server of `DATABASE_URL`. Without one: under `CI`, panics (a CI run must exercise
     /// Postgres); otherwise prints a skip notice for `test` and returns `None`.
     fn from_env(test: &str) -> Option<TestDb> {
-        match std::env::var("DATABASE_URL") {
-            Ok(url) if !url.trim().is_empty() => Some(TestDb { url }),
-            _ if std::env::var_os("CI").is_some() => panic!(
-                "{test}: DATABASE_URL is not set but CI is: Postgres tests must not be skipped \
-                 in CI (run `cargo xtask test-pg`, which provides a server)"
-            ),
-            _ => {
-                eprintln!("skipping {test}: DATABASE_URL is not set (cargo xtask test-pg sets it)");
-                None
-            }
-        }
+        behaviour_suite::database_url(test).map(|url| TestDb { url })
     }
 
     /// Settings on `channel`, with connections named `application_name` so the test can find
