@@ -3,6 +3,8 @@
 //! - `test`: formatting check, clippy with warnings denied, and every test of the workspace,
 //!   the Postgres tests included (`test.rs`).
 //! - `test-pg`: the tests of the crates that need Postgres (`test_pg.rs`).
+//! - `soak`: many `deflookup` processes on one database under injected faults, then an
+//!   audit of stale rows (`soak.rs`). Not part of `test`: it runs for a minute by default.
 //!
 //! Both run the Postgres tests on `$DATABASE_URL` when it is set. Otherwise they start a
 //! throwaway cluster with the machine's `initdb` and `pg_ctl` (`pg.rs`), pass its URL to the
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod pg;
+mod soak;
 mod test;
 mod test_pg;
 
@@ -28,6 +31,7 @@ fn main() -> std::process::ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("test-pg") => test_pg::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print_help();
             Ok(())
@@ -50,7 +54,11 @@ fn print_help() {
     println!("  test [CARGO TEST ARGS]     fmt --check, clippy -D warnings, and every test of the");
     println!("                             workspace, the Postgres tests included");
     println!("  test-pg [CARGO TEST ARGS]  the tests of adapter-pg, invalidation-listener and");
-    println!("                             lookup-cli, then the server-restart tests\n");
+    println!("                             lookup-cli, then the server-restart tests");
+    println!("  soak [--seconds N] [--processes P] [--unsafe]");
+    println!("                             P deflookup processes (3) for N seconds (60) under");
+    println!("                             injected faults, then an audit; last line:");
+    println!("                             `stale rows: S of R rows; invalidations: I; …`\n");
     println!("The Postgres tests use $DATABASE_URL when it is set; the server-restart tests then");
     println!("run only if $DEFLOOKUP_PG_RESTART holds a shell command that restarts that server.");
     println!("Otherwise xtask starts a throwaway cluster with initdb and pg_ctl (from PATH or");

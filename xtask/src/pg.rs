@@ -58,7 +58,7 @@ impl EphemeralPg {
         let began = Instant::now();
         let bin = find_bin_dir()?;
         let as_postgres = running_as_root()?;
-        let dir = create_unique_dir()?;
+        let dir = create_unique_dir("deflookup-pg")?;
         // From here on the guard exists, so every early return below removes the directory.
         let mut pg = EphemeralPg { dir, bin, as_postgres, port: 0, launched: false };
         let result = pg.init_and_launch(began);
@@ -342,12 +342,12 @@ fn running_as_root() -> Result<bool> {
     Ok(String::from_utf8_lossy(&output.stdout).trim() == "0")
 }
 
-/// Creates a new directory `deflookup-pg-<pid>-<n>` in the system's temporary directory.
-fn create_unique_dir() -> Result<PathBuf> {
+/// Creates a new directory `<prefix>-<pid>-<n>` in the system's temporary directory.
+pub fn create_unique_dir(prefix: &str) -> Result<PathBuf> {
     let base = std::env::temp_dir();
     let pid = std::process::id();
     for n in 0..1000 {
-        let dir = base.join(format!("deflookup-pg-{pid}-{n}"));
+        let dir = base.join(format!("{prefix}-{pid}-{n}"));
         match std::fs::create_dir(&dir) {
             Ok(()) => return Ok(dir),
             // Left over by an earlier process with the same pid: leave it, take the next name.

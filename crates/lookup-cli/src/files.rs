@@ -27,10 +27,17 @@
 //! - An import of a realm-local module for which no file exists: a module error with status
 //!   404 naming the first such dependency, with the module's normalised dependencies.
 //! - Otherwise: ready, one definition per export, and the module's dependencies.
+//!
+//! # Versions
+//!
+//! A module whose source has a line comment `// version: N` (N an unsigned 64-bit integer,
+//! the first such line wins) reports it: every definition of the module carries
+//! `"version": N`. It lets an audit tell which edit of a file a cached row was rendered from
+//! (`cargo xtask soak` does exactly that).
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lookup_core::urls::{canonical_url, file_alias, normalise_deps, population_candidates};
@@ -52,6 +59,10 @@ pub(crate) struct FilePrerenderer {
     realms: Arc<[(String, PathBuf)]>,
     /// How long each render waits after reading, before answering.
     delay: Duration,
+    /// The most each render waits on top of `delay`: a random 0..=max milliseconds.
+    jitter_max_ms: u64,
+    /// State of the jitter's random sequence, shared by every clone (see [`splitmix64`]).
+    jitter_state: Arc<AtomicU64>,
     /// Prerender calls so far, shared by every clone.
     count: Arc<AtomicUsize>,
 }
@@ -83,7 +94,13 @@ impl FilePrerenderer {
                 (url, dir)
             })
             .collect();
-        FilePrerenderer { realms, delay: Duration::ZERO, count: Arc::new(AtomicUsize::new(0)) }
+        FilePrerenderer {
+            realms,
+            delay: Duration::ZERO,
+            jitter_max_ms: 0,
+            jitter_state: Arc::new(AtomicU64::new(random_seed())),
+            count: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// Makes every render wait `delay` after reading the file and before answering, so that a
@@ -91,6 +108,26 @@ impl FilePrerenderer {
     pub(crate) fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
+    }
+
+    /// Makes every render wait a random 0..=`max` (in whole milliseconds) after reading the
+    /// file, on top of any [`with_delay`](Self::with_delay), so that many renders overlap
+    /// edits and invalidations at many different offsets (the soak test's workers use it).
+    pub(crate) fn with_jitter(mut self, max: Duration) -> Self {
+        self.jitter_max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// The wait of one render: the fixed delay plus a fresh random draw of the jitter.
+    fn render_wait(&self) -> Duration {
+        if self.jitter_max_ms == 0 {
+            return self.delay;
+        }
+        // fetch_add makes every draw, on any clone and any thread, use its own state.
+        let state = self.jitter_state.fetch_add(SPLITMIX_GAMMA, Ordering::Relaxed);
+        let jitter = splitmix64(state.wrapping_add(SPLITMIX_GAMMA))
+            % self.jitter_max_ms.saturating_add(1).max(1);
+        self.delay + Duration::from_millis(jitter)
     }
 
     /// How many times `prerender` has been called, on this prerenderer or any clone of it.
@@ -171,6 +208,7 @@ impl FilePrerenderer {
 
         let alias = file_alias(module_url);
         let source_lines = source.lines().count();
+        let version = source_version(&source);
         let mut definitions = Map::new();
         for export in &found.exports {
             let mut definition = json!({
@@ -183,6 +221,9 @@ impl FilePrerenderer {
                 definition["extends"] = Value::from(extends.as_str());
             }
             definition["source_lines"] = Value::from(source_lines);
+            if let Some(version) = version {
+                definition["version"] = Value::from(version);
+            }
             definitions.insert(CodeRef::new(module_url, &export.name).definition_key(), definition);
         }
         PrerenderResponse::ready(definitions, deps)
@@ -214,11 +255,44 @@ impl Prerenderer for FilePrerenderer {
         tracing::info!(module = %module_url, status = ?response.status, "prerendered (source read)");
         // The wait comes after the read on purpose: an edit made during it is not in this
         // answer, which is exactly the stale render the cache's generation guard must catch.
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
+        let wait = self.render_wait();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         Ok(response)
     }
+}
+
+/// The `N` of the first line that is exactly a line comment `// version: N` (spaces around
+/// the parts allowed), if any. Anything else on the line, or an `N` that is not a `u64`,
+/// makes it an ordinary comment.
+pub(crate) fn source_version(source: &str) -> Option<u64> {
+    source.lines().find_map(|line| {
+        let comment = line.trim().strip_prefix("//")?;
+        let number = comment.trim_start().strip_prefix("version:")?;
+        number.trim().parse().ok()
+    })
+}
+
+/// The increment of the SplitMix64 sequence.
+const SPLITMIX_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output function: a well-mixed 64-bit value from a counter. The jitter only
+/// needs "different delays for different renders", not a statistically strong generator,
+/// and the workspace has no random number crate.
+pub(crate) fn splitmix64(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A seed that differs between processes and between prerenderers of one process.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 /// Whether a failed read means "there is no module here": nothing at the path, a directory,
@@ -650,6 +724,65 @@ mod tests {
         let started = Instant::now();
         renderer.prerender(&request(&url("absent.gts"))).await.expect("answer");
         assert!(started.elapsed() >= delay);
+    }
+
+    #[tokio::test]
+    async fn a_version_comment_is_reported_by_every_definition() {
+        let fixture = Fixture::new();
+        fixture.write(
+            "card.gts",
+            "import { Base } from './base';\n// version: 1754000000123456\n\
+             export class Card extends Base {}\nexport const LIMIT = 3;\n// version: 7\n",
+        );
+        fixture.write("base.gts", "export class Base {}\n");
+        let response = fixture.render(&url("card.gts")).await;
+        assert_eq!(response.status, PrerenderStatus::Ready, "{:?}", response.error);
+        for key in ["https://r.test/realm/card/Card", "https://r.test/realm/card/LIMIT"] {
+            assert_eq!(response.definitions[key]["version"], 1_754_000_000_123_456_u64, "{key}");
+        }
+        // Without the comment there is no version key at all.
+        let response = fixture.render(&url("base.gts")).await;
+        let base =
+            response.definitions["https://r.test/realm/base/Base"].as_object().expect("object");
+        assert!(!base.contains_key("version"), "{base:?}");
+    }
+
+    #[test]
+    fn only_a_well_formed_line_comment_is_a_version() {
+        assert_eq!(source_version("// version: 3\n"), Some(3));
+        assert_eq!(source_version("  //version:4  \r\nexport class A {}"), Some(4));
+        assert_eq!(
+            source_version("export class A {}\n// version: 18446744073709551615"),
+            Some(u64::MAX)
+        );
+        // The first well-formed line wins; malformed ones are ordinary comments.
+        assert_eq!(source_version("// version: x\n// version: 5\n// version: 6\n"), Some(5));
+        assert_eq!(source_version("// version: -1\n"), None);
+        assert_eq!(source_version("// version: 18446744073709551616\n"), None);
+        assert_eq!(source_version("// version: 3 (draft)\n"), None);
+        assert_eq!(source_version("/* version: 3 */\n"), None);
+        assert_eq!(source_version("const a = 1; // version: 3\n"), None);
+        assert_eq!(source_version("// the version: 3\n"), None);
+        assert_eq!(source_version(""), None);
+    }
+
+    #[tokio::test]
+    async fn jitter_draws_stay_within_the_bound_and_vary() {
+        let fixture = Fixture::new();
+        let plain = fixture.renderer.clone();
+        assert_eq!(plain.render_wait(), Duration::ZERO, "no jitter by default");
+
+        let delay = Duration::from_millis(5);
+        let jittered = plain.with_delay(delay).with_jitter(Duration::from_millis(40));
+        let waits: Vec<Duration> = (0..200).map(|_| jittered.render_wait()).collect();
+        assert!(waits.iter().all(|w| *w >= delay && *w <= delay + Duration::from_millis(40)));
+        let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 10, "draws should vary: {distinct:?}");
+
+        // A jittered render still answers from the file it read.
+        fixture.write("j.gts", "// version: 2\nexport class J {}\n");
+        let response = jittered.prerender(&request(&url("j.gts"))).await.expect("answer");
+        assert_eq!(response.definitions["https://r.test/realm/j/J"]["version"], 2);
     }
 
     #[test]

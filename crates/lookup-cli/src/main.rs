@@ -9,6 +9,7 @@
 mod demo;
 mod files;
 mod scan;
+mod soak_worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +55,12 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 0)]
     prerender_delay_ms: u64,
 
+    /// For the soak test's control run only: turns off the NOTIFY broadcast of invalidations,
+    /// the durable persist guard, and the invalidation listener (Postgres). Peers can then
+    /// persist stale rows; never use it for real work.
+    #[arg(long = "unsafe")]
+    unsafe_mode: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -89,6 +96,10 @@ enum Command {
     /// Print every invalidation broadcast on the database, one JSON object per line, until
     /// Ctrl-C or SIGTERM (Postgres only).
     Listen,
+    /// One worker of `cargo xtask soak`: random lookups, edits and invalidations over the
+    /// first `--realm`'s modules `m0.gts`…, then one JSON summary line (Postgres only).
+    #[command(hide = true)]
+    SoakWorker(soak_worker::SoakArgs),
 }
 
 fn parse_realm(text: &str) -> Result<(String, PathBuf), String> {
@@ -165,11 +176,19 @@ async fn run(cli: Cli) -> Result<()> {
         if matches!(cli.command, Command::Listen) {
             bail!("`listen` needs a Postgres database: SQLite has no broadcast");
         }
+        if matches!(cli.command, Command::SoakWorker(_)) {
+            bail!("`soak-worker` needs a Postgres database: it is about sharing one");
+        }
         let db = SqliteAdapter::from_url(&db_url)
             .with_context(|| format!("cannot open database {db_url}"))?;
         execute(&build_lookup(db, &cli)?, &cli).await
     } else if db_url.starts_with("postgres://") || db_url.starts_with("postgresql://") {
-        run_postgres(PgConfig::new(db_url), cli).await
+        let mut config = PgConfig::new(db_url);
+        if cli.unsafe_mode {
+            tracing::warn!("--unsafe: no broadcast, no durable guard, no listener");
+            config = config.broadcast(false).durable_guard(false);
+        }
+        run_postgres(config, cli).await
     } else {
         let shown = adapter_pg::redact_url(&db_url);
         bail!(
@@ -186,15 +205,23 @@ async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
     }
     let lookup = build_lookup(db.clone(), &cli)?;
     // A render can take long: listen while it runs, so a peer's invalidation of the module
-    // discards our stale result instead of letting us persist it.
-    let listener = if matches!(cli.command, Command::Lookup { .. } | Command::Entry { .. }) {
+    // discards our stale result instead of letting us persist it. `--unsafe` (the soak's
+    // control run) deliberately does without.
+    let renders = matches!(
+        cli.command,
+        Command::Lookup { .. } | Command::Entry { .. } | Command::SoakWorker(_)
+    );
+    let listener = if renders && !cli.unsafe_mode {
         let sink: Arc<dyn InvalidationSink> = Arc::new(lookup.clone());
         let origin = Some(db.origin().to_owned());
         Some(PgInvalidationListener::start(&config, origin, sink).await.context("cannot LISTEN")?)
     } else {
         None
     };
-    let result = execute(&lookup, &cli).await;
+    let result = match &cli.command {
+        Command::SoakWorker(args) => soak_worker::run(&lookup, &cli.realms, args).await,
+        _ => execute(&lookup, &cli).await,
+    };
     if let Some(listener) = listener {
         listener.shutdown().await;
     }
@@ -259,6 +286,9 @@ fn build_lookup<D: DbAdapter>(db: D, cli: &Cli) -> Result<CachingLookup<D, FileP
     if cli.prerender_delay_ms > 0 {
         prerenderer = prerenderer.with_delay(Duration::from_millis(cli.prerender_delay_ms));
     }
+    if let Command::SoakWorker(args) = &cli.command {
+        prerenderer = prerenderer.with_jitter(Duration::from_millis(args.jitter_ms));
+    }
     let lookup = CachingLookup::new(db, prerenderer);
     for (url, dir) in &cli.realms {
         if !dir.is_dir() {
@@ -299,7 +329,9 @@ async fn execute<D: DbAdapter>(
 ) -> Result<()> {
     let renders_before = lookup.prerenderer().prerender_count();
     match &cli.command {
-        Command::Demo | Command::Listen => unreachable!("handled before a lookup is built"),
+        Command::Demo | Command::Listen | Command::SoakWorker(_) => {
+            unreachable!("run without `execute`")
+        }
         Command::Lookup { module, name } => {
             let url = module_url(cli, module)?;
             let code_ref = CodeRef::new(url.clone(), name.clone());

@@ -323,3 +323,106 @@ fn a_peers_invalidation_during_a_slow_render_is_not_persisted_stale() {
     let key = format!("{REALM}pet/Pet");
     assert_eq!(entry["definitions"][&key]["extends"], "Animal", "no stale row was persisted");
 }
+
+#[test]
+fn soak_worker_works_for_its_time_and_prints_one_summary_line() {
+    let Some(db) = fresh_pg_database("soak_worker_summary") else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let realm_dir = dir.path().join("realm");
+    std::fs::create_dir(&realm_dir).expect("realm dir");
+    for i in 0..5 {
+        let import = if i == 0 { String::new() } else { format!("import './m{}';\n", i - 1) };
+        let source = format!("// version: 1\n{import}export class M{i} {{}}\n");
+        std::fs::write(realm_dir.join(format!("m{i}.gts")), source).expect("write module");
+    }
+    let realm = format!("{REALM}={}", realm_dir.display());
+    // It starts paused (the orchestrator's checkpoint): it acknowledges, and does nothing
+    // until the pause file is gone.
+    let control = tempfile::tempdir().expect("control dir");
+    let (pause, ack) = (control.path().join("pause"), control.path().join("ack"));
+    std::fs::write(&pause, "").expect("pause file");
+    let args = ["--seconds", "3", "--seed", "3", "--modules", "5", "--jitter-ms", "5"];
+    let worker = Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args(["--db", &db, "--realm", &realm, "soak-worker"])
+        .args(args)
+        .arg("--pause-file")
+        .arg(&pause)
+        .arg("--ack-file")
+        .arg(&ack)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("soak-worker starts");
+    wait_for_file(&ack, true);
+    let sources = || -> Vec<String> {
+        (0..5)
+            .map(|i| std::fs::read_to_string(realm_dir.join(format!("m{i}.gts"))).unwrap())
+            .collect()
+    };
+    let before = sources();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(sources(), before, "no edit while paused");
+    std::fs::remove_file(&pause).expect("resume");
+    wait_for_file(&ack, false);
+    let output = worker.wait_with_output().expect("soak-worker ends");
+    assert!(output.status.success(), "soak-worker failed: {}", stderr(&output));
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 1, "one line on stdout: {stdout:?}");
+    let summary: Value = serde_json::from_str(&stdout).expect("a JSON line");
+    let keys: Vec<&str> = summary.as_object().expect("object").keys().map(String::as_str).collect();
+    assert_eq!(keys, ["lookups", "invalidations", "edits", "errors"]);
+    assert!(summary["lookups"].as_u64().expect("count") > 0, "{summary}");
+    assert_eq!(summary["errors"], 0, "no faults, no errors: {summary} {}", stderr(&output));
+    // Every edit raised its module's version and was followed by an invalidation.
+    let edits = summary["edits"].as_u64().expect("count");
+    assert!(summary["invalidations"].as_u64().expect("count") >= edits, "{summary}");
+    let edited = (0..5)
+        .filter(|i| {
+            let source = std::fs::read_to_string(realm_dir.join(format!("m{i}.gts"))).unwrap();
+            !source.starts_with("// version: 1\n")
+        })
+        .count();
+    assert_eq!(edited > 0, edits > 0, "{summary}");
+    // No lock or temporary file is left in the realm.
+    assert_eq!(std::fs::read_dir(&realm_dir).expect("list").count(), 5);
+
+    // The hidden subcommand is Postgres-only.
+    let sqlite = format!("sqlite://{}", dir.path().join("x.sqlite3").display());
+    let output = deflookup(&[
+        "--db",
+        &sqlite,
+        "--realm",
+        &realm,
+        "soak-worker",
+        "--seconds",
+        "1",
+        "--modules",
+        "5",
+    ]);
+    assert_fails_with(&output, "needs a Postgres database");
+}
+
+/// Waits (bounded) until `path` exists, or no longer exists.
+fn wait_for_file(path: &Path, present: bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while path.exists() != present {
+        assert!(std::time::Instant::now() < deadline, "{} never became {present}", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn unsafe_is_a_documented_global_flag_and_soak_worker_is_hidden() {
+    let help = deflookup(&["--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("--unsafe") && text.contains("soak"), "{text}");
+    assert!(!text.contains("soak-worker"), "the worker is hidden: {text}");
+    // --unsafe changes nothing on SQLite, which has no broadcast to turn off.
+    let f = Fixture::new();
+    let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
+    let db = format!("sqlite://{}", f.db().display());
+    let output = deflookup(&["--unsafe", "--db", &db, "--realm", &realm, "lookup", "pet", "Pet"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
