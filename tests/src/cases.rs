@@ -475,6 +475,26 @@ pub async fn a_shared_error_releases_the_slot<D: DbAdapter>(db: D) {
     assert_eq!(h.renderer.calls(&url), 2);
 }
 
+/// A renderer that panics aborts the load for everyone waiting on it, and frees the key.
+pub async fn a_panicking_renderer_aborts_the_load_and_frees_the_key<D: DbAdapter>(db: D) {
+    let h = Harness::new(db);
+    let url = u("faulty.gts");
+    h.renderer.set(&url, FakeModule::RendererPanics);
+    let gate = h.renderer.gate(&url);
+    let loads: Vec<_> = (0..3).map(|_| h.spawn_load(&url)).collect();
+    gate.entered().await;
+    h.waiters(3).await;
+    gate.open();
+    for load in loads {
+        let err = joined(load).await.expect_err("the load panicked");
+        assert!(matches!(err, LookupError::LoadAborted { .. }), "{err:?}");
+    }
+    assert_eq!(h.lookup.in_flight_count(), 0, "the panicking load released its slot");
+    h.renderer.set(&url, FakeModule::ready(&["Fixed"], &[]));
+    h.lookup.get_module_entry(&url, None).await.expect("the key is free again");
+    assert_eq!(h.renderer.calls(&url), 2);
+}
+
 /// After `invalidate` returns, a new caller starts a new load instead of joining the old.
 pub async fn invalidate_drops_in_flight_so_later_callers_never_see_the_old_version<D: DbAdapter>(
     db: D,

@@ -60,6 +60,8 @@ pub enum FakeModule {
     },
     /// The renderer itself fails (no response at all).
     RendererFails(String),
+    /// The renderer panics (a faulty implementation).
+    RendererPanics,
 }
 
 impl FakeModule {
@@ -215,6 +217,7 @@ impl Prerenderer for FakeRenderer {
                 ErrorDoc::module_error(message, status, deps.clone()),
                 deps,
             ),
+            Some(FakeModule::RendererPanics) => panic!("fake renderer panics on {url}"),
             Some(FakeModule::RendererFails(message)) => {
                 return Err(LookupError::Prerender {
                     url,
@@ -291,6 +294,7 @@ macro_rules! behaviour_suite {
             concurrent_same_key_lookups_coalesce,
             different_keys_do_not_coalesce,
             a_shared_error_releases_the_slot,
+            a_panicking_renderer_aborts_the_load_and_frees_the_key,
             invalidate_drops_in_flight_so_later_callers_never_see_the_old_version,
             in_flight_result_dropped_by_invalidate,
             in_flight_result_dropped_by_clear_realm,

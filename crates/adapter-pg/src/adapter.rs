@@ -21,6 +21,18 @@ use crate::{guard, schema};
 const COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
                        error_doc, created_at, file_alias, diagnostics";
 
+/// The consumer closure of names `$2` in realm `$1`, in one recursive query. Each step finds
+/// rows whose deps contain a name with `@>`, which the GIN index on deps answers without
+/// scanning the realm; UNION de-duplicates, so a dependency cycle ends.
+const CONSUMERS: &str = "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
+        SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
+        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
+      UNION \
+        SELECT m.url, m.file_alias, m.deps FROM consumer c \
+        CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
+        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
+    ) SELECT url, file_alias, deps FROM consumer";
+
 /// What an upsert does when the row exists: replace everything but the key.
 const UPSERT_TAIL: &str = "ON CONFLICT ON CONSTRAINT modules_pkey DO UPDATE SET \
      resolved_realm_url = EXCLUDED.resolved_realm_url, definitions = EXCLUDED.definitions, \
@@ -185,45 +197,73 @@ impl PgAdapter {
         }
     }
 
-    /// One attempt: the guard record, the DELETE and every NOTIFY in one transaction. The
-    /// error says whether the invalidation itself failed (`Err(Ok(e))`) or only what came
-    /// after its DELETE (`Err(Err(e))`).
+    /// One attempt: the guard record, the DELETE and every NOTIFY in one transaction; returns
+    /// the rows deleted and the payloads sent. The error says whether the invalidation itself
+    /// failed (`Err(Ok(e))`) or only what came after its DELETE (`Err(Err(e))`).
     async fn invalidate_in_transaction(
         &self,
         client: &mut Object,
         invalidation: &Invalidation,
-        payloads: &[String],
-    ) -> Result<u64, Result<tokio_postgres::Error, tokio_postgres::Error>> {
+        broadcast: bool,
+    ) -> Result<(u64, usize), Result<tokio_postgres::Error, tokio_postgres::Error>> {
         let tx = client.transaction().await.map_err(Ok)?;
-        if self.config.guards_persists() {
-            self.record(&tx, invalidation).await.map_err(Ok)?;
-        }
-        let deleted = Self::delete(&tx, invalidation).await.map_err(Ok)?;
+        let effective = if self.config.guards_persists() {
+            self.record(&tx, invalidation).await.map_err(Ok)?
+        } else {
+            invalidation.clone()
+        };
+        let deleted = Self::delete(&tx, &effective).await.map_err(Ok)?;
+        let payloads = if broadcast && self.config.broadcasts() {
+            encode_payloads(&effective, Some(&self.origin))
+        } else {
+            Vec::new()
+        };
         let channel = self.config.channel_name();
-        for payload in payloads {
+        for payload in &payloads {
             tx.execute("SELECT pg_notify($1, $2)", &[&channel, payload]).await.map_err(Err)?;
         }
         // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
         tx.commit().await.map_err(Err)?;
-        Ok(deleted)
+        Ok((deleted, payloads.len()))
     }
 
     /// Takes the invalidation's lock and records it for the durable guard (see guard.rs).
+    /// Returns what to delete and broadcast: for a module fan-out, the fan-out plus every
+    /// consumer of it persisted since the caller computed it.
+    ///
+    /// The caller's fan-out was computed before this lock was held, so a peer may have
+    /// persisted a new consumer in between (its guarded persist saw no record yet and landed).
+    /// Under the lock the closure is computed again: every persist that committed earlier is
+    /// visible to this statement, and every later one waits for the lock and then sees the
+    /// records written here.
     async fn record(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         invalidation: &Invalidation,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<Invalidation, tokio_postgres::Error> {
         match invalidation {
             Invalidation::Modules { realm_url, urls } => {
                 let lock = tx.prepare_cached(guard::LOCK_REALM_EXCLUSIVE).await?;
                 tx.execute(&lock, &[&guard::LOCK_NS_REALM, realm_url, &guard::LOCK_NS_GLOBAL])
                     .await?;
+                let closure = tx.prepare_cached(CONSUMERS).await?;
+                let mut urls = urls.clone();
+                for row in tx.query(&closure, &[realm_url, &urls]).await? {
+                    for name in [
+                        row.get::<_, String>(0),
+                        row.get::<_, Option<String>>(1).unwrap_or_default(),
+                    ] {
+                        if !name.is_empty() && !urls.contains(&name) {
+                            urls.push(name);
+                        }
+                    }
+                }
                 let record = tx.prepare_cached(guard::RECORD_MODULES).await?;
-                tx.execute(&record, &[realm_url, urls]).await?;
+                tx.execute(&record, &[realm_url, &urls]).await?;
                 let horizon = self.config.guard_horizon_duration().as_secs_f64();
                 let prune = tx.prepare_cached(guard::PRUNE).await?;
                 tx.execute(&prune, &[realm_url, &horizon]).await?;
+                Ok(Invalidation::Modules { realm_url: realm_url.clone(), urls })
             }
             Invalidation::Realm { realm_url } => {
                 let lock = tx.prepare_cached(guard::LOCK_REALM_EXCLUSIVE).await?;
@@ -231,15 +271,16 @@ impl PgAdapter {
                     .await?;
                 let record = tx.prepare_cached(guard::RECORD_CLEAR).await?;
                 tx.execute(&record, &[realm_url]).await?;
+                Ok(invalidation.clone())
             }
             Invalidation::Global => {
                 let lock = tx.prepare_cached(guard::LOCK_GLOBAL_EXCLUSIVE).await?;
                 tx.execute(&lock, &[&guard::LOCK_NS_GLOBAL]).await?;
                 let record = tx.prepare_cached(guard::RECORD_CLEAR).await?;
                 tx.execute(&record, &[&""]).await?;
+                Ok(invalidation.clone())
             }
         }
-        Ok(())
     }
 
     /// The guarded persist: under the realm's shared lock, write only if still fresh.
@@ -438,18 +479,7 @@ impl DbAdapter for PgAdapter {
         realm_url: &str,
         names: &[String],
     ) -> Result<Vec<ConsumerRow>, LookupError> {
-        // One recursive query. Each step finds rows whose deps contain a name with `@>`, which
-        // the GIN index on deps answers without scanning the realm; UNION de-duplicates, so a
-        // dependency cycle ends.
-        let sql = "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
-                SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
-                JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
-              UNION \
-                SELECT m.url, m.file_alias, m.deps FROM consumer c \
-                CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
-                JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
-            ) SELECT url, file_alias, deps FROM consumer";
-        let rows = self.query("consumer closure", sql, &[&realm_url, &names]).await?;
+        let rows = self.query("consumer closure", CONSUMERS, &[&realm_url, &names]).await?;
         rows.iter()
             .map(|row| {
                 let url: String = row.get(0);
@@ -472,18 +502,13 @@ impl DbAdapter for PgAdapter {
     /// persisting, which the next invalidation (or the durable guard) also covers, whereas
     /// failing the whole invalidation would leave stale rows for everyone.
     async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<u64, LookupError> {
-        let payloads = if self.config.broadcasts() {
-            encode_payloads(invalidation, Some(&self.origin))
-        } else {
-            Vec::new()
-        };
         let mut client = self.client("invalidate").await?;
         let mut last_error = None;
         for attempt in 1..=2 {
-            match self.invalidate_in_transaction(&mut client, invalidation, &payloads).await {
-                Ok(deleted) => {
+            match self.invalidate_in_transaction(&mut client, invalidation, true).await {
+                Ok((deleted, sent)) => {
                     self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-                    self.counters.payloads_sent.fetch_add(payloads.len() as u64, Ordering::Relaxed);
+                    self.counters.payloads_sent.fetch_add(sent as u64, Ordering::Relaxed);
                     return Ok(deleted);
                 }
                 Err(Ok(delete_error)) => return Err(query_error("invalidate")(delete_error).into()),
@@ -498,8 +523,8 @@ impl DbAdapter for PgAdapter {
             }
         }
         // The same transaction without its NOTIFYs: the guard record and the DELETE still land.
-        let deleted = self
-            .invalidate_in_transaction(&mut client, invalidation, &[])
+        let (deleted, _) = self
+            .invalidate_in_transaction(&mut client, invalidation, false)
             .await
             .map_err(|e| query_error("invalidate")(e.unwrap_or_else(|e| e)))?;
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);

@@ -134,16 +134,20 @@ async fn invalidation_deletes_and_notifies_in_one_transaction() {
     let (_client, mut heard) = listen(&config).await;
     db.upsert(&entry(REALM, "leaf.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
     db.upsert(&entry(REALM, "card.gts", &["leaf"]), LoadStamp::UNGUARDED).await.unwrap();
+    db.upsert(&entry(REALM, "other.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
 
     let urls = vec![format!("{REALM}leaf.gts"), format!("{REALM}leaf")];
     let deleted = db
         .apply_invalidation(&Invalidation::Modules { realm_url: REALM.into(), urls: urls.clone() })
         .await
         .unwrap();
-    assert_eq!(deleted, 1);
+    assert_eq!(deleted, 2, "leaf and, found again under the guard's lock, its consumer card");
     let payload = bounded("the NOTIFY", heard.recv()).await.expect("payload");
     let parsed = parse_payload(&payload).expect("well-formed");
-    assert_eq!(parsed.invalidation, Invalidation::Modules { realm_url: REALM.into(), urls });
+    let mut expected = urls;
+    expected.extend([format!("{REALM}card.gts"), format!("{REALM}card")]);
+    let expected = Invalidation::Modules { realm_url: REALM.into(), urls: expected };
+    assert_eq!(parsed.invalidation, expected);
     assert_eq!(parsed.origin.as_deref(), Some(db.origin()));
     assert!(payload.starts_with(r#"{"k":"module","r":"#), "reference key order: {payload}");
 
@@ -459,4 +463,25 @@ async fn without_the_guard_a_deaf_peer_persists_a_stale_row() {
     let Some(config) = config("guard-off") else { return };
     let (version, renders) = deaf_peer_render(config.durable_guard(false)).await;
     assert_eq!((version, renders), (1, 1), "control: the window the guard closes is real");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_persisted_after_the_fan_out_was_computed_is_still_invalidated() {
+    let Some(config) = config("guard-late-consumer") else { return };
+    let a = PgAdapter::connect(config.clone()).await.unwrap();
+    let b = PgAdapter::connect(config.clone()).await.unwrap();
+    let (_client, mut heard) = listen(&config).await;
+    let consumer = entry(REALM, "card.gts", &["leaf"]);
+    let stamp = a.begin_load(REALM, &consumer.url).await.unwrap();
+    // B computed its fan-out of leaf before the consumer existed: only leaf's variants.
+    let leaf_variants = lookup_core::urls::variants(&format!("{REALM}leaf.gts"));
+    assert!(b.consumers(REALM, &leaf_variants).await.unwrap().is_empty());
+    // A's render of card (built on the old leaf) persists before B takes its lock.
+    assert_eq!(a.upsert(&consumer, stamp).await.unwrap(), PersistOutcome::Written);
+    let deleted = b.apply_invalidation(&modules(&["leaf.gts", "leaf"])).await.unwrap();
+    assert_eq!(deleted, 1, "the late consumer is found under the lock and deleted");
+    assert_eq!(a.row_count().await.unwrap(), 0);
+    let payload = parse_payload(&bounded("the NOTIFY", heard.recv()).await.unwrap()).unwrap();
+    let Invalidation::Modules { urls, .. } = payload.invalidation else { panic!("module payload") };
+    assert!(urls.contains(&consumer.url), "peers hear of the late consumer too: {urls:?}");
 }

@@ -316,12 +316,33 @@ struct Task {
     _stopped: watch::Sender<()>,
 }
 
+/// Opens a session, bounded in time as a whole: tokio-postgres' connect timeout covers
+/// only the socket connect, so a server that accepts the connection and then never
+/// answers the startup or the LISTEN would otherwise stall reconnection indefinitely.
+async fn open_session(
+    pg: &tokio_postgres::Config,
+    shared: &Shared,
+    heartbeat_timeout: Duration,
+) -> Result<Session, PgError> {
+    let limit =
+        pg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10)) + heartbeat_timeout;
+    match tokio::time::timeout(limit, Session::open(pg, &shared.channel, &shared.redacted_url))
+        .await
+    {
+        Ok(opened) => opened,
+        Err(_) => Err(PgError::Connect {
+            url: shared.redacted_url.clone(),
+            source: format!("no answer within {limit:?} while opening the LISTEN session").into(),
+        }),
+    }
+}
+
 impl Task {
     async fn run(mut self, ready: oneshot::Sender<Result<(), PgError>>) {
         let opened = tokio::select! {
             biased;
             () = signalled(&mut self.shutdown) => Err(PgError::ShutDown),
-            opened = Session::open(&self.pg, &self.shared.channel, &self.shared.redacted_url) => opened,
+            opened = open_session(&self.pg, &self.shared, self.options.heartbeat_timeout) => opened,
         };
         let mut session = match opened {
             Ok(session) => session,
@@ -367,7 +388,7 @@ impl Task {
                 let opened = tokio::select! {
                     biased;
                     () = signalled(&mut self.shutdown) => return,
-                    opened = Session::open(&self.pg, &self.shared.channel, &self.shared.redacted_url) => opened,
+                    opened = open_session(&self.pg, &self.shared, self.options.heartbeat_timeout) => opened,
                 };
                 match opened {
                     Ok(session) => break session,

@@ -856,3 +856,39 @@ async fn a_peers_in_flight_load_started_before_an_invalidation_does_not_persist(
     a.listener.shutdown().await;
     b.listener.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_accepts_but_never_answers_does_not_stall_the_listener() {
+    // No database needed: a socket that accepts connections and says nothing.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = mute.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = mute.accept().await {
+            open.push(socket); // keep it open, never write
+        }
+    });
+    let config = PgConfig::new(format!("postgres://u:secret@127.0.0.1:{port}/db"))
+        .connect_timeout(Duration::from_millis(200));
+    let options = fast_options().heartbeat(Duration::from_secs(30), Duration::from_millis(200));
+    let started = Instant::now();
+    let result = bounded(
+        "start against a mute server",
+        PgInvalidationListener::start_with(
+            &config,
+            None,
+            Arc::new(RecordingSink::default()),
+            options,
+        ),
+    )
+    .await;
+    let error = result.expect_err("a mute server is a failed start").to_string();
+    assert!(error.contains("no answer"), "{error}");
+    assert!(!error.contains("secret"), "password leaked: {error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the timeouts: {:?}",
+        started.elapsed()
+    );
+    held.abort();
+}

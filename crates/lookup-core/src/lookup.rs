@@ -60,6 +60,17 @@ struct Slot {
     result: Arc<watch::Sender<Option<SharedResult>>>,
 }
 
+/// Runs a closure when dropped, including during unwinding.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
 /// What one attempt of a load produced.
 enum Attempt {
     /// Served from the cache or persisted.
@@ -285,8 +296,13 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
                     // The load runs as its own task: a caller that gives up must not cancel
                     // the load every other caller of the same key is waiting on.
                     tokio::spawn(async move {
+                        // Released however the load ends: if it panics (a faulty renderer),
+                        // unwinding drops this guard, the slot goes, the last sender goes
+                        // with it, and waiters get `LoadAborted` instead of hanging, while
+                        // the key is free for the next caller.
+                        let release = OnDrop(Some(|| inner.release(&key, id)));
                         let outcome = inner.run_load(&context, &url, snapshot).await;
-                        inner.release(&key, id);
+                        drop(release);
                         // Nobody waiting is fine: the row is persisted either way.
                         tx.send_replace(Some(outcome));
                     });
