@@ -6,7 +6,10 @@
 //! - `soak`: many `deflookup` processes on one database under injected faults, then an
 //!   audit of stale rows (`soak.rs`). Not part of `test`: it runs for a minute by default.
 //!
-//! Both run the Postgres tests on `$DATABASE_URL` when it is set. Otherwise they start a
+//! - `bench`: the benchmarks of `deflookup bench` against their baselines, on a release
+//!   build (`bench.rs`); writes `target/bench/summary.json`.
+//!
+//! `test` and `test-pg` run the Postgres tests on `$DATABASE_URL` when it is set. Otherwise they start a
 //! throwaway cluster with the machine's `initdb` and `pg_ctl` (`pg.rs`), pass its URL to the
 //! tests as `DATABASE_URL` and a command restarting it as `DEFLOOKUP_PG_RESTART`, run the
 //! `#[ignore]`d server-restart tests of `invalidation-listener` one at a time after the
@@ -14,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod pg;
 mod soak;
 mod test;
@@ -32,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Some("test") => test::run(&args[1..]),
         Some("test-pg") => test_pg::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print_help();
             Ok(())
@@ -58,7 +63,9 @@ fn print_help() {
     println!("  soak [--seconds N] [--processes P] [--unsafe]");
     println!("                             P deflookup processes (3) for N seconds (60) under");
     println!("                             injected faults, then an audit; last line:");
-    println!("                             `stale rows: S of R rows; invalidations: I; …`\n");
+    println!("                             `stale rows: S of R rows; invalidations: I; …`");
+    println!("  bench [--quick]            measurements against their baselines on a release");
+    println!("                             build; a table, and target/bench/summary.json\n");
     println!("The Postgres tests use $DATABASE_URL when it is set; the server-restart tests then");
     println!("run only if $DEFLOOKUP_PG_RESTART holds a shell command that restarts that server.");
     println!("Otherwise xtask starts a throwaway cluster with initdb and pg_ctl (from PATH or");

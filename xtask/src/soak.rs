@@ -267,7 +267,7 @@ fn soak(
 }
 
 /// Where the release binary lands: `<target dir>/release/deflookup`.
-fn release_binary() -> Result<PathBuf> {
+pub(crate) fn release_binary() -> Result<PathBuf> {
     let mut metadata = cargo();
     metadata.args(["metadata", "--format-version", "1", "--no-deps"]);
     let output = metadata.output().context("cannot run cargo metadata")?;
@@ -286,7 +286,7 @@ fn release_binary() -> Result<PathBuf> {
 
 /// The Postgres server of the run.
 #[derive(Debug)]
-enum Server {
+pub(crate) enum Server {
     /// `$DATABASE_URL`, and `$DEFLOOKUP_PG_RESTART` if set.
     Given { url: String, restart: Option<String> },
     /// A cluster of our own, stopped and removed on drop.
@@ -294,7 +294,7 @@ enum Server {
 }
 
 impl Server {
-    fn from_env_or_start() -> Result<Self> {
+    pub(crate) fn from_env_or_start() -> Result<Self> {
         let non_empty = |name| std::env::var(name).ok().filter(|value| !value.is_empty());
         match non_empty("DATABASE_URL") {
             Some(url) => {
@@ -311,7 +311,7 @@ impl Server {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         match self {
             Server::Given { url, .. } => url.clone(),
             Server::Ephemeral(pg) => pg.database_url(),

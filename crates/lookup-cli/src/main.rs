@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod demo;
 mod files;
 mod scan;
@@ -100,6 +101,10 @@ enum Command {
     /// first `--realm`'s modules `m0.gts`…, then one JSON summary line (Postgres only).
     #[command(hide = true)]
     SoakWorker(soak_worker::SoakArgs),
+    /// `cargo xtask bench`'s measurements with their baselines: a table on stdout and, with
+    /// `--out`, a JSON summary (Postgres only; SQLite is measured in a temporary file).
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
 }
 
 fn parse_realm(text: &str) -> Result<(String, PathBuf), String> {
@@ -166,6 +171,9 @@ fn init_logging() {
 async fn run(cli: Cli) -> Result<()> {
     if matches!(cli.command, Command::Demo) {
         return demo::run(Duration::from_millis(cli.prerender_delay_ms)).await;
+    }
+    if let Command::Bench(args) = cli.command {
+        return bench::run(args, cli.db).await;
     }
     let db_url = cli
         .db
@@ -329,7 +337,7 @@ async fn execute<D: DbAdapter>(
 ) -> Result<()> {
     let renders_before = lookup.prerenderer().prerender_count();
     match &cli.command {
-        Command::Demo | Command::Listen | Command::SoakWorker(_) => {
+        Command::Demo | Command::Listen | Command::SoakWorker(_) | Command::Bench(_) => {
             unreachable!("run without `execute`")
         }
         Command::Lookup { module, name } => {

@@ -426,3 +426,64 @@ fn unsafe_is_a_documented_global_flag_and_soak_worker_is_hidden() {
     let output = deflookup(&["--unsafe", "--db", &db, "--realm", &realm, "lookup", "pet", "Pet"]);
     assert!(output.status.success(), "{}", stderr(&output));
 }
+
+/// Every key of the bench summary, each either a number or listed in `not_measured`.
+const BENCH_KEYS: [&str; 16] = [
+    "bare_select_p50_us",
+    "hit_p50_us",
+    "hit_ratio",
+    "bare_notify_p50_us",
+    "propagation_p50_us",
+    "propagation_p99_us",
+    "propagation_ratio",
+    "fanout_10k_ms",
+    "fanout_naive_10k_ms",
+    "fanout_speedup",
+    "coalesce_1000_prerenders",
+    "generation_state_bytes_after_1m_invalidations",
+    "l1_hit_p50_us",
+    "sqlite_hit_p50_us",
+    "sqlite_miss_p50_us",
+    "propagation_applied_before_return_fraction",
+];
+
+#[test]
+fn bench_quick_writes_a_summary_with_every_key() {
+    let Some(db) = fresh_pg_database("bench_quick_writes_a_summary") else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("bench").join("summary.json");
+    let out_arg = out.display().to_string();
+    let output =
+        deflookup(&["bench", "--db", &db, "--quick", "--scale", "0.01", "--out", &out_arg]);
+    assert!(output.status.success(), "bench failed: {}", stderr(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("hit_ratio"), "the table is printed: {table}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("summary written"))
+            .expect("the summary is JSON");
+    let missing: Vec<&str> = summary["not_measured"]
+        .as_array()
+        .expect("not_measured is an array")
+        .iter()
+        .map(|entry| entry["key"].as_str().expect("a key"))
+        .collect();
+    for key in BENCH_KEYS {
+        match summary.get(key) {
+            Some(value) => {
+                assert!(value.is_number(), "{key} is a number: {value}");
+                assert!(!missing.contains(&key), "{key} is both measured and not");
+            }
+            None => assert!(missing.contains(&key), "{key} is neither measured nor explained"),
+        }
+    }
+    assert!(missing.contains(&"l1_hit_p50_us"), "the L1 tier is not built yet");
+    // Deterministic outcomes, unlike timings: a test may check them.
+    assert_eq!(summary["coalesce_1000_prerenders"], 1.0);
+}
+
+#[test]
+fn bench_is_hidden_and_needs_postgres() {
+    let help = deflookup(&["--help"]);
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("bench"), "bench is hidden");
+    assert_fails_with(&deflookup(&["bench", "--db", "sqlite::memory:"]), "postgres");
+}
