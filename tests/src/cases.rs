@@ -61,6 +61,22 @@ impl<D: DbAdapter> Harness<D> {
         rows.into_iter().find(|r| r.url == url)
     }
 
+    /// Starts `n` loads of `url` at once, holds its render until all `n` callers wait on the
+    /// one load in flight, then lets it finish.
+    pub async fn coalesced_loads(
+        &self,
+        url: &str,
+        n: usize,
+    ) -> Vec<JoinHandle<Result<Arc<CacheEntry>, LookupError>>> {
+        let gate = self.renderer.gate(url);
+        let loads = (0..n).map(|_| self.spawn_load(url)).collect();
+        gate.entered().await;
+        self.waiters(n).await;
+        assert_eq!(self.lookup.in_flight_count(), 1, "one load in flight for all {n} callers");
+        gate.open();
+        loads
+    }
+
     /// Waits (bounded) until `n` callers wait on in-flight loads.
     pub async fn waiters(&self, n: usize) {
         bounded("callers to join the in-flight load", async {
@@ -421,13 +437,7 @@ pub async fn concurrent_same_key_lookups_coalesce<D: DbAdapter>(db: D) {
     let h = Harness::new(db);
     let url = u("slow.gts");
     h.renderer.set(&url, FakeModule::ready(&["Slow"], &[]));
-    let gate = h.renderer.gate(&url);
-    let loads: Vec<_> = (0..5).map(|_| h.spawn_load(&url)).collect();
-    gate.entered().await;
-    h.waiters(5).await;
-    assert_eq!(h.lookup.in_flight_count(), 1);
-    gate.open();
-    for load in loads {
+    for load in h.coalesced_loads(&url, 5).await {
         assert_eq!(version_of(&joined(load).await.expect("load"), "Slow"), 1);
     }
     assert_eq!(h.renderer.calls(&url), 1);
@@ -457,12 +467,7 @@ pub async fn a_shared_error_releases_the_slot<D: DbAdapter>(db: D) {
     let h = Harness::new(db);
     let url = u("fails.gts");
     h.renderer.set(&url, FakeModule::RendererFails("renderer down".into()));
-    let gate = h.renderer.gate(&url);
-    let loads: Vec<_> = (0..3).map(|_| h.spawn_load(&url)).collect();
-    gate.entered().await;
-    h.waiters(3).await;
-    gate.open();
-    for load in loads {
+    for load in h.coalesced_loads(&url, 3).await {
         let err = joined(load).await.expect_err("renderer failure");
         assert!(matches!(err, LookupError::Prerender { .. }), "{err:?}");
         assert!(err.is_transient());
@@ -480,12 +485,7 @@ pub async fn a_panicking_renderer_aborts_the_load_and_frees_the_key<D: DbAdapter
     let h = Harness::new(db);
     let url = u("faulty.gts");
     h.renderer.set(&url, FakeModule::RendererPanics);
-    let gate = h.renderer.gate(&url);
-    let loads: Vec<_> = (0..3).map(|_| h.spawn_load(&url)).collect();
-    gate.entered().await;
-    h.waiters(3).await;
-    gate.open();
-    for load in loads {
+    for load in h.coalesced_loads(&url, 3).await {
         let err = joined(load).await.expect_err("the load panicked");
         assert!(matches!(err, LookupError::LoadAborted { .. }), "{err:?}");
     }
