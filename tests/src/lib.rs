@@ -337,8 +337,9 @@ pub fn database_url(test: &str) -> Option<String> {
     }
 }
 
-/// A name unique to this process and call, usable as a Postgres schema or channel name:
-/// `prefix_<pid>_<counter>_<nanos>`.
+/// A name no other test (or run) uses, valid as a Postgres schema, channel or application
+/// name: `prefix_<pid>_<counter>_<nanos>`, with the prefix lower-cased, anything but ASCII
+/// letters and digits turned into `_`, and the whole at most 63 bytes.
 pub fn unique_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -346,5 +347,12 @@ pub fn unique_name(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or_default();
-    format!("{prefix}_{}_{}_{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    let suffix =
+        format!("_{}_{}_{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let prefix: String = prefix
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .take(63 - suffix.len())
+        .collect();
+    format!("{prefix}{suffix}")
 }

@@ -95,19 +95,7 @@ impl EphemeralPg {
 
     /// Prints the end of the server log to stderr, to explain a failure.
     pub fn print_log_tail(&self) {
-        let log = self.log_file();
-        match std::fs::read_to_string(&log) {
-            Ok(text) => {
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-                eprintln!("xtask: last {} lines of {}:", tail.len(), log.display());
-                for line in tail {
-                    eprintln!("  {line}");
-                }
-            }
-            Err(error) if error.kind() == ErrorKind::NotFound => {}
-            Err(error) => eprintln!("xtask: cannot read {}: {error}", log.display()),
-        }
+        print_file_tail(&self.log_file(), LOG_TAIL_LINES);
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -378,6 +366,23 @@ fn shell_quote(word: &str) -> String {
         word.to_owned()
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// Prints the last `lines` lines of a log file to stderr, to explain a failure. A file that
+/// does not exist prints nothing.
+pub fn print_file_tail(path: &Path, lines: usize) {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            eprintln!("xtask: last {} lines of {}:", tail.len(), path.display());
+            for line in tail {
+                eprintln!("  {line}");
+            }
+        }
+        Err(error) if error.kind() == ErrorKind::NotFound => {}
+        Err(error) => eprintln!("xtask: cannot read {}: {error}", path.display()),
     }
 }
 

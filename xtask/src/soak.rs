@@ -74,8 +74,8 @@ const CHECKPOINT_SETTLE: Duration = Duration::from_millis(200);
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long past its N seconds a worker may take to stop before it is killed.
 const OVERRUN_LIMIT: Duration = Duration::from_secs(30);
-/// The pause between the workers' end and the final audit.
-const SETTLE: Duration = Duration::from_secs(1);
+/// How long a server restart may take before the soak fails.
+const RESTART_LIMIT: Duration = Duration::from_secs(120);
 /// The `application_name` of the fault connection, so it never terminates itself.
 const FAULT_APPLICATION: &str = "deflookup-soak";
 /// Stale rows listed on stderr.
@@ -244,8 +244,8 @@ fn soak(
     }
 
     eprintln!("xtask: time is up; waiting for the workers to stop");
+    // Every worker has exited and its replies were read: nothing of theirs can still land.
     let summaries = workers.wait_all(began + run_for + OVERRUN_LIMIT)?;
-    std::thread::sleep(SETTLE);
     let totals = Summary::sum(&summaries);
     eprintln!(
         "xtask: workers: {} lookups, {} invalidations, {} edits, {} failed operations",
@@ -593,7 +593,7 @@ impl Workers {
                 worker.status = worker.child.try_wait().context("waiting for a worker")?;
             }
             if let Some(status) = worker.status.filter(|status| !status.success()) {
-                print_tail(&worker.log);
+                crate::pg::print_file_tail(&worker.log, 20);
                 bail!("worker {} crashed ({status})", worker.number);
             }
         }
@@ -619,7 +619,7 @@ impl Workers {
                     .map(|worker| worker.number.to_string())
                     .collect();
                 for worker in self.0.iter_mut().filter(|worker| worker.status.is_none()) {
-                    print_tail(&worker.log);
+                    crate::pg::print_file_tail(&worker.log, 20);
                     let _ = worker.child.kill();
                 }
                 bail!(
@@ -638,7 +638,7 @@ impl Workers {
             }
             let summary = stdout.lines().last().and_then(Summary::parse);
             let Some(summary) = summary else {
-                print_tail(&worker.log);
+                crate::pg::print_file_tail(&worker.log, 20);
                 bail!("worker {} printed no summary line (stdout: {stdout:?})", worker.number);
             };
             eprintln!("xtask: worker {}: {}", worker.number, stdout.trim());
@@ -657,17 +657,6 @@ impl Drop for Workers {
             }
             let _ = std::fs::remove_file(&worker.log);
         }
-    }
-}
-
-/// Prints the end of a worker's stderr, to explain a failure.
-fn print_tail(log: &Path) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(20)..];
-    eprintln!("xtask: last {} lines of {}:", tail.len(), log.display());
-    for line in tail {
-        eprintln!("  {line}");
     }
 }
 
@@ -752,18 +741,29 @@ fn inject(
             let began = Instant::now();
             // Its own process group, as every pg_ctl call of pg.rs: a Ctrl-C must not kill a
             // half-done restart, which would leave the cluster for the guard to find stopped.
-            let output = Command::new("sh")
+            // No pipes: a restarted server inherits the command's stdout and stderr, and a
+            // pipe it holds open would never reach end of file. The wait is bounded.
+            let mut child = Command::new("sh")
                 .args(["-c", command])
                 .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
                 .process_group(0)
-                .output()
+                .spawn()
                 .context("cannot run the restart command")?;
-            if !output.status.success() {
-                bail!(
-                    "the restart command failed ({}): {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
+            let status = loop {
+                if let Some(status) = child.try_wait().context("waiting for the restart")? {
+                    break status;
+                }
+                if began.elapsed() > RESTART_LIMIT {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("the restart command did not finish within {RESTART_LIMIT:?}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            if !status.success() {
+                bail!("the restart command failed ({status}); see the server log");
             }
             eprintln!(
                 "xtask: fault: restarted the server in {:.1}s",

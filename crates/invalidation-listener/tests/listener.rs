@@ -9,12 +9,11 @@
 //! sends only after the sink was called. The one exception is waiting for a server backend to
 //! disappear after a close: the server offers no event for that, so it is polled, bounded.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adapter_pg::tokio_postgres::{self, Client, NoTls};
-use behaviour_suite::bounded;
+use behaviour_suite::{FakeModule, FakeRenderer, bounded, unique_name};
 use invalidation_listener::{
     InvalidationSink, ListenerEvent, ListenerOptions, PgConfig, PgError, PgInvalidationListener,
 };
@@ -38,7 +37,7 @@ impl TestDb {
     }
 
     /// Settings on `channel`, with connections named `application_name` so the test can find
-    /// its own backends in `pg_stat_activity`. Add `.schema(fresh_name(..))` for a table.
+    /// its own backends in `pg_stat_activity`. Add `.schema(unique_name(..))` for a table.
     fn config(&self, channel: &str, application_name: &str) -> PgConfig {
         PgConfig::new(with_application_name(&self.url, application_name)).channel(channel)
     }
@@ -55,20 +54,6 @@ impl TestDb {
         });
         client
     }
-}
-
-/// A name no other test (or run) uses: `t_<tag>_<pid>_<n>`, lower-case, at most 63 bytes, so
-/// it is a valid channel, schema or application name.
-fn fresh_name(tag: &str) -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let suffix = format!("_{}_{n}", std::process::id());
-    let tag: String = tag
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
-        .take(63 - 2 - suffix.len())
-        .collect();
-    format!("t_{tag}{suffix}")
 }
 
 /// Adds `application_name` to a URL or key=value connection string.
@@ -214,7 +199,7 @@ async fn raw_pg_notify_is_heard_and_each_kind_is_replayed_once() {
     let Some(db) = TestDb::from_env("raw_pg_notify_is_heard_and_each_kind_is_replayed_once") else {
         return;
     };
-    let channel = fresh_name("dispatch");
+    let channel = unique_name("dispatch");
     // A heartbeat far more frequent than notifications, so pings interleave with replays.
     let options = fast_options().heartbeat(Duration::from_millis(5), Duration::from_secs(5));
     let (listener, sink, mut events) =
@@ -269,7 +254,7 @@ async fn malformed_and_empty_payloads_are_ignored_and_listening_goes_on() {
     else {
         return;
     };
-    let channel = fresh_name("malformed");
+    let channel = unique_name("malformed");
     let (listener, sink, mut events) =
         start(&db.config(&channel, &channel), None, fast_options()).await;
     let client = db.client().await;
@@ -312,7 +297,7 @@ async fn own_echo_is_skipped_and_peers_are_not() {
     let Some(db) = TestDb::from_env("own_echo_is_skipped_and_peers_are_not") else {
         return;
     };
-    let channel = fresh_name("echo");
+    let channel = unique_name("echo");
     let (listener, sink, mut events) =
         start(&db.config(&channel, &channel), Some("origin-me"), fast_options()).await;
     let client = db.client().await;
@@ -345,7 +330,7 @@ async fn a_mixed_case_channel_is_listened_to_verbatim() {
         return;
     };
     // pg_notify takes the channel verbatim; an unquoted LISTEN would fold it to lower case.
-    let channel = format!("Mixed_{}", fresh_name("case"));
+    let channel = format!("Mixed_{}", unique_name("case"));
     let (listener, sink, mut events) =
         start(&db.config(&channel, "t_mixed_case"), None, fast_options()).await;
     let client = db.client().await;
@@ -382,7 +367,7 @@ async fn a_failing_listen_is_returned_and_leaves_no_backend() {
     let Some(db) = TestDb::from_env("a_failing_listen_is_returned_and_leaves_no_backend") else {
         return;
     };
-    let name = fresh_name("listen_fails");
+    let name = unique_name("listen_fails");
     // The empty channel passes the config check but `LISTEN ""` is refused by the server.
     let sink = Arc::new(RecordingSink::default());
     let error =
@@ -427,7 +412,7 @@ async fn a_terminated_backend_reconnects_resyncs_and_serves() {
     let Some(db) = TestDb::from_env("a_terminated_backend_reconnects_resyncs_and_serves") else {
         return;
     };
-    let channel = fresh_name("terminate");
+    let channel = unique_name("terminate");
     // Production backoff, so the printed reconnect time is the one operators will see.
     let options = ListenerOptions::default();
     let (listener, sink, mut events) = start(&db.config(&channel, &channel), None, options).await;
@@ -546,7 +531,7 @@ async fn a_silently_dead_connection_is_noticed_by_the_heartbeat() {
         return;
     };
     let relay = FreezingRelay::start((host.clone(), port)).await;
-    let channel = fresh_name("heartbeat");
+    let channel = unique_name("heartbeat");
     let mut conninfo = format!("host=127.0.0.1 port={} application_name={channel}", relay.port);
     if let Some(user) = parsed.get_user() {
         conninfo += &format!(" user={}", quote_conninfo(user));
@@ -584,7 +569,7 @@ async fn shutdown_is_idempotent_and_leaves_no_backend() {
     let Some(db) = TestDb::from_env("shutdown_is_idempotent_and_leaves_no_backend") else {
         return;
     };
-    let channel = fresh_name("shutdown");
+    let channel = unique_name("shutdown");
     let (listener, _sink, _events) =
         start(&db.config(&channel, &channel), None, fast_options()).await;
     let pid = listener.backend_pid().expect("connected");
@@ -605,7 +590,7 @@ async fn dropping_the_listener_closes_its_connection() {
     let Some(db) = TestDb::from_env("dropping_the_listener_closes_its_connection") else {
         return;
     };
-    let channel = fresh_name("drop");
+    let channel = unique_name("drop");
     let (listener, _sink, _events) =
         start(&db.config(&channel, &channel), None, fast_options()).await;
     let pid = listener.backend_pid().expect("connected");
@@ -618,7 +603,7 @@ async fn a_start_racing_a_shutdown_leaves_no_subscription() {
     let Some(db) = TestDb::from_env("a_start_racing_a_shutdown_leaves_no_subscription") else {
         return;
     };
-    let name = fresh_name("race");
+    let name = unique_name("race");
     let config = db.config(&name, &name);
     let client = db.client().await;
 
@@ -723,7 +708,7 @@ async fn a_server_restart_reconnects_resyncs_and_serves() {
             return;
         }
     };
-    let channel = fresh_name("restart");
+    let channel = unique_name("restart");
     // Production backoff, so the printed reconnect time is the one operators will see.
     let options = ListenerOptions::default();
     let (listener, sink, mut events) = start(&db.config(&channel, &channel), None, options).await;
@@ -755,7 +740,7 @@ async fn a_server_restart_reconnects_resyncs_and_serves() {
 // ---------------------------------------------------------------------------------------------
 
 use adapter_pg::PgAdapter;
-use behaviour_suite::{FakeModule, FakeRenderer};
+
 use lookup_core::{CachingLookup, Realm};
 
 const REALM: &str = "https://realm.test/app/";
@@ -789,7 +774,7 @@ async fn peer(config: &PgConfig) -> Peer {
 }
 
 fn shared_config(db: &TestDb, test: &str) -> PgConfig {
-    db.config(&fresh_name(test), &fresh_name(test)).schema(fresh_name(test))
+    db.config(&unique_name(test), &unique_name(test)).schema(unique_name(test))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
