@@ -9,8 +9,9 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::soak::{Server, release_binary};
-use crate::{catch_interrupts, interrupted, run_step, workspace_root};
+use crate::pg::Server;
+use crate::soak::release_binary;
+use crate::{catch_interrupts, run_step, workspace_root};
 
 fn usage() -> &'static str {
     "cargo xtask bench [--quick]: builds deflookup in release mode and runs its measurements \
@@ -47,11 +48,7 @@ pub fn run(args: &[String]) -> Result<()> {
     // The URL is passed explicitly; the variable would only be a second source of truth.
     bench.env_remove("DATABASE_URL");
     let result = run_step("deflookup bench", bench);
-    if result.is_err() && !interrupted() {
-        if let Server::Ephemeral(pg) = &server {
-            pg.print_log_tail();
-        }
-    }
+    server.explain_failure(&result);
     drop(server);
     result
 }

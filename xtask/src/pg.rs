@@ -369,6 +369,69 @@ fn shell_quote(word: &str) -> String {
     }
 }
 
+/// The Postgres server of an xtask run: `$DATABASE_URL`'s, or a throwaway cluster of our own.
+#[derive(Debug)]
+pub enum Server {
+    /// `$DATABASE_URL`, and `$DEFLOOKUP_PG_RESTART` if set.
+    Given {
+        /// The connection URL (it may hold a password: never print it).
+        url: String,
+        /// A shell command restarting that server, if the user gave one.
+        restart: Option<String>,
+    },
+    /// A cluster of our own, stopped and removed on drop.
+    Ephemeral(EphemeralPg),
+}
+
+impl Server {
+    /// `$DATABASE_URL`'s server when the variable is set, else a cluster started now.
+    pub fn from_env_or_start() -> Result<Self> {
+        let non_empty = |name| std::env::var(name).ok().filter(|value: &String| !value.is_empty());
+        match non_empty("DATABASE_URL") {
+            Some(url) => {
+                // Not the URL itself: it may hold a password.
+                eprintln!("xtask: using the Postgres server of $DATABASE_URL");
+                Ok(Server::Given { url, restart: non_empty("DEFLOOKUP_PG_RESTART") })
+            }
+            None => Ok(Server::Ephemeral(EphemeralPg::start()?)),
+        }
+    }
+
+    /// The URL to connect to.
+    pub fn url(&self) -> String {
+        match self {
+            Server::Given { url, .. } => url.clone(),
+            Server::Ephemeral(pg) => pg.database_url(),
+        }
+    }
+
+    /// A shell command that restarts the server, when xtask may restart it.
+    pub fn restart_command(&self) -> Option<String> {
+        match self {
+            Server::Given { restart, .. } => restart.clone(),
+            Server::Ephemeral(pg) => Some(pg.restart_command()),
+        }
+    }
+
+    /// Points a command at this server (`DATABASE_URL`, `DEFLOOKUP_PG_RESTART`).
+    pub fn configure(&self, command: &mut Command) {
+        command.env("DATABASE_URL", self.url());
+        match self.restart_command() {
+            Some(restart) => command.env("DEFLOOKUP_PG_RESTART", restart),
+            None => command.env_remove("DEFLOOKUP_PG_RESTART"),
+        };
+    }
+
+    /// After a failed step, prints the end of our own cluster's log (unless interrupted).
+    pub fn explain_failure<T>(&self, result: &Result<T>) {
+        if let (Err(_), Server::Ephemeral(pg)) = (result, self) {
+            if !interrupted() {
+                pg.print_log_tail();
+            }
+        }
+    }
+}
+
 /// Prints the last `lines` lines of a log file to stderr, to explain a failure. A file that
 /// does not exist prints nothing.
 pub fn print_file_tail(path: &Path, lines: usize) {

@@ -2,7 +2,7 @@
 //! processes share one Postgres database while faults are injected, and audits count the
 //! stale rows in the cache.
 //!
-//! 1. The server is `$DATABASE_URL`'s, or a throwaway cluster ([`EphemeralPg`]). The binary is
+//! 1. The server is `$DATABASE_URL`'s, or a throwaway cluster ([`Server`]). The binary is
 //!    built in release mode; the run gets a fresh database and a temporary realm directory
 //!    holding a module graph ([`module_sources`]) whose files carry `// version: N`.
 //! 2. P workers (`deflookup … soak-worker`, see `crates/lookup-cli/src/soak_worker.rs`) do
@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::pg::{EphemeralPg, create_unique_dir};
+use crate::pg::{Server, create_unique_dir};
 use crate::{cargo, catch_interrupts, interrupted, run_step};
 
 /// The realm's URL; the workers serve it from the temporary directory.
@@ -144,6 +144,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let binary = release_binary()?;
 
     let server = Server::from_env_or_start()?;
+    // The run's database is named by rewriting the URL's path, and the workers' `--db` takes
+    // URLs only.
+    if let Server::Given { url, .. } = &server {
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            bail!("the soak needs $DATABASE_URL in the postgres://… form");
+        }
+    }
     let realm = RealmDir::create()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -151,11 +158,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .context("cannot start the async runtime")?;
     let database = SoakDatabase::create(&runtime, &server)?;
     let result = soak(&runtime, &options, &server, &database, &realm, &binary);
-    if result.is_err() && !interrupted() {
-        if let Server::Ephemeral(pg) = &server {
-            pg.print_log_tail();
-        }
-    }
+    server.explain_failure(&result);
     database.drop_if_external(&runtime, &server);
     let line = result?;
     // Drop the cluster and the realm first, so that their notices come before the last line.
@@ -282,48 +285,6 @@ pub(crate) fn release_binary() -> Result<PathBuf> {
         bail!("the build left no binary at {}", binary.display());
     }
     Ok(binary)
-}
-
-/// The Postgres server of the run.
-#[derive(Debug)]
-pub(crate) enum Server {
-    /// `$DATABASE_URL`, and `$DEFLOOKUP_PG_RESTART` if set.
-    Given { url: String, restart: Option<String> },
-    /// A cluster of our own, stopped and removed on drop.
-    Ephemeral(EphemeralPg),
-}
-
-impl Server {
-    pub(crate) fn from_env_or_start() -> Result<Self> {
-        let non_empty = |name| std::env::var(name).ok().filter(|value| !value.is_empty());
-        match non_empty("DATABASE_URL") {
-            Some(url) => {
-                // The run's database is named by rewriting the URL's path, and the workers'
-                // `--db` takes URLs only.
-                if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
-                    bail!("the soak needs $DATABASE_URL in the postgres://… form");
-                }
-                // Not the URL itself: it may hold a password.
-                eprintln!("xtask: using the Postgres server of $DATABASE_URL");
-                Ok(Server::Given { url, restart: non_empty("DEFLOOKUP_PG_RESTART") })
-            }
-            None => Ok(Server::Ephemeral(EphemeralPg::start()?)),
-        }
-    }
-
-    pub(crate) fn url(&self) -> String {
-        match self {
-            Server::Given { url, .. } => url.clone(),
-            Server::Ephemeral(pg) => pg.database_url(),
-        }
-    }
-
-    fn restart_command(&self) -> Option<String> {
-        match self {
-            Server::Given { restart, .. } => restart.clone(),
-            Server::Ephemeral(pg) => Some(pg.restart_command()),
-        }
-    }
 }
 
 /// The run's own database on the server.

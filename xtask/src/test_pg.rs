@@ -6,9 +6,9 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::pg::EphemeralPg;
+use crate::cargo;
+use crate::pg::Server;
 use crate::test::{Totals, run_tests};
-use crate::{cargo, interrupted};
 
 /// The packages whose tests need Postgres.
 const PG_PACKAGES: [&str; 6] =
@@ -49,13 +49,9 @@ pub fn run_with_postgres(
     args: &[String],
     totals: &mut Totals,
 ) -> Result<()> {
-    let database = TestDatabase::from_env_or_start()?;
+    let database = Server::from_env_or_start()?;
     let result = run_on(&database, title, tests, args, totals);
-    if let (Err(_), TestDatabase::Ephemeral(pg)) = (&result, &database) {
-        if !interrupted() {
-            pg.print_log_tail();
-        }
-    }
+    database.explain_failure(&result);
     // Stop the cluster now, so that the caller's summary is the last line.
     drop(database);
     result
@@ -63,7 +59,7 @@ pub fn run_with_postgres(
 
 /// The two runs of [`run_with_postgres`] on `database`.
 fn run_on(
-    database: &TestDatabase,
+    database: &Server,
     title: &str,
     mut tests: Command,
     args: &[String],
@@ -103,47 +99,4 @@ fn restart_tests_command(args: &[String]) -> Command {
     command.args(cargo_args).args(["--", "--ignored", "--test-threads=1"]);
     command.args(harness_args.iter().filter(|a| !clashes(a)));
     command
-}
-
-/// Where the Postgres tests connect.
-#[derive(Debug)]
-enum TestDatabase {
-    /// `$DATABASE_URL`, and `$DEFLOOKUP_PG_RESTART` if set.
-    Given { url: String, restart: Option<String> },
-    /// A cluster of our own.
-    Ephemeral(EphemeralPg),
-}
-
-impl TestDatabase {
-    fn from_env_or_start() -> Result<Self> {
-        let non_empty = |name| std::env::var(name).ok().filter(|value| !value.is_empty());
-        match non_empty("DATABASE_URL") {
-            Some(url) => {
-                // Not the URL itself: it may hold a password.
-                eprintln!("xtask: using the Postgres server of $DATABASE_URL");
-                Ok(TestDatabase::Given { url, restart: non_empty("DEFLOOKUP_PG_RESTART") })
-            }
-            None => Ok(TestDatabase::Ephemeral(EphemeralPg::start()?)),
-        }
-    }
-
-    fn restart_command(&self) -> Option<String> {
-        match self {
-            TestDatabase::Given { restart, .. } => restart.clone(),
-            TestDatabase::Ephemeral(pg) => Some(pg.restart_command()),
-        }
-    }
-
-    /// Points a test command at this database.
-    fn configure(&self, command: &mut Command) {
-        let url = match self {
-            TestDatabase::Given { url, .. } => url.clone(),
-            TestDatabase::Ephemeral(pg) => pg.database_url(),
-        };
-        command.env("DATABASE_URL", url);
-        match self.restart_command() {
-            Some(restart) => command.env("DEFLOOKUP_PG_RESTART", restart),
-            None => command.env_remove("DEFLOOKUP_PG_RESTART"),
-        };
-    }
 }

@@ -45,8 +45,8 @@ const COALESCE_REALM: &str = "http://bench.test/coalesce/";
 const EXPORT: &str = "Thing";
 /// How long a propagation or NOTIFY sample may take before the run fails.
 const HOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long each coalesced prerender takes, so that all 1000 lookups overlap it.
-const COALESCE_DELAY: Duration = Duration::from_millis(300);
+/// How long the coalescing measurement may wait for its lookups to gather.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `deflookup bench` options.
 #[derive(Debug, clap::Args)]
@@ -232,17 +232,24 @@ impl Summary {
     }
 }
 
-/// A prerenderer that counts its calls and optionally waits; every module defines [`EXPORT`]
-/// and depends on nothing.
+/// A prerenderer that counts its calls; every module defines [`EXPORT`] and depends on
+/// nothing. A gated one holds every render until [`CountingRenderer::open`].
 #[derive(Debug, Clone, Default)]
 struct CountingRenderer {
-    delay: Duration,
+    gate: Option<Arc<tokio::sync::watch::Sender<bool>>>,
     count: Arc<AtomicU64>,
 }
 
 impl CountingRenderer {
-    fn with_delay(delay: Duration) -> Self {
-        CountingRenderer { delay, count: Arc::default() }
+    fn gated() -> Self {
+        let gate = tokio::sync::watch::channel(false).0;
+        CountingRenderer { gate: Some(Arc::new(gate)), count: Arc::default() }
+    }
+
+    fn open(&self) {
+        if let Some(gate) = &self.gate {
+            gate.send_replace(true);
+        }
     }
 
     fn count(&self) -> u64 {
@@ -256,8 +263,9 @@ impl Prerenderer for CountingRenderer {
         request: &PrerenderRequest,
     ) -> Result<PrerenderResponse, LookupError> {
         self.count.fetch_add(1, Ordering::SeqCst);
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
+        if let Some(gate) = &self.gate {
+            // The sender lives as long as the renderer, so this only ends when opened.
+            let _ = gate.subscribe().wait_for(|open| *open).await;
         }
         let key = format!("{}/{EXPORT}", urls::file_alias(&request.module_url));
         let mut definitions = Map::new();
@@ -550,8 +558,8 @@ impl PgBench {
     }
 
     async fn measure_coalescing(&self, sizes: &Sizes, summary: &mut Summary) -> Result<()> {
-        let renderer = CountingRenderer::with_delay(COALESCE_DELAY);
-        let lookup = CachingLookup::new(self.lookup.db().clone(), renderer);
+        let renderer = CountingRenderer::gated();
+        let lookup = CachingLookup::new(self.lookup.db().clone(), renderer.clone());
         lookup.register_realm(public_realm(COALESCE_REALM))?;
         let code_ref = CodeRef::new(format!("{COALESCE_REALM}one.gts"), EXPORT);
         let mut tasks = tokio::task::JoinSet::new();
@@ -559,6 +567,16 @@ impl PgBench {
             let (lookup, code_ref) = (lookup.clone(), code_ref.clone());
             tasks.spawn(async move { lookup.lookup_definition(&code_ref, None).await });
         }
+        // The render is held until every caller waits on an in-flight load: a gate, not a
+        // guess at how long spawning takes. Without coalescing each caller would have its own
+        // load (and render); with it, all of them wait on one.
+        let gathered = tokio::time::timeout(GATHER_TIMEOUT, async {
+            while lookup.in_flight_waiters() < sizes.coalesce_lookups {
+                tokio::task::yield_now().await;
+            }
+        });
+        gathered.await.context("the coalesced lookups did not all reach the load")?;
+        renderer.open();
         while let Some(joined) = tasks.join_next().await {
             joined.context("a lookup task panicked")??;
         }
