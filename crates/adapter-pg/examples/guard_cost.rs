@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use adapter_pg::{PgAdapter, PgConfig};
-use lookup_core::{CacheEntry, CacheScope, DbAdapter};
+use lookup_core::{CacheEntry, CacheScope, DbAdapter, RowStore};
 
 const REALM: &str = "https://realm.test/bench/";
 

@@ -1,25 +1,20 @@
 //! [`PgAdapter`]: the `DbAdapter` on a pool of tokio-postgres connections.
 
-use std::future::Future as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::Poll;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use lookup_core::wire::encode_payloads;
 use lookup_core::{
-    CacheEntry, CacheScope, ConsumerRow, DbAdapter, EntryScope, ErrorDoc, Invalidation, LoadStamp,
-    LookupError, PersistOutcome,
+    CacheEntry, ConsumerRow, DbAdapter, EntryScope, Invalidation, LoadStamp, LookupError,
+    PersistOutcome, RowStore,
 };
-use serde_json::{Map, Value};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::NoTls;
 
 use crate::config::PgConfig;
 use crate::error::PgError;
+use crate::store::{self, query_error};
 use crate::{guard, schema};
-
-const COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
-                       error_doc, created_at, file_alias, diagnostics";
 
 /// The consumer closure of names `$2` in realm `$1`, in one recursive query. Each step finds
 /// rows whose deps contain a name with `@>`, which the GIN index on deps answers without
@@ -32,12 +27,6 @@ const CONSUMERS: &str = "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
         CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
         JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
     ) SELECT url, file_alias, deps FROM consumer";
-
-/// What an upsert does when the row exists: replace everything but the key.
-const UPSERT_TAIL: &str = "ON CONFLICT ON CONSTRAINT modules_pkey DO UPDATE SET \
-     resolved_realm_url = EXCLUDED.resolved_realm_url, definitions = EXCLUDED.definitions, \
-     deps = EXCLUDED.deps, error_doc = EXCLUDED.error_doc, created_at = EXCLUDED.created_at, \
-     file_alias = EXCLUDED.file_alias, diagnostics = EXCLUDED.diagnostics";
 
 /// Counters of what the adapter broadcast.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -92,10 +81,6 @@ fn new_origin() -> String {
             .unwrap_or_default(),
     );
     format!("{:x}-{:016x}", std::process::id(), hasher.finish())
-}
-
-fn query_error(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
-    move |source| PgError::Query { operation, source: Box::new(source) }
 }
 
 impl PgAdapter {
@@ -157,19 +142,8 @@ impl PgAdapter {
         Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     }
 
-    async fn client(&self, operation: &'static str) -> Result<Object, PgError> {
+    pub(crate) async fn client(&self, operation: &'static str) -> Result<Object, PgError> {
         self.pool.get().await.map_err(|e| PgError::Query { operation, source: Box::new(e) })
-    }
-
-    async fn query(
-        &self,
-        operation: &'static str,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<Row>, PgError> {
-        let client = self.client(operation).await?;
-        let statement = client.prepare_cached(sql).await.map_err(query_error(operation))?;
-        client.query(&statement, params).await.map_err(query_error(operation))
     }
 
     /// Deletes what `invalidation` covers; returns the number of rows.
@@ -282,122 +256,17 @@ impl PgAdapter {
             }
         }
     }
-
-    /// The guarded persist: under the realm's shared lock, write only if still fresh.
-    async fn guarded_upsert(
-        &self,
-        entry: &CacheEntry,
-        stamp: LoadStamp,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<PersistOutcome, PgError> {
-        let mut client = self.client("upsert").await?;
-        let tx = client.transaction().await.map_err(query_error("upsert"))?;
-        let lock =
-            tx.prepare_cached(guard::LOCK_REALM_SHARED).await.map_err(query_error("upsert"))?;
-        let sql = format!(
-            "INSERT INTO modules ({COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, \
-             $5::jsonb, $6::jsonb, $7::jsonb, $8::bigint, $9::text, $10::jsonb WHERE {} {UPSERT_TAIL}",
-            guard::FRESH
-        );
-        let insert = tx.prepare_cached(&sql).await.map_err(query_error("upsert"))?;
-        let realm = &entry.resolved_realm_url;
-        let mut checked: Vec<&str> = vec![&entry.url, &entry.file_alias];
-        checked.extend(entry.deps.iter().map(String::as_str));
-        let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
-        all.push(&checked);
-        all.push(&stamp.0);
-        // Pipelined: the lock request is written to the connection by the first poll of its
-        // future, before the insert's future even exists, so the server runs the lock first
-        // and the insert (with a fresh snapshot, as its own statement) once the lock is held.
-        // One round trip for both.
-        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&guard::LOCK_NS_REALM, realm, &guard::LOCK_NS_GLOBAL];
-        let (locked, written) = {
-            let mut locking = std::pin::pin!(tx.execute(&lock, &lock_params));
-            let first_poll =
-                std::future::poll_fn(|cx| Poll::Ready(locking.as_mut().poll(cx))).await;
-            let inserting = tx.execute(&insert, &all);
-            let locked = async {
-                match first_poll {
-                    Poll::Ready(result) => result,
-                    Poll::Pending => locking.await,
-                }
-            };
-            tokio::join!(locked, inserting)
-        };
-        locked.map_err(query_error("upsert"))?;
-        let written = written.map_err(query_error("upsert"))?;
-        tx.commit().await.map_err(query_error("upsert"))?;
-        Ok(if written == 0 { PersistOutcome::Stale } else { PersistOutcome::Written })
-    }
 }
 
-fn decode_json<T: serde::de::DeserializeOwned>(
-    row_url: &str,
-    column: &'static str,
-    value: Option<Value>,
-) -> Result<Option<T>, PgError> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(value) => serde_json::from_value(value).map(Some).map_err(|e| PgError::CorruptRow {
-            url: row_url.to_owned(),
-            column,
-            source: Box::new(e),
-        }),
-    }
-}
-
-fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {
-    let url: String = row.get("url");
-    let scope_text: String = row.get("cache_scope");
-    let cache_scope = CacheScope::parse(&scope_text).ok_or_else(|| PgError::CorruptRow {
-        url: url.clone(),
-        column: "cache_scope",
-        source: format!("unknown scope {scope_text:?}").into(),
-    })?;
-    let definitions: Map<String, Value> =
-        decode_json(&url, "definitions", row.get("definitions"))?.unwrap_or_default();
-    let deps: Vec<String> = decode_json(&url, "deps", row.get("deps"))?.unwrap_or_default();
-    let error: Option<ErrorDoc> = decode_json(&url, "error_doc", row.get("error_doc"))?;
-    let file_alias: Option<String> = row.get("file_alias");
-    Ok(CacheEntry {
-        file_alias: file_alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
-        url,
-        cache_scope,
-        auth_user_id: row.get("auth_user_id"),
-        resolved_realm_url: row.get("resolved_realm_url"),
-        definitions,
-        deps,
-        error,
-        created_at: row.get("created_at"),
-        diagnostics: row.get::<_, Option<Value>>("diagnostics").filter(|v| !v.is_null()),
-    })
-}
-
-fn entries(rows: Vec<Row>) -> Result<Vec<CacheEntry>, LookupError> {
-    rows.iter().map(|row| entry_from_row(row).map_err(LookupError::from)).collect()
-}
-
-impl DbAdapter for PgAdapter {
+impl RowStore for PgAdapter {
     async fn read_rows(
         &self,
         scope: &EntryScope,
         url: &str,
         alias: &str,
     ) -> Result<Vec<CacheEntry>, LookupError> {
-        // `url_hash = md5(url)` lets the primary key find the exact row.
-        let sql = format!(
-            "SELECT {COLUMNS} FROM modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
-             AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)"
-        );
-        let rows = self
-            .query(
-                "read row",
-                &sql,
-                &[&scope.realm_url, &scope.scope.as_str(), &scope.user, &url, &alias],
-            )
-            .await?;
-        entries(rows)
+        let client = self.client("read row").await?;
+        Ok(store::read_rows(&client, scope, url, alias).await?)
     }
 
     async fn read_rows_batch(
@@ -408,82 +277,56 @@ impl DbAdapter for PgAdapter {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            "SELECT {COLUMNS} FROM modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
-             AND auth_user_id = $3 AND (url_hash = ANY (SELECT md5(n) FROM unnest($4::text[]) AS n) \
-             OR file_alias = ANY ($4))"
-        );
-        let rows = self
-            .query(
-                "read rows",
-                &sql,
-                &[&scope.realm_url, &scope.scope.as_str(), &scope.user, &names],
-            )
-            .await?;
-        entries(rows)
+        let client = self.client("read rows").await?;
+        Ok(store::read_rows_batch(&client, scope, names).await?)
     }
 
     async fn begin_load(&self, realm_url: &str, _url: &str) -> Result<LoadStamp, LookupError> {
         if !self.config.guards_persists() {
             return Ok(LoadStamp::UNGUARDED);
         }
-        let rows = self.query("stamp load", guard::STAMP, &[&realm_url]).await?;
-        let seq: i64 = rows.first().map(|row| row.get(0)).unwrap_or(0);
-        Ok(LoadStamp(seq))
+        let client = self.client("stamp load").await?;
+        Ok(store::stamp(&client, realm_url).await?)
     }
 
+    /// Unguarded: one `INSERT … ON CONFLICT`. Guarded: a transaction that takes the realm's
+    /// shared lock and writes only if still fresh (see guard.rs), pipelined in one round trip.
     async fn upsert(
         &self,
         entry: &CacheEntry,
         stamp: LoadStamp,
     ) -> Result<PersistOutcome, LookupError> {
-        let definitions = Value::Object(entry.definitions.clone());
-        let deps = serde_json::to_value(&entry.deps).unwrap_or_default();
-        let error_doc = match &entry.error {
-            Some(doc) => Some(serde_json::to_value(doc).map_err(|e| {
-                LookupError::from(PgError::CorruptRow {
-                    url: entry.url.clone(),
-                    column: "error_doc",
-                    source: Box::new(e),
-                })
-            })?),
-            None => None,
-        };
-        let diagnostics = entry.diagnostics.clone().filter(|v| !v.is_null());
-        let scope = entry.cache_scope.as_str();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
-            &entry.url,
-            &scope,
-            &entry.auth_user_id,
-            &entry.resolved_realm_url,
-            &definitions,
-            &deps,
-            &error_doc,
-            &entry.created_at,
-            &entry.file_alias,
-            &diagnostics,
-        ];
-        if self.config.guards_persists() && !stamp.is_unguarded() {
-            return Ok(self.guarded_upsert(entry, stamp, &params).await?);
+        let row = store::RowParams::new(entry)?;
+        let mut client = self.client("upsert").await?;
+        if !self.config.guards_persists() || stamp.is_unguarded() {
+            store::plain_upsert(&client, &row).await?;
+            return Ok(PersistOutcome::Written);
         }
-        let sql = format!(
-            "INSERT INTO modules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             {UPSERT_TAIL}"
-        );
-        self.query("upsert", &sql, &params).await?;
-        Ok(PersistOutcome::Written)
+        let tx = client.transaction().await.map_err(query_error("upsert"))?;
+        let outcome = store::guarded_insert(&tx, &row, stamp).await?;
+        tx.commit().await.map_err(query_error("upsert"))?;
+        Ok(outcome)
     }
+}
 
+impl DbAdapter for PgAdapter {
     async fn consumers(
         &self,
         realm_url: &str,
         names: &[String],
     ) -> Result<Vec<ConsumerRow>, LookupError> {
-        let rows = self.query("consumer closure", CONSUMERS, &[&realm_url, &names]).await?;
+        let client = self.client("consumer closure").await?;
+        let statement =
+            client.prepare_cached(CONSUMERS).await.map_err(query_error("consumer closure"))?;
+        let rows = client
+            .query(&statement, &[&realm_url, &names])
+            .await
+            .map_err(query_error("consumer closure"))?;
         rows.iter()
             .map(|row| {
                 let url: String = row.get(0);
-                let deps: Vec<String> = decode_json(&url, "deps", row.get(2))?.unwrap_or_default();
+                let deps: Vec<String> =
+                    store::decode_json(&url, "deps", row.get(2))?.unwrap_or_default();
                 let alias: Option<String> = row.get(1);
                 Ok(ConsumerRow {
                     file_alias: alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),

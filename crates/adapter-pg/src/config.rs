@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lookup_core::wire::INVALIDATION_CHANNEL;
+use lookup_core::wire::{INVALIDATION_CHANNEL, POPULATE_CHANNEL};
 
 use crate::error::PgError;
 
@@ -12,6 +12,7 @@ pub struct PgConfig {
     url: String,
     schema: Option<String>,
     channel: String,
+    populate_channel: String,
     pool_size: usize,
     connect_timeout: Duration,
     broadcast: bool,
@@ -26,6 +27,7 @@ impl std::fmt::Debug for PgConfig {
             .field("url", &redact_url(&self.url))
             .field("schema", &self.schema)
             .field("channel", &self.channel)
+            .field("populate_channel", &self.populate_channel)
             .field("pool_size", &self.pool_size)
             .field("broadcast", &self.broadcast)
             .field("durable_guard", &self.durable_guard)
@@ -40,6 +42,7 @@ impl PgConfig {
             url: url.into(),
             schema: None,
             channel: INVALIDATION_CHANNEL.to_owned(),
+            populate_channel: POPULATE_CHANNEL.to_owned(),
             pool_size: 8,
             connect_timeout: Duration::from_secs(10),
             broadcast: true,
@@ -59,6 +62,13 @@ impl PgConfig {
     /// must agree on it; tests use one each so parallel tests do not hear each other.
     pub fn channel(mut self, channel: impl Into<String>) -> Self {
         self.channel = channel.into();
+        self
+    }
+
+    /// Announces populated keys (SPEC §9) on this channel instead of
+    /// `module_cache_populated`. Peers must agree on it.
+    pub fn populate_channel(mut self, channel: impl Into<String>) -> Self {
+        self.populate_channel = channel.into();
         self
     }
 
@@ -120,6 +130,11 @@ impl PgConfig {
         &self.channel
     }
 
+    /// The populate announcement channel.
+    pub fn populate_channel_name(&self) -> &str {
+        &self.populate_channel
+    }
+
     /// The pool size.
     pub fn pool_max(&self) -> usize {
         self.pool_size
@@ -148,6 +163,7 @@ impl PgConfig {
             config.options(format!("-c search_path={schema}"));
         }
         validate_channel(&self.channel, &self.redacted_url())?;
+        validate_channel(&self.populate_channel, &self.redacted_url())?;
         Ok(config)
     }
 }

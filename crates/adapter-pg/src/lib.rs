@@ -6,6 +6,9 @@
 //! only if the delete committed. The listening side lives in `invalidation-listener`, which
 //! depends only on this crate; the core items it needs are re-exported here.
 //!
+//! With [`PgPopulateCoordinator`], cold loads are also coalesced across processes (SPEC §9):
+//! one prerender per cold module for the whole fleet.
+//!
 //! It deliberately does not listen for notifications (a pooled connection would drop them),
 //! and it does not speak TLS (connections use `NoTls`; put Postgres on a trusted network or a
 //! local socket).
@@ -16,14 +19,19 @@ mod adapter;
 mod config;
 mod error;
 mod guard;
+mod populate;
 mod schema;
+mod store;
 
 pub use adapter::{PgAdapter, PgAdapterStats};
 pub use config::{PgConfig, redact_url};
 pub use error::{BoxError, PgError};
+pub use populate::{PgLease, PgPopulateCoordinator, PgPopulateStats};
 
 pub use lookup_core::wire::{
     INVALIDATION_CHANNEL, POPULATE_CHANNEL, ParsedPayload, encode_payloads, parse_payload,
 };
-pub use lookup_core::{Invalidation, InvalidationSink};
+pub use lookup_core::{
+    Invalidation, InvalidationSink, PopulateSettings, PopulateSignals, PopulateSink,
+};
 pub use tokio_postgres;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use adapter_pg::{PgAdapter, PgConfig, parse_payload};
 use behaviour_suite::{bounded, database_url, unique_name};
-use lookup_core::{CacheEntry, CacheScope, DbAdapter, Invalidation, LoadStamp};
+use lookup_core::{CacheEntry, CacheScope, DbAdapter, Invalidation, LoadStamp, RowStore};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 

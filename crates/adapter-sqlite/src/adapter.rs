@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use lookup_core::{
     CacheEntry, ConsumerRow, DbAdapter, EntryScope, Invalidation, LoadStamp, LookupError,
-    PersistOutcome,
+    PersistOutcome, RowStore,
 };
 use rusqlite::{Connection, params};
 
@@ -285,7 +285,7 @@ const DELETE_MODULES_SQL: &str = "
       AND (url IN (SELECT value FROM json_each(?2))
            OR file_alias IN (SELECT value FROM json_each(?2)))";
 
-impl DbAdapter for SqliteAdapter {
+impl RowStore for SqliteAdapter {
     async fn read_rows(
         &self,
         scope: &EntryScope,
@@ -346,7 +346,9 @@ impl DbAdapter for SqliteAdapter {
         .await?;
         Ok(PersistOutcome::Written)
     }
+}
 
+impl DbAdapter for SqliteAdapter {
     async fn consumers(
         &self,
         realm_url: &str,

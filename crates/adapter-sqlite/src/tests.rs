@@ -5,7 +5,7 @@ use std::path::Path;
 
 use lookup_core::{
     CacheEntry, CacheScope, DbAdapter, EntryScope, ErrorDetail, ErrorDoc, Invalidation, LoadStamp,
-    LookupError, PersistOutcome, urls,
+    LookupError, PersistOutcome, RowStore, urls,
 };
 use serde_json::{Map, json};
 

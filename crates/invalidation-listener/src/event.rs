@@ -30,6 +30,8 @@ pub struct ListenerStats {
     pub malformed_payloads: u64,
     /// Payloads skipped because they carried this process's own origin id.
     pub own_echoes_skipped: u64,
+    /// Populate announcements heard (when listening for them).
+    pub populated_payloads: u64,
 }
 
 /// One change of the listener, as broadcast by [`subscribe`](crate::PgInvalidationListener::subscribe).
@@ -69,6 +71,11 @@ pub enum ListenerEvent {
     },
     /// A global payload was replayed.
     Global,
+    /// A populate announcement woke this process's waiters of the key (SPEC §9).
+    Populated {
+        /// The key's 64-bit hash.
+        key: i64,
+    },
     /// A payload was rejected by the parser and ignored.
     Malformed {
         /// The payload as received.
@@ -103,6 +110,7 @@ mod tests {
             ),
             (ListenerEvent::Realm { realm_url: "R/".into() }, r#"{"event":"realm","realm":"R/"}"#),
             (ListenerEvent::Global, r#"{"event":"global"}"#),
+            (ListenerEvent::Populated { key: -42 }, r#"{"event":"populated","key":-42}"#),
             (
                 ListenerEvent::Malformed { payload: "{oops".into() },
                 r#"{"event":"malformed","payload":"{oops"}"#,

@@ -25,6 +25,10 @@
 //!   of the process can be fed through one sink.
 //! - It does not delete rows or broadcast; that is `adapter-pg`'s job. It does not speak TLS.
 //!
+//! With [`ListenerOptions::populate`], the same connection also `LISTEN`s on
+//! `module_cache_populated` and wakes the process's cross-process populate waiters (SPEC §9):
+//! one key per announcement, all of them after a reconnect and when the listener stops.
+//!
 //! Its only workspace dependency is `adapter-pg`, whose error type [`PgError`] it reuses.
 
 #![warn(missing_docs)]
@@ -38,5 +42,6 @@ pub use listener::PgInvalidationListener;
 pub use options::ListenerOptions;
 
 pub use adapter_pg::{
-    INVALIDATION_CHANNEL, Invalidation, InvalidationSink, PgConfig, PgError, parse_payload,
+    INVALIDATION_CHANNEL, Invalidation, InvalidationSink, PgConfig, PgError, PopulateSink,
+    parse_payload,
 };

@@ -25,7 +25,7 @@ use adapter_pg::tokio_postgres::tls::NoTlsStream;
 use adapter_pg::tokio_postgres::{
     self, AsyncMessage, Client, Connection, NoTls, Notification, SimpleQueryMessage, Socket,
 };
-use adapter_pg::{Invalidation, InvalidationSink, PgConfig, PgError, parse_payload};
+use adapter_pg::{Invalidation, InvalidationSink, PgConfig, PgError, PopulateSink, parse_payload};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::event::{ListenerEvent, ListenerStats};
@@ -98,8 +98,11 @@ impl PgInvalidationListener {
             pg.application_name("deflookup-listener");
         }
         let (events, first_events) = broadcast::channel(options.event_capacity);
+        let populate =
+            options.populate.clone().map(|sink| (config.populate_channel_name().to_owned(), sink));
         let shared = Arc::new(Shared {
             sink,
+            populate,
             origin,
             channel: config.channel_name().to_owned(),
             redacted_url: config.redacted_url(),
@@ -164,6 +167,8 @@ impl PgInvalidationListener {
 /// State shared by the handle and the task.
 struct Shared {
     sink: Arc<dyn InvalidationSink>,
+    /// The populate channel and the waiters its announcements wake, when asked for.
+    populate: Option<(String, Arc<dyn PopulateSink>)>,
     origin: Option<String>,
     channel: String,
     redacted_url: String,
@@ -189,6 +194,10 @@ impl Shared {
     fn connected(&self, session: &Session, reconnected: bool) {
         if reconnected {
             self.sink.bump_global();
+            // Announcements sent while away are lost too: every populate waiter re-reads.
+            if let Some((_, populate)) = &self.populate {
+                populate.wake_all();
+            }
         }
         {
             let mut stats = self.stats();
@@ -235,8 +244,41 @@ impl Shared {
         self.stats().last_error = Some(error);
     }
 
-    /// Replays one notification payload. The sink is called before the event is sent.
-    fn dispatch(&self, payload: &str, warnings: &mut MalformedWarnings) {
+    /// Routes one notification by its channel.
+    fn dispatch(&self, note: &Notification, warnings: &mut MalformedWarnings) {
+        match &self.populate {
+            Some((channel, populate)) if note.channel() == channel => {
+                self.populated(populate.as_ref(), note.payload(), warnings)
+            }
+            _ => self.replay(note.payload(), warnings),
+        }
+    }
+
+    /// Wakes the waiters of one announced populate key (payload: the key's decimal hash).
+    fn populated(
+        &self,
+        populate: &dyn PopulateSink,
+        payload: &str,
+        warnings: &mut MalformedWarnings,
+    ) {
+        match payload.trim().parse::<i64>() {
+            Ok(key) => {
+                populate.key_populated(key);
+                self.stats().populated_payloads += 1;
+                self.emit(ListenerEvent::Populated { key });
+            }
+            Err(error) => {
+                self.stats().malformed_payloads += 1;
+                if let Some((channel, _)) = &self.populate {
+                    warnings.note(channel, payload, &error);
+                }
+                self.emit(ListenerEvent::Malformed { payload: payload.to_owned() });
+            }
+        }
+    }
+
+    /// Replays one invalidation payload. The sink is called before the event is sent.
+    fn replay(&self, payload: &str, warnings: &mut MalformedWarnings) {
         if payload.is_empty() {
             // A bare `NOTIFY channel` carries nothing to replay.
             return;
@@ -326,9 +368,11 @@ async fn open_session(
 ) -> Result<Session, PgError> {
     let limit =
         pg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10)) + heartbeat_timeout;
-    match tokio::time::timeout(limit, Session::open(pg, &shared.channel, &shared.redacted_url))
-        .await
-    {
+    let mut channels = vec![shared.channel.as_str()];
+    if let Some((populate, _)) = &shared.populate {
+        channels.push(populate);
+    }
+    match tokio::time::timeout(limit, Session::open(pg, &channels, &shared.redacted_url)).await {
         Ok(opened) => opened,
         Err(_) => Err(PgError::Connect {
             url: shared.redacted_url.clone(),
@@ -409,6 +453,11 @@ impl Drop for Task {
             stats.connected = false;
             stats.backend_pid = None;
         }
+        // Nobody will hear announcements any more: let populate waiters re-read now rather
+        // than sit out their timeout.
+        if let Some((_, populate)) = &self.shared.populate {
+            populate.wake_all();
+        }
         if std::thread::panicking() {
             tracing::error!(channel = %self.shared.channel, "invalidation listener died in a panic; invalidations from peers are no longer replayed");
         } else {
@@ -447,7 +496,7 @@ struct Session {
 impl Session {
     async fn open(
         pg: &tokio_postgres::Config,
-        channel: &str,
+        channels: &[&str],
         redacted_url: &str,
     ) -> Result<Session, PgError> {
         let (client, mut connection) = pg.connect(NoTls).await.map_err(|source| {
@@ -459,7 +508,11 @@ impl Session {
         };
         // One round trip: subscribe and learn the backend pid (for operators and tests).
         // Quoted, because `pg_notify` takes the channel name verbatim (no case folding).
-        let sql = format!("LISTEN {}; SELECT pg_backend_pid()", quote_identifier(channel));
+        let mut sql = String::new();
+        for channel in channels {
+            sql.push_str(&format!("LISTEN {}; ", quote_identifier(channel)));
+        }
+        sql.push_str("SELECT pg_backend_pid()");
         let mut early = VecDeque::new();
         let reply = {
             let query = client.simple_query(&sql);
@@ -497,7 +550,7 @@ impl Session {
         warnings: &mut MalformedWarnings,
     ) -> String {
         while let Some(note) = self.early.pop_front() {
-            shared.dispatch(note.payload(), warnings);
+            shared.dispatch(&note, warnings);
         }
         let Session { client, connection, .. } = self;
         let heartbeat = heartbeat(client, options.heartbeat_interval, options.heartbeat_timeout);
@@ -508,7 +561,7 @@ impl Session {
                 // the heartbeat's.
                 biased;
                 message = next_message(connection) => match message {
-                    Some(Ok(AsyncMessage::Notification(note))) => shared.dispatch(note.payload(), warnings),
+                    Some(Ok(AsyncMessage::Notification(note))) => shared.dispatch(&note, warnings),
                     Some(Ok(AsyncMessage::Notice(notice))) => {
                         tracing::debug!(notice = %notice, "notice on the listener connection");
                     }

@@ -2,17 +2,34 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use adapter_pg::PopulateSink;
 
 /// How the listener reconnects and checks its connection. The defaults suit production;
 /// tests shorten the backoff.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ListenerOptions {
     pub(crate) initial_backoff: Duration,
     pub(crate) max_backoff: Duration,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) heartbeat_timeout: Duration,
     pub(crate) event_capacity: usize,
+    pub(crate) populate: Option<Arc<dyn PopulateSink>>,
+}
+
+impl std::fmt::Debug for ListenerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerOptions")
+            .field("initial_backoff", &self.initial_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("event_capacity", &self.event_capacity)
+            .field("populate", &self.populate.is_some())
+            .finish()
+    }
 }
 
 impl Default for ListenerOptions {
@@ -23,6 +40,7 @@ impl Default for ListenerOptions {
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(10),
             event_capacity: 256,
+            populate: None,
         }
     }
 }
@@ -51,6 +69,14 @@ impl ListenerOptions {
     /// subscription, up to this many events are kept for it.
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.event_capacity = capacity.max(1);
+        self
+    }
+
+    /// Also `LISTEN`s on the config's populate channel (SPEC §9) on the same connection and
+    /// wakes `sink`'s waiters: one key per announcement, and all of them after a reconnect
+    /// (announcements sent while away are lost) and when the listener stops.
+    pub fn populate(mut self, sink: Arc<dyn PopulateSink>) -> Self {
+        self.populate = Some(sink);
         self
     }
 }

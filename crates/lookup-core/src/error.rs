@@ -80,6 +80,15 @@ pub enum LookupError {
         /// Why the payload was rejected.
         reason: String,
     },
+    /// Cross-process populate coalescing gave up on a key (SPEC §9): another process kept
+    /// its lock through every round, or the coordinator was shut down.
+    #[error("populate of {key} gave up: {reason}")]
+    PopulateFailed {
+        /// The coalesce key (`realm|scope|user|url (#hash)`).
+        key: String,
+        /// Why, with the rounds tried and the last wait's outcome.
+        reason: String,
+    },
     /// The load was abandoned before it produced a result (its task ended abnormally).
     #[error("load of {url} was aborted")]
     LoadAborted {
@@ -102,7 +111,9 @@ impl LookupError {
     pub fn is_transient(&self) -> bool {
         match self {
             LookupError::Database { transient, .. } => *transient,
-            LookupError::Prerender { .. } | LookupError::LoadAborted { .. } => true,
+            LookupError::Prerender { .. }
+            | LookupError::LoadAborted { .. }
+            | LookupError::PopulateFailed { .. } => true,
             _ => false,
         }
     }

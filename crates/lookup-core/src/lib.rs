@@ -3,7 +3,8 @@
 //!
 //! Depend on this crate to look definitions up ([`CachingLookup`]), to write a storage backend
 //! ([`DbAdapter`]), a renderer ([`Prerenderer`]) or a remote realm probe ([`RealmProbe`]), or to
-//! feed invalidations heard from peers ([`InvalidationSink`]).
+//! feed invalidations heard from peers ([`InvalidationSink`]). Cross-process populate
+//! coalescing plugs in through [`PopulateCoordinator`] (implemented by `adapter-pg`).
 //!
 //! It deliberately does no I/O: no sockets, files or database drivers. Backends live in
 //! `adapter-sqlite` and `adapter-pg`; the cross-process listener in `invalidation-listener`.
@@ -15,6 +16,7 @@
 mod error;
 mod generations;
 mod lookup;
+mod populate;
 mod traits;
 mod types;
 pub mod urls;
@@ -23,8 +25,14 @@ pub mod wire;
 pub use error::{BoxError, LookupError};
 pub use generations::{Generations, Snapshot};
 pub use lookup::{CachingLookup, LookupConfig};
+pub use populate::{
+    NoLease, PopulateCoordinator, PopulateKey, PopulateLease, PopulateSettings,
+    PopulateSignalStats, PopulateSignals, PopulateSink, PopulateTicket, Uncoordinated, Woken,
+    populate_key_hash,
+};
 pub use traits::{
-    DbAdapter, InvalidationSink, LoadStamp, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe,
+    DbAdapter, InvalidationSink, LoadStamp, NoRemoteRealms, PersistOutcome, Prerenderer,
+    RealmProbe, RowStore,
 };
 pub use types::{
     CacheEntry, CacheScope, CodeRef, ConsumerRow, EntryScope, ErrorDetail, ErrorDoc,

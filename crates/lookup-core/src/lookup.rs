@@ -11,8 +11,9 @@ use tokio::sync::watch;
 
 use crate::error::LookupError;
 use crate::generations::{Generations, Snapshot};
+use crate::populate::{PopulateCoordinator, PopulateKey, PopulateLease, Uncoordinated, Woken};
 use crate::traits::{
-    DbAdapter, InvalidationSink, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe,
+    DbAdapter, InvalidationSink, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe, RowStore,
 };
 use crate::types::{
     CacheEntry, CacheScope, CodeRef, ConsumerRow, EntryScope, ErrorDetail, PrerenderRequest,
@@ -79,10 +80,11 @@ enum Attempt {
     Discarded(Arc<CacheEntry>),
 }
 
-struct Inner<D, P, R> {
+struct Inner<D, P, R, C> {
     db: D,
     prerenderer: P,
     probe: R,
+    coordinator: Option<C>,
     config: LookupConfig,
     realms: RwLock<Vec<Realm>>,
     generations: Arc<Generations>,
@@ -96,23 +98,25 @@ struct Inner<D, P, R> {
 
 /// A database-backed cache of prerendered module definitions.
 ///
-/// Cheap to clone (clones share everything). Generic over its storage `D`, its renderer `P`
-/// and its remote realm probe `R`.
-pub struct CachingLookup<D, P, R = NoRemoteRealms> {
-    inner: Arc<Inner<D, P, R>>,
+/// Cheap to clone (clones share everything). Generic over its storage `D`, its renderer `P`,
+/// its remote realm probe `R` and its cross-process populate coordinator `C` (none by
+/// default; see [`with_coordinator`](Self::with_coordinator)).
+pub struct CachingLookup<D, P, R = NoRemoteRealms, C = Uncoordinated> {
+    inner: Arc<Inner<D, P, R, C>>,
 }
 
-impl<D, P, R> Clone for CachingLookup<D, P, R> {
+impl<D, P, R, C> Clone for CachingLookup<D, P, R, C> {
     fn clone(&self) -> Self {
         CachingLookup { inner: Arc::clone(&self.inner) }
     }
 }
 
-impl<D, P, R> std::fmt::Debug for CachingLookup<D, P, R> {
+impl<D, P, R, C> std::fmt::Debug for CachingLookup<D, P, R, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachingLookup")
             .field("config", &self.inner.config)
             .field("realms", &self.inner.realms)
+            .field("coordinated", &self.inner.coordinator.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -143,14 +147,32 @@ impl<D: DbAdapter, P: Prerenderer> CachingLookup<D, P, NoRemoteRealms> {
     }
 }
 
-impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
+impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R, Uncoordinated> {
     /// A lookup that asks `probe` about modules no local realm owns.
     pub fn with_probe(db: D, prerenderer: P, probe: R, config: LookupConfig) -> Self {
+        Self::with_coordinator(db, prerenderer, probe, config, None)
+    }
+}
+
+impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
+    CachingLookup<D, P, R, C>
+{
+    /// A lookup whose cold loads are coalesced across processes by `coordinator` (SPEC §9);
+    /// with `None` it behaves exactly like [`with_probe`](CachingLookup::with_probe). Cache
+    /// hits never touch the coordinator.
+    pub fn with_coordinator(
+        db: D,
+        prerenderer: P,
+        probe: R,
+        config: LookupConfig,
+        coordinator: Option<C>,
+    ) -> Self {
         CachingLookup {
             inner: Arc::new(Inner {
                 db,
                 prerenderer,
                 probe,
+                coordinator,
                 config,
                 realms: RwLock::new(Vec::new()),
                 generations: Arc::new(Generations::default()),
@@ -169,6 +191,11 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
     /// The renderer.
     pub fn prerenderer(&self) -> &P {
         &self.inner.prerenderer
+    }
+
+    /// The cross-process populate coordinator, when there is one.
+    pub fn coordinator(&self) -> Option<&C> {
+        self.inner.coordinator.as_ref()
     }
 
     /// The generation tracking (exposed for diagnostics and benchmarks).
@@ -267,7 +294,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
             .ok_or_else(|| LookupError::NoRealm { url: url.clone() })?;
 
         // Fast path: a hit costs one read and never touches the coalescing map.
-        if let Some(entry) = self.inner.read_cached(&context.scope, &url).await? {
+        if let Some(entry) = self.inner.read_cached(&self.inner.db, &context.scope, &url).await? {
             if !self.inner.is_expired(&entry) {
                 return Ok(Arc::new(entry));
             }
@@ -301,7 +328,14 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
                         // with it, and waiters get `LoadAborted` instead of hanging, while
                         // the key is free for the next caller.
                         let release = OnDrop(Some(|| inner.release(&key, id)));
-                        let outcome = inner.run_load(&context, &url, snapshot).await;
+                        let outcome = match &inner.coordinator {
+                            Some(coordinator) => {
+                                inner.run_coordinated(coordinator, &context, &url, snapshot).await
+                            }
+                            None => {
+                                inner.run_load(&inner.db, &context, &url, snapshot, false).await
+                            }
+                        };
                         drop(release);
                         // Nobody waiting is fine: the row is persisted either way.
                         tx.send_replace(Some(outcome));
@@ -328,7 +362,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R> {
         let Some(context) = self.inner.context(&url, for_realm).await? else {
             return Ok(None);
         };
-        self.inner.read_cached(&context.scope, &url).await
+        self.inner.read_cached(&self.inner.db, &context.scope, &url).await
     }
 
     /// Cached entries for many modules at once, keyed by stored `url` and by `file_alias`.
@@ -477,7 +511,7 @@ fn is_missing_module(response: &PrerenderResponse, candidate: &str) -> bool {
     only_self(&error.error.deps) && only_self(&response.deps)
 }
 
-impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
+impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<D, P, R, C> {
     fn slots(&self) -> MutexGuard<'_, HashMap<LoadKey, Slot>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -550,11 +584,12 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
     /// candidates of its alias in order, then anything else by URL.
     async fn read_cached(
         &self,
+        store: &impl RowStore,
         scope: &EntryScope,
         url: &str,
     ) -> Result<Option<CacheEntry>, LookupError> {
         let alias = urls::file_alias(url);
-        let rows = self.db.read_rows(scope, url, &alias).await?;
+        let rows = store.read_rows(scope, url, &alias).await?;
         if rows.len() <= 1 {
             return Ok(rows.into_iter().next());
         }
@@ -593,12 +628,21 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
         self.drop_slots(|_| false);
     }
 
-    /// Runs a load, re-running it while invalidations discard its result (SPEC §5 Beyond).
-    async fn run_load(&self, context: &Context, url: &str, first: Snapshot) -> SharedResult {
+    /// Runs a load on `store`, re-running it while invalidations discard its result (SPEC §5
+    /// Beyond). The first attempt reads the cache first only if `read_first` (the caller may
+    /// just have read it).
+    async fn run_load(
+        &self,
+        store: &impl RowStore,
+        context: &Context,
+        url: &str,
+        first: Snapshot,
+        read_first: bool,
+    ) -> SharedResult {
         let mut snapshot = first;
         let mut attempt = 1;
         loop {
-            match self.attempt(context, url, &snapshot, attempt > 1).await? {
+            match self.attempt(store, context, url, &snapshot, read_first || attempt > 1).await? {
                 Attempt::Done(entry) => return Ok(entry),
                 Attempt::Discarded(entry) if attempt >= self.config.max_load_attempts => {
                     tracing::warn!(module = %url, attempt, "result discarded by invalidations again; returning it unpersisted");
@@ -613,19 +657,78 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
         }
     }
 
+    /// SPEC §9: a cold load coalesced across processes. Each round registers a wait for the
+    /// key *before* trying its lock (so the winner's announcement cannot slip in between),
+    /// then either runs the load on the lease's connection and releases it (which announces
+    /// the key, also after a failure), or waits, re-reads, and goes again.
+    async fn run_coordinated(
+        &self,
+        coordinator: &C,
+        context: &Context,
+        url: &str,
+        first: Snapshot,
+    ) -> SharedResult {
+        let key = PopulateKey::for_load(&context.scope, url);
+        let settings = coordinator.settings();
+        let rounds = settings.max_rounds.max(1);
+        let mut first = Some(first);
+        let mut last_wait = Woken::Signalled;
+        for round in 1..=rounds {
+            let mut ticket = coordinator.signals().register(&key);
+            if let Some(lease) = coordinator.try_acquire(&key).await? {
+                drop(ticket);
+                // A snapshot taken now still precedes every read of this load.
+                let snapshot = first.take().unwrap_or_else(|| self.generations.snapshot());
+                let outcome = self.run_load(&lease, context, url, snapshot, true).await;
+                if let Err(error) = lease.release().await {
+                    // The load's writes were in the lease's transaction and are gone with it;
+                    // the result itself is right, so it is still served.
+                    tracing::warn!(%key, %error, "releasing the populate lock failed; the result is served but not cached");
+                }
+                return outcome;
+            }
+            tracing::debug!(%key, round, "another process is populating this module; waiting");
+            last_wait = ticket.wait(settings.wait_timeout).await;
+            if last_wait == Woken::ShutDown {
+                return Err(LookupError::PopulateFailed {
+                    key: key.to_string(),
+                    reason: format!(
+                        "the populate coordinator was shut down while round {round} waited"
+                    ),
+                });
+            }
+            if let Some(entry) = self.read_cached(&self.db, &context.scope, url).await?
+                && !self.is_expired(&entry)
+            {
+                return Ok(Arc::new(entry));
+            }
+        }
+        let last = match last_wait {
+            Woken::TimedOut => format!("timed out after {:?}", settings.wait_timeout),
+            _ => "was woken but found no usable row".to_owned(),
+        };
+        Err(LookupError::PopulateFailed {
+            key: key.to_string(),
+            reason: format!(
+                "another process held its lock in each of {rounds} rounds; the last wait {last}"
+            ),
+        })
+    }
+
     /// One pass of SPEC §3.5 steps 2–4. The caller already read the cache before the first
     /// attempt, so only re-runs read it again.
     async fn attempt(
         &self,
+        store: &impl RowStore,
         context: &Context,
         url: &str,
         snapshot: &Snapshot,
         read_first: bool,
     ) -> Result<Attempt, LookupError> {
         let realm_url = &context.scope.realm_url;
-        let stamp = self.db.begin_load(realm_url, url).await?;
+        let stamp = store.begin_load(realm_url, url).await?;
         if read_first {
-            if let Some(entry) = self.read_cached(&context.scope, url).await? {
+            if let Some(entry) = self.read_cached(store, &context.scope, url).await? {
                 if !self.is_expired(&entry) {
                     return Ok(Attempt::Done(Arc::new(entry)));
                 }
@@ -633,7 +736,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
         }
         for candidate in urls::population_candidates(url) {
             if candidate != url {
-                if let Some(entry) = self.read_cached(&context.scope, &candidate).await? {
+                if let Some(entry) = self.read_cached(store, &context.scope, &candidate).await? {
                     if !self.is_expired(&entry) {
                         return Ok(Attempt::Done(Arc::new(entry)));
                     }
@@ -648,7 +751,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
             if is_missing_module(&response, &candidate) {
                 continue;
             }
-            let entry = Arc::new(self.build_entry(context, &candidate, response).await?);
+            let entry = Arc::new(self.build_entry(store, context, &candidate, response).await?);
 
             let _shared = self.persist_gate.read().await;
             let mut checked: Vec<&str> = vec![url, candidate.as_str(), entry.file_alias.as_str()];
@@ -656,7 +759,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
             if !snapshot.is_current(realm_url, &checked) {
                 return Ok(Attempt::Discarded(entry));
             }
-            return match self.db.upsert(&entry, stamp).await? {
+            return match store.upsert(&entry, stamp).await? {
                 PersistOutcome::Written => Ok(Attempt::Done(entry)),
                 PersistOutcome::Stale => Ok(Attempt::Discarded(entry)),
             };
@@ -668,6 +771,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
     /// appends the errors of dependency rows (SPEC §3.5).
     async fn build_entry(
         &self,
+        store: &impl RowStore,
         context: &Context,
         candidate: &str,
         response: PrerenderResponse,
@@ -703,7 +807,8 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
         }
         error.error.deps = merged.clone();
         entry.deps = merged;
-        let found = self.dependency_errors(&context.scope, &entry.deps, &error.error).await?;
+        let found =
+            self.dependency_errors(store, &context.scope, &entry.deps, &error.error).await?;
         error.error.additional_errors.extend(found);
         entry.error = Some(error);
         Ok(entry)
@@ -713,6 +818,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
     /// de-duplicated by (id, message, status). One batch read per level.
     async fn dependency_errors(
         &self,
+        store: &impl RowStore,
         scope: &EntryScope,
         deps: &[String],
         own: &ErrorDetail,
@@ -731,7 +837,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
             if level.is_empty() {
                 break;
             }
-            let mut rows = self.db.read_rows_batch(scope, &level).await?;
+            let mut rows = store.read_rows_batch(scope, &level).await?;
             // Follow the level's order so the appended errors are deterministic.
             rows.sort_by_key(|row| {
                 level
@@ -757,7 +863,9 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> Inner<D, P, R> {
     }
 }
 
-impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> InvalidationSink for CachingLookup<D, P, R> {
+impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> InvalidationSink
+    for CachingLookup<D, P, R, C>
+{
     fn bump_modules(&self, realm_url: &str, urls: &[String]) {
         self.inner.bump_modules(realm_url, urls);
     }

@@ -37,11 +37,13 @@ pub enum PersistOutcome {
     Stale,
 }
 
-/// Storage for the `modules` table, in cache terms. Each backend writes its own SQL.
+/// The row operations a load needs: read, stamp, write. Each backend writes its own SQL.
 ///
-/// Every method is one round trip (or one transaction) so that the core controls ordering.
-/// Implementations must never leave a half-written row: an upsert lands whole or not at all.
-pub trait DbAdapter: Send + Sync + 'static {
+/// A [`DbAdapter`] is one; so is a [`PopulateLease`](crate::PopulateLease), which runs them on
+/// the connection that holds a cross-process populate lock. Every method is one round trip
+/// (or one transaction) so that the core controls ordering. Implementations must never leave
+/// a half-written row: an upsert lands whole or not at all.
+pub trait RowStore: Send + Sync + 'static {
     /// Rows of `scope` whose `url` is `url` or whose `file_alias` is `alias`, in any order.
     fn read_rows(
         &self,
@@ -73,7 +75,11 @@ pub trait DbAdapter: Send + Sync + 'static {
         entry: &CacheEntry,
         stamp: LoadStamp,
     ) -> impl Future<Output = Result<PersistOutcome, LookupError>> + Send;
+}
 
+/// Storage for the `modules` table, in cache terms: the [`RowStore`] operations plus the
+/// consumer closure and the invalidation (delete and tell peers).
+pub trait DbAdapter: RowStore {
     /// Every row of `realm_url` (any scope or user) that depends, directly or transitively, on
     /// one of `names`: a row whose `deps` contain a name is a consumer, and its `url` and
     /// `file_alias` become names in turn. One query; order does not matter (the core orders).

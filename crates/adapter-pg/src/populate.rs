@@ -1,0 +1,307 @@
+//! Cross-process populate coalescing on Postgres (SPEC §9): one prerender per cold key across
+//! every process sharing the database.
+//!
+//! Per key, a transaction-scoped `pg_try_advisory_xact_lock` on the key's 64-bit hash (the
+//! one-key form, which never overlaps the durable guard's two-key locks). The winner keeps
+//! that transaction open on its pooled connection (the *pinned* connection) and does all of
+//! the load's database work on it, so a process whose every pooled connection is a winner
+//! cannot deadlock waiting for a second one. Releasing commits the load's write and
+//! `pg_notify`s the key on the populate channel in the same transaction: peers are woken
+//! exactly when the row becomes visible. A failed or abandoned load still announces the key,
+//! so losers re-read at once instead of sitting out their timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use deadpool_postgres::Object;
+use lookup_core::{
+    CacheEntry, EntryScope, LoadStamp, LookupError, PersistOutcome, PopulateCoordinator,
+    PopulateKey, PopulateLease, PopulateSettings, PopulateSignals, RowStore,
+};
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::adapter::PgAdapter;
+use crate::error::PgError;
+use crate::store::{self, query_error};
+
+/// Counters of a [`PgPopulateCoordinator`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PgPopulateStats {
+    /// Locks tried (one per round of a cold load; cache hits never try).
+    pub attempts: u64,
+    /// Locks won: loads run by this process.
+    pub acquired: u64,
+    /// Locks held elsewhere: rounds this process waited instead of rendering.
+    pub contended: u64,
+    /// Leases released with their write committed and their key announced.
+    pub released: u64,
+    /// Leases whose transaction failed; the key was announced after a rollback.
+    pub rolled_back: u64,
+    /// Leases dropped without a release (a panicking or cancelled load), cleaned up in the
+    /// background.
+    pub abandoned: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    attempts: AtomicU64,
+    acquired: AtomicU64,
+    contended: AtomicU64,
+    released: AtomicU64,
+    rolled_back: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+/// The Postgres [`PopulateCoordinator`]. Give the same [`PopulateSignals`] to this process's
+/// invalidation listener (`ListenerOptions::populate`), which wakes waiters when peers
+/// announce keys and wakes them all after a reconnect.
+#[derive(Debug, Clone)]
+pub struct PgPopulateCoordinator {
+    adapter: PgAdapter,
+    signals: Arc<PopulateSignals>,
+    settings: PopulateSettings,
+    counters: Arc<Counters>,
+}
+
+impl PgPopulateCoordinator {
+    /// A coordinator that takes its connections from `adapter`'s pool.
+    pub fn new(
+        adapter: &PgAdapter,
+        signals: Arc<PopulateSignals>,
+        settings: PopulateSettings,
+    ) -> Self {
+        PgPopulateCoordinator {
+            adapter: adapter.clone(),
+            signals,
+            settings,
+            counters: Arc::default(),
+        }
+    }
+
+    /// Releases every parked waiter (their loads fail with `PopulateFailed`) and refuses new
+    /// rounds. Idempotent.
+    pub fn shutdown(&self) {
+        self.signals.shutdown();
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> PgPopulateStats {
+        let c = &self.counters;
+        PgPopulateStats {
+            attempts: c.attempts.load(Ordering::Relaxed),
+            acquired: c.acquired.load(Ordering::Relaxed),
+            contended: c.contended.load(Ordering::Relaxed),
+            released: c.released.load(Ordering::Relaxed),
+            rolled_back: c.rolled_back.load(Ordering::Relaxed),
+            abandoned: c.abandoned.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Whether a simple-query reply's first row says `t`.
+fn first_bool(reply: &[SimpleQueryMessage]) -> Option<bool> {
+    reply.iter().find_map(|message| match message {
+        SimpleQueryMessage::Row(row) => row.get(0).map(|v| v == "t"),
+        _ => None,
+    })
+}
+
+impl PopulateCoordinator for PgPopulateCoordinator {
+    type Lease = PgLease;
+
+    fn signals(&self) -> &Arc<PopulateSignals> {
+        &self.signals
+    }
+
+    fn settings(&self) -> PopulateSettings {
+        self.settings
+    }
+
+    async fn try_acquire(&self, key: &PopulateKey) -> Result<Option<PgLease>, LookupError> {
+        if self.signals.is_shut_down() {
+            return Err(LookupError::PopulateFailed {
+                key: key.to_string(),
+                reason: "the populate coordinator is shut down".to_owned(),
+            });
+        }
+        self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        let client = self.adapter.client("populate lock").await?;
+        // One round trip: open the transaction and try the key. The hash is a number we
+        // formatted, so it is safe to inline.
+        let sql = format!("BEGIN; SELECT pg_try_advisory_xact_lock({})", key.hash());
+        let won = match client.simple_query(&sql).await {
+            Ok(reply) => first_bool(&reply).unwrap_or(false),
+            Err(error) => {
+                // The connection's transaction state is unknown: close it rather than pool it.
+                drop(Object::take(client));
+                return Err(query_error("populate lock")(error).into());
+            }
+        };
+        if !won {
+            self.counters.contended.fetch_add(1, Ordering::Relaxed);
+            // The loser does not wait for its rollback: the connection goes back to the pool
+            // once it is done (or is closed if it fails).
+            tokio::spawn(async move {
+                if client.batch_execute("ROLLBACK").await.is_err() {
+                    drop(Object::take(client));
+                }
+            });
+            return Ok(None);
+        }
+        self.counters.acquired.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%key, "won the populate lock");
+        Ok(Some(PgLease {
+            client: Some(client),
+            announce: format!(
+                "SELECT pg_notify('{}', '{}')",
+                self.adapter.config().populate_channel_name(),
+                key.hash()
+            ),
+            guarded: self.adapter.config().guards_persists(),
+            adapter: self.adapter.clone(),
+            counters: Arc::clone(&self.counters),
+        }))
+    }
+}
+
+/// A won populate lock: the pooled connection holding it, inside its open transaction. Every
+/// row operation of the load runs on that connection; [`release`](PopulateLease::release)
+/// commits and announces. Dropped without a release, it rolls back and announces in the
+/// background.
+#[derive(Debug)]
+pub struct PgLease {
+    client: Option<Object>,
+    /// `SELECT pg_notify('<channel>', '<hash>')`; the channel name is validated by `PgConfig`.
+    announce: String,
+    guarded: bool,
+    adapter: PgAdapter,
+    counters: Arc<Counters>,
+}
+
+impl PgLease {
+    fn client(&self) -> Result<&Object, PgError> {
+        self.client.as_ref().ok_or_else(|| PgError::Query {
+            operation: "populate lease",
+            source: "the lease was already released".into(),
+        })
+    }
+}
+
+/// Rolls the lease's transaction back and announces the key outside it; closes the
+/// connection if that fails, which releases the lock anyway. Returns whether it announced.
+async fn roll_back_and_announce(client: Object, announce: &str) -> bool {
+    match client.simple_query(&format!("ROLLBACK; {announce}")).await {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::warn!(%error, "cannot roll back a populate lease; closing its connection");
+            drop(Object::take(client));
+            false
+        }
+    }
+}
+
+impl RowStore for PgLease {
+    async fn read_rows(
+        &self,
+        scope: &EntryScope,
+        url: &str,
+        alias: &str,
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        Ok(store::read_rows(self.client()?, scope, url, alias).await?)
+    }
+
+    async fn read_rows_batch(
+        &self,
+        scope: &EntryScope,
+        names: &[String],
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(store::read_rows_batch(self.client()?, scope, names).await?)
+    }
+
+    async fn begin_load(&self, realm_url: &str, _url: &str) -> Result<LoadStamp, LookupError> {
+        if !self.guarded {
+            return Ok(LoadStamp::UNGUARDED);
+        }
+        Ok(store::stamp(self.client()?, realm_url).await?)
+    }
+
+    /// Writes inside the lease's transaction (visible at release). Guarded, the write runs in
+    /// a savepoint: when the guard refuses it, rolling back to the savepoint also gives back
+    /// the realm's shared lock, so invalidations need not wait for the load's re-run. A
+    /// written row keeps the lock until the commit, as the guard requires.
+    async fn upsert(
+        &self,
+        entry: &CacheEntry,
+        stamp: LoadStamp,
+    ) -> Result<PersistOutcome, LookupError> {
+        let client = self.client()?;
+        let row = store::RowParams::new(entry)?;
+        if !self.guarded || stamp.is_unguarded() {
+            store::plain_upsert(client, &row).await?;
+            return Ok(PersistOutcome::Written);
+        }
+        client.batch_execute("SAVEPOINT populate_persist").await.map_err(query_error("upsert"))?;
+        let outcome = store::guarded_insert(client, &row, stamp).await?;
+        if outcome == PersistOutcome::Stale {
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT populate_persist")
+                .await
+                .map_err(query_error("upsert"))?;
+        }
+        Ok(outcome)
+    }
+}
+
+impl PopulateLease for PgLease {
+    async fn release(mut self) -> Result<(), LookupError> {
+        let Some(client) = self.client.take() else {
+            return Ok(());
+        };
+        // One round trip: the announcement is delivered at the commit, with the row.
+        match client.simple_query(&format!("{}; COMMIT", self.announce)).await {
+            Ok(_) => {
+                self.counters.released.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                // A statement of the load failed earlier (the transaction is aborted), or the
+                // connection broke. Either way nothing was written; wake the losers anyway.
+                self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
+                if !roll_back_and_announce(client, &self.announce).await {
+                    let announced = match self.adapter.client("populate announce").await {
+                        Ok(other) => other.simple_query(&self.announce).await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if !announced {
+                        tracing::warn!(
+                            "cannot announce a failed populate; its waiters will time out"
+                        );
+                    }
+                }
+                Err(query_error("populate release")(error).into())
+            }
+        }
+    }
+}
+
+impl Drop for PgLease {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
+        let announce = std::mem::take(&mut self.announce);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    roll_back_and_announce(client, &announce).await;
+                });
+            }
+            // No runtime to clean up on: closing the connection releases the lock.
+            Err(_) => drop(Object::take(client)),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The row operations of a load (read, stamp, write) over any connection: a pooled one for
+//! [`PgAdapter`](crate::PgAdapter), or the one a populate lease holds its lock on.
+
+use std::future::Future as _;
+use std::task::Poll;
+
+use deadpool_postgres::GenericClient;
+use lookup_core::{CacheEntry, CacheScope, EntryScope, ErrorDoc, LoadStamp, PersistOutcome};
+use serde_json::{Map, Value};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::error::PgError;
+use crate::guard;
+
+const COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
+                       error_doc, created_at, file_alias, diagnostics";
+
+/// What an upsert does when the row exists: replace everything but the key.
+const UPSERT_TAIL: &str = "ON CONFLICT ON CONSTRAINT modules_pkey DO UPDATE SET \
+     resolved_realm_url = EXCLUDED.resolved_realm_url, definitions = EXCLUDED.definitions, \
+     deps = EXCLUDED.deps, error_doc = EXCLUDED.error_doc, created_at = EXCLUDED.created_at, \
+     file_alias = EXCLUDED.file_alias, diagnostics = EXCLUDED.diagnostics";
+
+pub(crate) fn query_error(
+    operation: &'static str,
+) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    move |source| PgError::Query { operation, source: Box::new(source) }
+}
+
+async fn query(
+    client: &impl GenericClient,
+    operation: &'static str,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, PgError> {
+    let statement = client.prepare_cached(sql).await.map_err(query_error(operation))?;
+    client.query(&statement, params).await.map_err(query_error(operation))
+}
+
+/// Rows of `scope` whose url is `url` (found through `url_hash`, the primary key) or whose
+/// alias is `alias`.
+pub(crate) async fn read_rows(
+    client: &impl GenericClient,
+    scope: &EntryScope,
+    url: &str,
+    alias: &str,
+) -> Result<Vec<CacheEntry>, PgError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
+         AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)"
+    );
+    let params: [&(dyn ToSql + Sync); 5] =
+        [&scope.realm_url, &scope.scope.as_str(), &scope.user, &url, &alias];
+    entries(query(client, "read row", &sql, &params).await?)
+}
+
+/// Rows of `scope` whose url or alias is one of `names`.
+pub(crate) async fn read_rows_batch(
+    client: &impl GenericClient,
+    scope: &EntryScope,
+    names: &[String],
+) -> Result<Vec<CacheEntry>, PgError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
+         AND auth_user_id = $3 AND (url_hash = ANY (SELECT md5(n) FROM unnest($4::text[]) AS n) \
+         OR file_alias = ANY ($4))"
+    );
+    let params: [&(dyn ToSql + Sync); 4] =
+        [&scope.realm_url, &scope.scope.as_str(), &scope.user, &names];
+    entries(query(client, "read rows", &sql, &params).await?)
+}
+
+/// The durable guard's stamp of a load in `realm_url` (see guard.rs).
+pub(crate) async fn stamp(
+    client: &impl GenericClient,
+    realm_url: &str,
+) -> Result<LoadStamp, PgError> {
+    let rows = query(client, "stamp load", guard::STAMP, &[&realm_url]).await?;
+    Ok(LoadStamp(rows.first().map(|row| row.get(0)).unwrap_or(0)))
+}
+
+/// A row's columns, encoded once for either kind of write.
+pub(crate) struct RowParams<'a> {
+    entry: &'a CacheEntry,
+    scope: &'static str,
+    definitions: Value,
+    deps: Value,
+    error_doc: Option<Value>,
+    diagnostics: Option<Value>,
+}
+
+impl<'a> RowParams<'a> {
+    pub(crate) fn new(entry: &'a CacheEntry) -> Result<Self, PgError> {
+        let error_doc = match &entry.error {
+            Some(doc) => Some(serde_json::to_value(doc).map_err(|e| PgError::CorruptRow {
+                url: entry.url.clone(),
+                column: "error_doc",
+                source: Box::new(e),
+            })?),
+            None => None,
+        };
+        Ok(RowParams {
+            entry,
+            scope: entry.cache_scope.as_str(),
+            definitions: Value::Object(entry.definitions.clone()),
+            deps: serde_json::to_value(&entry.deps).unwrap_or_default(),
+            error_doc,
+            diagnostics: entry.diagnostics.clone().filter(|v| !v.is_null()),
+        })
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
+        let e = self.entry;
+        [
+            &e.url,
+            &self.scope,
+            &e.auth_user_id,
+            &e.resolved_realm_url,
+            &self.definitions,
+            &self.deps,
+            &self.error_doc,
+            &e.created_at,
+            &e.file_alias,
+            &self.diagnostics,
+        ]
+    }
+}
+
+/// Writes the row unconditionally.
+pub(crate) async fn plain_upsert(
+    client: &impl GenericClient,
+    row: &RowParams<'_>,
+) -> Result<(), PgError> {
+    let sql = format!(
+        "INSERT INTO modules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         {UPSERT_TAIL}"
+    );
+    query(client, "upsert", &sql, &row.params()).await?;
+    Ok(())
+}
+
+/// The guarded write, inside a transaction the caller owns: takes the realm's shared lock and
+/// inserts only if no invalidation newer than `stamp` covers the row. The caller commits (and
+/// must not release the lock before the commit).
+pub(crate) async fn guarded_insert(
+    client: &impl GenericClient,
+    row: &RowParams<'_>,
+    stamp: LoadStamp,
+) -> Result<PersistOutcome, PgError> {
+    let lock =
+        client.prepare_cached(guard::LOCK_REALM_SHARED).await.map_err(query_error("upsert"))?;
+    let sql = format!(
+        "INSERT INTO modules ({COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, \
+         $5::jsonb, $6::jsonb, $7::jsonb, $8::bigint, $9::text, $10::jsonb WHERE {} {UPSERT_TAIL}",
+        guard::FRESH
+    );
+    let insert = client.prepare_cached(&sql).await.map_err(query_error("upsert"))?;
+    let entry = row.entry;
+    let mut checked: Vec<&str> = vec![&entry.url, &entry.file_alias];
+    checked.extend(entry.deps.iter().map(String::as_str));
+    let mut all: Vec<&(dyn ToSql + Sync)> = row.params().to_vec();
+    all.push(&checked);
+    all.push(&stamp.0);
+    // Pipelined: the lock request is written to the connection by the first poll of its
+    // future, before the insert's future even exists, so the server runs the lock first
+    // and the insert (with a fresh snapshot, as its own statement) once the lock is held.
+    // One round trip for both.
+    let lock_params: [&(dyn ToSql + Sync); 3] =
+        [&guard::LOCK_NS_REALM, &entry.resolved_realm_url, &guard::LOCK_NS_GLOBAL];
+    let (locked, written) = {
+        let mut locking = std::pin::pin!(client.execute(&lock, &lock_params));
+        let first_poll = std::future::poll_fn(|cx| Poll::Ready(locking.as_mut().poll(cx))).await;
+        let inserting = client.execute(&insert, &all);
+        let locked = async {
+            match first_poll {
+                Poll::Ready(result) => result,
+                Poll::Pending => locking.await,
+            }
+        };
+        tokio::join!(locked, inserting)
+    };
+    locked.map_err(query_error("upsert"))?;
+    let written = written.map_err(query_error("upsert"))?;
+    Ok(if written == 0 { PersistOutcome::Stale } else { PersistOutcome::Written })
+}
+
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(
+    row_url: &str,
+    column: &'static str,
+    value: Option<Value>,
+) -> Result<Option<T>, PgError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => serde_json::from_value(value).map(Some).map_err(|e| PgError::CorruptRow {
+            url: row_url.to_owned(),
+            column,
+            source: Box::new(e),
+        }),
+    }
+}
+
+fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {
+    let url: String = row.get("url");
+    let scope_text: String = row.get("cache_scope");
+    let cache_scope = CacheScope::parse(&scope_text).ok_or_else(|| PgError::CorruptRow {
+        url: url.clone(),
+        column: "cache_scope",
+        source: format!("unknown scope {scope_text:?}").into(),
+    })?;
+    let definitions: Map<String, Value> =
+        decode_json(&url, "definitions", row.get("definitions"))?.unwrap_or_default();
+    let deps: Vec<String> = decode_json(&url, "deps", row.get("deps"))?.unwrap_or_default();
+    let error: Option<ErrorDoc> = decode_json(&url, "error_doc", row.get("error_doc"))?;
+    let file_alias: Option<String> = row.get("file_alias");
+    Ok(CacheEntry {
+        file_alias: file_alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
+        url,
+        cache_scope,
+        auth_user_id: row.get("auth_user_id"),
+        resolved_realm_url: row.get("resolved_realm_url"),
+        definitions,
+        deps,
+        error,
+        created_at: row.get("created_at"),
+        diagnostics: row.get::<_, Option<Value>>("diagnostics").filter(|v| !v.is_null()),
+    })
+}
+
+fn entries(rows: Vec<Row>) -> Result<Vec<CacheEntry>, PgError> {
+    rows.iter().map(entry_from_row).collect()
+}
