@@ -117,6 +117,17 @@ impl PopulateCoordinator for PgPopulateCoordinator {
         self.settings
     }
 
+    /// Advisory locks are shared by the whole database, so with a schema configured the key
+    /// is prefixed with it: deployments in two schemas never wait on each other's keys. The
+    /// default schema keeps the plain key, as the reference's peers compute it.
+    fn key(&self, scope: &EntryScope, url: &str) -> PopulateKey {
+        let key = PopulateKey::for_load(scope, url);
+        match self.adapter.config().schema_name() {
+            Some(schema) => PopulateKey::from_text(format!("{schema}:{}", key.text())),
+            None => key,
+        }
+    }
+
     async fn try_acquire(&self, key: &PopulateKey) -> Result<Option<PgLease>, LookupError> {
         if self.signals.is_shut_down() {
             return Err(LookupError::PopulateFailed {

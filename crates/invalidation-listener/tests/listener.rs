@@ -877,3 +877,333 @@ async fn a_server_that_accepts_but_never_answers_does_not_stall_the_listener() {
     );
     held.abort();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cross-process populate coalescing (SPEC §9): every "process" is its own adapter (pool and
+// origin), coordinator, signals, listener and renderer, on one shared schema and channels.
+// ---------------------------------------------------------------------------------------------
+
+use adapter_pg::{PgPopulateCoordinator, PopulateSettings, PopulateSignals};
+use lookup_core::{
+    CacheScope, EntryScope, LookupConfig, LookupError, NoRemoteRealms, PopulateCoordinator as _,
+    PopulateKey, PopulateLease as _, Woken,
+};
+
+type Coordinated = CachingLookup<PgAdapter, FakeRenderer, NoRemoteRealms, PgPopulateCoordinator>;
+
+struct Populator {
+    lookup: Coordinated,
+    renderer: FakeRenderer,
+    coordinator: PgPopulateCoordinator,
+    signals: Arc<PopulateSignals>,
+    listener: PgInvalidationListener,
+    events: broadcast::Receiver<ListenerEvent>,
+}
+
+async fn populator(config: &PgConfig, settings: PopulateSettings) -> Populator {
+    let db = bounded("connect", PgAdapter::connect(config.clone())).await.expect("adapter");
+    let renderer = FakeRenderer::default();
+    let signals = Arc::new(PopulateSignals::new());
+    let coordinator = PgPopulateCoordinator::new(&db, Arc::clone(&signals), settings);
+    let lookup = CachingLookup::with_coordinator(
+        db.clone(),
+        renderer.clone(),
+        NoRemoteRealms,
+        LookupConfig::default(),
+        Some(coordinator.clone()),
+    );
+    lookup
+        .register_realm(Realm { url: REALM.into(), owner: "@o:test".into(), public: true })
+        .expect("realm");
+    let listener = bounded(
+        "listener",
+        PgInvalidationListener::start_with(
+            config,
+            Some(db.origin().to_owned()),
+            Arc::new(lookup.clone()),
+            fast_options().populate(signals.clone()),
+        ),
+    )
+    .await
+    .expect("listener");
+    let mut events = listener.subscribe();
+    expect_event(&mut events, ListenerEvent::Connected).await;
+    Populator { lookup, renderer, coordinator, signals, listener, events }
+}
+
+fn populate_config(db: &TestDb, test: &str) -> PgConfig {
+    shared_config(db, test).populate_channel(unique_name(&format!("{test}_populated")))
+}
+
+/// The coalesce key of a public module of [`REALM`], as `coordinator` computes it.
+fn key_of(coordinator: &PgPopulateCoordinator, url: &str) -> PopulateKey {
+    let scope =
+        EntryScope { realm_url: REALM.into(), scope: CacheScope::Public, user: String::new() };
+    coordinator.key(&scope, url)
+}
+
+/// Polls `condition` (bounded). For states that have no event of their own, such as "the
+/// other process has lost the lock and is parked".
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    bounded(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+fn spawn_load(
+    lookup: &Coordinated,
+    url: &str,
+) -> tokio::task::JoinHandle<Result<Arc<lookup_core::CacheEntry>, LookupError>> {
+    let (lookup, url) = (lookup.clone(), url.to_owned());
+    tokio::spawn(async move { lookup.get_module_entry(&url, None).await })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_an_uncontended_acquire_runs_and_wakes_a_peer() {
+    let Some(db) = TestDb::from_env("populate_uncontended") else { return };
+    let config = populate_config(&db, "populate_uncontended");
+    let a = populator(&config, PopulateSettings::default()).await;
+    let mut b = populator(&config, PopulateSettings::default()).await;
+    let url = format!("{REALM}card.gts");
+    a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    let mut ticket = b.signals.register(&key_of(&a.coordinator, &url));
+
+    a.lookup.get_module_entry(&url, None).await.expect("A loads");
+    assert_eq!(a.renderer.calls(&url), 1);
+    let stats = a.coordinator.stats();
+    assert_eq!((stats.attempts, stats.acquired, stats.contended, stats.released), (1, 1, 0, 1));
+    expect_event(
+        &mut b.events,
+        ListenerEvent::Populated { key: key_of(&a.coordinator, &url).hash() },
+    )
+    .await;
+    assert_eq!(
+        bounded("B's wake-up", ticket.wait(Duration::from_secs(600))).await,
+        Woken::Signalled
+    );
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_two_instances_one_prerender_and_the_loser_never_renders() {
+    let Some(db) = TestDb::from_env("populate_contended") else { return };
+    let config = populate_config(&db, "populate_contended");
+    let a = populator(&config, PopulateSettings::default()).await;
+    let b = populator(&config, PopulateSettings::default()).await;
+    let url = format!("{REALM}card.gts");
+    a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    b.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
+    let gate = a.renderer.gate(&url);
+    let a_load = spawn_load(&a.lookup, &url);
+    gate.entered().await; // A holds the key's lock and is rendering
+    let b_load = spawn_load(&b.lookup, &url);
+    until("B to lose the lock", || b.coordinator.stats().contended == 1).await;
+    gate.open();
+
+    let a_entry = bounded("A's load", a_load).await.expect("task").expect("A");
+    let b_entry = bounded("B's load", b_load).await.expect("task").expect("B");
+    assert_eq!(b.renderer.total_calls(), 0, "the loser never runs its render");
+    assert_eq!(a.renderer.calls(&url), 1);
+    assert_eq!(b_entry.definitions, a_entry.definitions, "B serves A's row (version 1)");
+    assert_eq!(b.coordinator.stats().acquired, 0);
+    let signals = b.signals.stats();
+    assert_eq!((signals.waits_signalled, signals.waits_timed_out), (1, 0));
+    assert_eq!(b.signals.waiting(), 0, "tickets are gone with their waits");
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_a_wait_resolves_on_its_keys_notify_not_another_keys_and_on_timeout() {
+    let Some(db) = TestDb::from_env("populate_wait") else { return };
+    let config = populate_config(&db, "populate_wait");
+    let mut a = populator(&config, PopulateSettings::default()).await;
+    let (mine, theirs) = (
+        key_of(&a.coordinator, &format!("{REALM}a.gts")),
+        key_of(&a.coordinator, &format!("{REALM}b.gts")),
+    );
+    let mut waiting = a.signals.register(&mine);
+    let mut other = a.signals.register(&theirs);
+    // A raw pg_notify, as a reference peer would send it.
+    let client = db.client().await;
+    notify(&client, config.populate_channel_name(), &mine.hash().to_string()).await;
+    expect_event(&mut a.events, ListenerEvent::Populated { key: mine.hash() }).await;
+    assert_eq!(
+        bounded("the notified wait", waiting.wait(Duration::from_secs(600))).await,
+        Woken::Signalled
+    );
+    assert_eq!(other.wait(Duration::from_millis(50)).await, Woken::TimedOut);
+    // A malformed announcement is counted and ignored.
+    notify(&client, config.populate_channel_name(), "not-a-number").await;
+    expect_event(&mut a.events, ListenerEvent::Malformed { payload: "not-a-number".into() }).await;
+    a.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_an_announcement_between_the_failed_try_and_the_wait_is_not_lost() {
+    let Some(db) = TestDb::from_env("populate_lost_wakeup") else { return };
+    let config = populate_config(&db, "populate_lost_wakeup");
+    let a = populator(&config, PopulateSettings::default()).await;
+    let mut b = populator(&config, PopulateSettings::default()).await;
+    let key = key_of(&a.coordinator, &format!("{REALM}card.gts"));
+    let lease = a.coordinator.try_acquire(&key).await.expect("try").expect("A wins");
+    // B, as the lookup does it: register, then try.
+    let mut ticket = b.signals.register(&key);
+    assert!(b.coordinator.try_acquire(&key).await.expect("try").is_none(), "B loses");
+    // The worst moment: A announces before B has started waiting.
+    lease.release().await.expect("release");
+    expect_event(&mut b.events, ListenerEvent::Populated { key: key.hash() }).await;
+    let woke = bounded("B's wait", ticket.wait(Duration::from_secs(60))).await;
+    assert_eq!(woke, Woken::Signalled, "the announcement was kept for the registered ticket");
+    // Registering only after the announcement (the reference's order) would miss it.
+    let mut late = b.signals.register(&key);
+    assert_eq!(late.wait(Duration::from_millis(50)).await, Woken::TimedOut);
+    // And the key is free again.
+    let again = b.coordinator.try_acquire(&key).await.expect("try").expect("B wins now");
+    again.release().await.expect("release");
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_shutdown_releases_parked_waiters() {
+    let Some(db) = TestDb::from_env("populate_shutdown") else { return };
+    let config = populate_config(&db, "populate_shutdown");
+    let a = populator(&config, PopulateSettings::default()).await;
+    let b = populator(&config, PopulateSettings::default()).await;
+    let url = format!("{REALM}card.gts");
+    a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    let gate = a.renderer.gate(&url);
+    let a_load = spawn_load(&a.lookup, &url);
+    gate.entered().await;
+    let b_load = spawn_load(&b.lookup, &url);
+    until("B to park", || b.coordinator.stats().contended == 1 && b.signals.waiting() == 1).await;
+    b.coordinator.shutdown();
+    let error = bounded("B's release", b_load).await.expect("task").expect_err("B gives up");
+    assert!(matches!(error, LookupError::PopulateFailed { .. }), "{error:?}");
+    assert!(error.to_string().contains("shut down"), "{error}");
+    assert!(error.to_string().contains(&url), "the error names the key: {error}");
+    gate.open();
+    bounded("A's load", a_load).await.expect("task").expect("A finishes normally");
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_a_cache_hit_never_touches_the_lock() {
+    let Some(db) = TestDb::from_env("populate_hit") else { return };
+    let config = populate_config(&db, "populate_hit");
+    let a = populator(&config, PopulateSettings::default()).await;
+    let b = populator(&config, PopulateSettings::default()).await;
+    let url = format!("{REALM}card.gts");
+    a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    a.lookup.get_module_entry(&url, None).await.expect("seed");
+    // Someone holds the key's lock for good while B reads.
+    let holder = db.client().await;
+    holder.batch_execute("BEGIN").await.expect("begin");
+    let locked: bool = holder
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&key_of(&a.coordinator, &url).hash()])
+        .await
+        .expect("lock")
+        .get(0);
+    assert!(locked);
+    bounded("B's hit", b.lookup.get_module_entry(&url, None)).await.expect("hit");
+    assert_eq!(b.coordinator.stats().attempts, 0, "a hit never tries the lock");
+    assert_eq!(b.renderer.total_calls(), 0);
+    holder.batch_execute("ROLLBACK").await.expect("rollback");
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_winners_on_every_pooled_connection_all_finish() {
+    let Some(db) = TestDb::from_env("populate_pool") else { return };
+    let config = populate_config(&db, "populate_pool").pool_size(2);
+    let a = populator(&config, PopulateSettings::default()).await;
+    let urls: Vec<String> = (0..5).map(|i| format!("{REALM}m{i}.gts")).collect();
+    let gates: Vec<_> = urls
+        .iter()
+        .map(|url| {
+            a.renderer.set(url, FakeModule::ready(&["M"], &[]));
+            a.renderer.gate(url)
+        })
+        .collect();
+    let loads: Vec<_> = urls.iter().map(|url| spawn_load(&a.lookup, url)).collect();
+    // Two winners render while holding both pooled connections; they must finish their
+    // loads (stamp, write, release) without asking the pool for another.
+    until("two winners holding the pool", || a.coordinator.stats().acquired == 2).await;
+    for gate in &gates {
+        gate.open();
+    }
+    for load in loads {
+        bounded("a winner's load", load).await.expect("task").expect("load");
+    }
+    for url in &urls {
+        assert_eq!(a.renderer.calls(url), 1, "{url}");
+    }
+    let stats = a.coordinator.stats();
+    assert_eq!((stats.acquired, stats.released, stats.contended), (5, 5, 0));
+    a.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_a_failing_or_panicking_winner_wakes_the_losers_at_once() {
+    let Some(db) = TestDb::from_env("populate_failing") else { return };
+    let config = populate_config(&db, "populate_failing");
+    // Far beyond the test's bound: a loser that waited out its timeout would fail the test.
+    let patient = PopulateSettings { wait_timeout: Duration::from_secs(600), max_rounds: 4 };
+    let a = populator(&config, patient).await;
+    let b = populator(&config, patient).await;
+    for (round, module) in
+        [FakeModule::RendererFails("renderer down".into()), FakeModule::RendererPanics]
+            .into_iter()
+            .enumerate()
+    {
+        let url = format!("{REALM}card{round}.gts");
+        a.renderer.set(&url, module);
+        b.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+        let gate = a.renderer.gate(&url);
+        let a_load = spawn_load(&a.lookup, &url);
+        gate.entered().await;
+        let contended = b.coordinator.stats().contended;
+        let b_load = spawn_load(&b.lookup, &url);
+        until("B to lose the lock", || b.coordinator.stats().contended == contended + 1).await;
+        gate.open();
+        let a_result = bounded("A's load", a_load).await;
+        assert!(!matches!(a_result, Ok(Ok(_))), "A's render failed: {a_result:?}");
+        bounded("B's load", b_load).await.expect("task").expect("B renders it itself");
+        assert_eq!(b.renderer.calls(&url), 1, "{url}");
+    }
+    assert_eq!(b.signals.stats().waits_timed_out, 0, "woken, not timed out");
+    let a_stats = a.coordinator.stats();
+    assert_eq!((a_stats.rolled_back + a_stats.released, a_stats.abandoned), (1, 1));
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_a_listener_resync_wakes_every_waiter() {
+    let Some(db) = TestDb::from_env("populate_resync") else { return };
+    let config = populate_config(&db, "populate_resync");
+    let mut a = populator(&config, PopulateSettings::default()).await;
+    let mut ticket = a.signals.register(&key_of(&a.coordinator, &format!("{REALM}card.gts")));
+    let pid = a.listener.backend_pid().expect("pid");
+    let client = db.client().await;
+    client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("terminate");
+    assert!(matches!(
+        next_event(&mut a.events, "Disconnected").await,
+        ListenerEvent::Disconnected { .. }
+    ));
+    expect_event(&mut a.events, ListenerEvent::Connected).await;
+    expect_event(&mut a.events, ListenerEvent::Resync).await;
+    assert_eq!(
+        bounded("the wake-up", ticket.wait(Duration::from_secs(600))).await,
+        Woken::Signalled
+    );
+    assert_eq!(a.signals.stats().wake_alls, 1);
+    a.listener.shutdown().await;
+}

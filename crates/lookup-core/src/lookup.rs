@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::error::LookupError;
 use crate::generations::{Generations, Snapshot};
-use crate::populate::{PopulateCoordinator, PopulateKey, PopulateLease, Uncoordinated, Woken};
+use crate::populate::{PopulateCoordinator, PopulateLease, Uncoordinated, Woken};
 use crate::traits::{
     DbAdapter, InvalidationSink, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe, RowStore,
 };
@@ -668,7 +668,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         url: &str,
         first: Snapshot,
     ) -> SharedResult {
-        let key = PopulateKey::for_load(&context.scope, url);
+        let key = coordinator.key(&context.scope, url);
         let settings = coordinator.settings();
         let rounds = settings.max_rounds.max(1);
         let mut first = Some(first);

@@ -59,7 +59,8 @@ impl PopulateKey {
         PopulateKey { text, hash }
     }
 
-    /// The key as text (`realm|scope|user|url`), as error messages name it.
+    /// The key as text (`realm|scope|user|url`, maybe with a coordinator's prefix), as error
+    /// messages name it.
     pub fn text(&self) -> &str {
         &self.text
     }
@@ -112,6 +113,12 @@ pub trait PopulateCoordinator: Send + Sync + 'static {
 
     /// Timeouts and rounds.
     fn settings(&self) -> PopulateSettings;
+
+    /// The key of a load of `url` in `scope`. Override to keep coordinators that share a lock
+    /// space apart (Postgres advisory locks are per database, not per schema).
+    fn key(&self, scope: &EntryScope, url: &str) -> PopulateKey {
+        PopulateKey::for_load(scope, url)
+    }
 
     /// Tries the lock of `key` without waiting: `Some` when this process won it.
     fn try_acquire(
