@@ -13,7 +13,9 @@
 //! "from the return" would be zero at the median.
 //!
 //! Keys beyond the (`invalidate_call_p50_us`, `fanout_closure_query_10k_ms`,
-//! `propagation_applied_before_return_fraction`) explain a number rather than set a goal.
+//! `propagation_applied_before_return_fraction`, and `miss_p50_us` /
+//! `coordinated_miss_p50_us` / `populate_miss_overhead_us`, the price of `--coordinate`) explain
+//! a number rather than set a goal.
 //! `run` records the sample counts; `not_measured` lists what is missing and why.
 //!
 //! Not measured yet: `l1_hit_p50_us` (the in-process tier does not exist).
@@ -24,13 +26,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use adapter_pg::tokio_postgres::{self, AsyncMessage, NoTls};
-use adapter_pg::{PgAdapter, PgConfig};
+use adapter_pg::{PgAdapter, PgConfig, PgPopulateCoordinator, PopulateSettings, PopulateSignals};
 use adapter_sqlite::SqliteAdapter;
 use anyhow::{Context as _, Result, bail};
 use invalidation_listener::PgInvalidationListener;
 use lookup_core::{
-    CachingLookup, CodeRef, DbAdapter, InvalidationSink, LookupError, PrerenderRequest,
-    PrerenderResponse, Prerenderer, Realm, urls,
+    CachingLookup, CodeRef, DbAdapter, InvalidationSink, LookupConfig, LookupError, NoRemoteRealms,
+    PrerenderRequest, PrerenderResponse, Prerenderer, Realm, urls,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
@@ -209,6 +211,9 @@ impl Summary {
             ("fanout_speedup", ">= 20"),
             ("fanout_closure_query_10k_ms", ""),
             ("coalesce_1000_prerenders", "1"),
+            ("miss_p50_us", ""),
+            ("coordinated_miss_p50_us", ""),
+            ("populate_miss_overhead_us", ""),
             ("generation_state_bytes_after_1m_invalidations", "<= 1048576"),
             ("l1_hit_p50_us", "<= 5"),
             ("sqlite_hit_p50_us", ""),
@@ -321,7 +326,9 @@ impl PgBench {
         eprintln!("bench: fan-out of {} modules, one query vs a walk", sizes.fanout_modules);
         self.measure_fanout(sizes, summary).await?;
         eprintln!("bench: {} concurrent cold lookups", sizes.coalesce_lookups);
-        self.measure_coalescing(sizes, summary).await
+        self.measure_coalescing(sizes, summary).await?;
+        eprintln!("bench: miss with vs without populate coalescing ({} pairs)", sizes.hop_samples);
+        self.measure_populate_cost(sizes, summary).await
     }
 
     /// Drops the run's schema. Best effort: a failure is only reported.
@@ -581,6 +588,42 @@ impl PgBench {
             joined.context("a lookup task panicked")??;
         }
         summary.set("coalesce_1000_prerenders", lookup.prerenderer().count() as f64);
+        Ok(())
+    }
+}
+
+impl PgBench {
+    /// What cross-process populate coalescing adds to an uncontended miss (instant render):
+    /// the lock's transaction and the announcement, next to the same miss without it.
+    async fn measure_populate_cost(&self, sizes: &Sizes, summary: &mut Summary) -> Result<()> {
+        let db = self.lookup.db().clone();
+        let signals = Arc::new(PopulateSignals::new());
+        let coordinator = PgPopulateCoordinator::new(&db, signals, PopulateSettings::default());
+        let coordinated = CachingLookup::with_coordinator(
+            db,
+            CountingRenderer::default(),
+            NoRemoteRealms,
+            LookupConfig::default(),
+            Some(coordinator),
+        );
+        coordinated.register_realm(public_realm(REALM))?;
+        let (mut plain, mut with) = (Vec::new(), Vec::new());
+        for i in 0..sizes.hop_samples {
+            let started = Instant::now();
+            self.lookup
+                .lookup_definition(&CodeRef::new(format!("{REALM}miss-{i}.gts"), EXPORT), None)
+                .await?;
+            plain.push(micros(started.elapsed()));
+            let started = Instant::now();
+            coordinated
+                .lookup_definition(&CodeRef::new(format!("{REALM}cmiss-{i}.gts"), EXPORT), None)
+                .await?;
+            with.push(micros(started.elapsed()));
+        }
+        let (plain, with) = (quantile(&mut plain, 0.5), quantile(&mut with, 0.5));
+        summary.set("miss_p50_us", plain);
+        summary.set("coordinated_miss_p50_us", with);
+        summary.set("populate_miss_overhead_us", with - plain);
         Ok(())
     }
 }

@@ -18,12 +18,15 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use adapter_pg::{PgAdapter, PgConfig};
+use adapter_pg::{PgAdapter, PgConfig, PgPopulateCoordinator, PopulateSettings, PopulateSignals};
 use adapter_sqlite::SqliteAdapter;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use invalidation_listener::PgInvalidationListener;
-use lookup_core::{CachingLookup, CodeRef, DbAdapter, InvalidationSink, LookupError, Realm};
+use invalidation_listener::{ListenerOptions, PgInvalidationListener};
+use lookup_core::{
+    CachingLookup, CodeRef, DbAdapter, InvalidationSink, LookupError, NoRemoteRealms,
+    PopulateCoordinator, Realm, Uncoordinated,
+};
 use serde_json::json;
 
 use crate::files::FilePrerenderer;
@@ -55,6 +58,16 @@ struct Cli {
     /// Milliseconds the file prerenderer waits after reading a module, to make renders slow.
     #[arg(long, value_name = "N", default_value_t = 0)]
     prerender_delay_ms: u64,
+
+    /// Coalesce cold loads across processes (Postgres): of all the processes missing the
+    /// same module at once, one prerenders it and the others wait for its row.
+    #[arg(long)]
+    coordinate: bool,
+
+    /// With `--coordinate`: how long one wait for another process's prerender lasts before
+    /// trying again (at most 4 rounds).
+    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    populate_timeout_secs: u64,
 
     /// For the soak test's control run only: turns off the NOTIFY broadcast of invalidations,
     /// the durable persist guard, and the invalidation listener (Postgres). Peers can then
@@ -187,9 +200,12 @@ async fn run(cli: Cli) -> Result<()> {
         if matches!(cli.command, Command::SoakWorker(_)) {
             bail!("`soak-worker` needs a Postgres database: it is about sharing one");
         }
+        if cli.coordinate {
+            bail!("--coordinate needs a Postgres database: an SQLite file has one process");
+        }
         let db = SqliteAdapter::from_url(&db_url)
             .with_context(|| format!("cannot open database {db_url}"))?;
-        execute(&build_lookup(db, &cli)?, &cli).await
+        execute(&build_lookup::<_, Uncoordinated>(db, &cli, None)?, &cli).await
     } else if db_url.starts_with("postgres://") || db_url.starts_with("postgresql://") {
         let mut config = PgConfig::new(db_url);
         if cli.unsafe_mode {
@@ -211,18 +227,35 @@ async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
     if matches!(cli.command, Command::Listen) {
         return listen(&config).await;
     }
-    let lookup = build_lookup(db.clone(), &cli)?;
-    // A render can take long: listen while it runs, so a peer's invalidation of the module
-    // discards our stale result instead of letting us persist it. `--unsafe` (the soak's
-    // control run) deliberately does without.
+    if cli.coordinate && cli.unsafe_mode {
+        bail!("--coordinate needs the invalidation listener, which --unsafe turns off");
+    }
     let renders = matches!(
         cli.command,
         Command::Lookup { .. } | Command::Entry { .. } | Command::SoakWorker(_)
     );
+    let signals = Arc::new(PopulateSignals::new());
+    let coordinator = (cli.coordinate && renders).then(|| {
+        let settings = PopulateSettings {
+            wait_timeout: Duration::from_secs(cli.populate_timeout_secs),
+            ..PopulateSettings::default()
+        };
+        PgPopulateCoordinator::new(&db, Arc::clone(&signals), settings)
+    });
+    let lookup = build_lookup(db.clone(), &cli, coordinator.clone())?;
+    // A render can take long: listen while it runs, so a peer's invalidation of the module
+    // discards our stale result instead of letting us persist it (and, coordinated, so a
+    // peer's finished prerender wakes us). `--unsafe` (the soak's control run) deliberately
+    // does without invalidations.
     let listener = if renders && !cli.unsafe_mode {
         let sink: Arc<dyn InvalidationSink> = Arc::new(lookup.clone());
         let origin = Some(db.origin().to_owned());
-        Some(PgInvalidationListener::start(&config, origin, sink).await.context("cannot LISTEN")?)
+        let mut options = ListenerOptions::default();
+        if coordinator.is_some() {
+            options = options.populate(signals);
+        }
+        let started = PgInvalidationListener::start_with(&config, origin, sink, options).await;
+        Some(started.context("cannot LISTEN")?)
     } else {
         None
     };
@@ -230,6 +263,14 @@ async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
         Command::SoakWorker(args) => soak_worker::run(&lookup, &cli.realms, args).await,
         _ => execute(&lookup, &cli).await,
     };
+    if let Some(coordinator) = &coordinator {
+        let stats = coordinator.stats();
+        tracing::info!(
+            acquired = stats.acquired,
+            contended = stats.contended,
+            "cross-process populate coalescing"
+        );
+    }
     if let Some(listener) = listener {
         listener.shutdown().await;
     }
@@ -288,8 +329,15 @@ impl InvalidationSink for IgnoreBumps {
     fn bump_global(&self) {}
 }
 
+/// The lookup the commands run on.
+type CliLookup<D, C> = CachingLookup<D, FilePrerenderer, NoRemoteRealms, C>;
+
 /// Builds the lookup over `db` with the command line's realms.
-fn build_lookup<D: DbAdapter>(db: D, cli: &Cli) -> Result<CachingLookup<D, FilePrerenderer>> {
+fn build_lookup<D: DbAdapter, C: PopulateCoordinator>(
+    db: D,
+    cli: &Cli,
+    coordinator: Option<C>,
+) -> Result<CliLookup<D, C>> {
     let mut prerenderer = FilePrerenderer::new(cli.realms.clone());
     if cli.prerender_delay_ms > 0 {
         prerenderer = prerenderer.with_delay(Duration::from_millis(cli.prerender_delay_ms));
@@ -297,7 +345,9 @@ fn build_lookup<D: DbAdapter>(db: D, cli: &Cli) -> Result<CachingLookup<D, FileP
     if let Command::SoakWorker(args) = &cli.command {
         prerenderer = prerenderer.with_jitter(Duration::from_millis(args.jitter_ms));
     }
-    let lookup = CachingLookup::new(db, prerenderer);
+    let config = lookup_core::LookupConfig::default();
+    let lookup =
+        CachingLookup::with_coordinator(db, prerenderer, NoRemoteRealms, config, coordinator);
     for (url, dir) in &cli.realms {
         if !dir.is_dir() {
             bail!("realm directory {} does not exist or is not a directory", dir.display());
@@ -331,8 +381,8 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-async fn execute<D: DbAdapter>(
-    lookup: &CachingLookup<D, FilePrerenderer>,
+async fn execute<D: DbAdapter, C: PopulateCoordinator>(
+    lookup: &CliLookup<D, C>,
     cli: &Cli,
 ) -> Result<()> {
     let renders_before = lookup.prerenderer().prerender_count();

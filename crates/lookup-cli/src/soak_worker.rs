@@ -32,8 +32,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use adapter_pg::PgAdapter;
+use adapter_pg::PgPopulateCoordinator;
 use anyhow::{Context as _, Result, bail};
-use lookup_core::{CachingLookup, CodeRef};
+use lookup_core::{CachingLookup, CodeRef, NoRemoteRealms};
 
 use crate::files::{FilePrerenderer, source_version, splitmix64};
 
@@ -78,7 +79,7 @@ pub(crate) struct SoakArgs {
     ack_file: Option<PathBuf>,
 }
 
-type SoakLookup = CachingLookup<PgAdapter, FilePrerenderer>;
+type SoakLookup = CachingLookup<PgAdapter, FilePrerenderer, NoRemoteRealms, PgPopulateCoordinator>;
 
 /// What the tasks did, shared by all of them.
 #[derive(Debug, Default)]

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -322,6 +323,57 @@ fn a_peers_invalidation_during_a_slow_render_is_not_persisted_stale() {
     assert_eq!(entry["prerendered"], false);
     let key = format!("{REALM}pet/Pet");
     assert_eq!(entry["definitions"][&key]["extends"], "Animal", "no stale row was persisted");
+}
+
+/// Starts `n` lookups of one cold module together, each its own process; returns their
+/// answers and the time from the first start to the last exit.
+fn herd(f: &Fixture, db: &str, n: usize, extra: &[&str], module: &str) -> (Vec<Value>, Duration) {
+    let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
+    let started = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_deflookup"))
+                .args(["--db", db, "--realm", &realm, "--prerender-delay-ms", "2000"])
+                .args(extra)
+                .args(["lookup", module, "Pet"])
+                .env_remove("RUST_LOG")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("lookup starts")
+        })
+        .collect();
+    let answers = children
+        .into_iter()
+        .map(|child| {
+            let output = child.wait_with_output().expect("lookup ends");
+            assert!(output.status.success(), "a lookup failed: {}", stderr(&output));
+            serde_json::from_slice(&output.stdout).expect("JSON")
+        })
+        .collect();
+    (answers, started.elapsed())
+}
+
+fn prerendered(answers: &[Value]) -> usize {
+    answers.iter().filter(|a| a["prerendered"] == true).count()
+}
+
+#[test]
+fn coordinate_turns_a_herd_of_four_cold_lookups_into_one_prerender() {
+    let Some(db) = fresh_pg_database("coordinate_herd") else { return };
+    let f = Fixture::new();
+    f.write("herd.gts", "export class Pet {}\n");
+    f.write("control.gts", "export class Pet {}\n");
+    let (answers, elapsed) = herd(&f, &db, 4, &["--coordinate"], "herd.gts");
+    assert_eq!(prerendered(&answers), 1, "one prerender for four processes: {answers:?}");
+    assert!(answers.iter().all(|a| a["definition"] == answers[0]["definition"]));
+    assert!(
+        elapsed < Duration::from_millis(4000),
+        "everyone is served by the one 2 s render, well within two: {elapsed:?}"
+    );
+    // The control: the same herd without coordination prerenders in several processes.
+    let (answers, _) = herd(&f, &db, 4, &[], "control.gts");
+    assert!(prerendered(&answers) >= 2, "without --coordinate the herd renders: {answers:?}");
 }
 
 #[test]
