@@ -1207,3 +1207,32 @@ async fn populate_a_listener_resync_wakes_every_waiter() {
     assert_eq!(a.signals.stats().wake_alls, 1);
     a.listener.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_gives_up_after_four_rounds_with_an_error_naming_the_key() {
+    let Some(db) = TestDb::from_env("populate_rounds") else { return };
+    let config = populate_config(&db, "populate_rounds");
+    let a = populator(&config, PopulateSettings::default()).await;
+    let impatient = PopulateSettings { wait_timeout: Duration::from_millis(20), max_rounds: 4 };
+    let b = populator(&config, impatient).await;
+    let url = format!("{REALM}card.gts");
+    b.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    // A holds the key and never finishes while B tries.
+    let lease = a.coordinator.try_acquire(&key_of(&a.coordinator, &url)).await.unwrap().unwrap();
+    let error =
+        bounded("B's rounds", b.lookup.get_module_entry(&url, None)).await.expect_err("B gives up");
+    let text = error.to_string();
+    assert!(matches!(error, LookupError::PopulateFailed { .. }), "{error:?}");
+    assert!(
+        text.contains(&url) && text.contains("4 rounds") && text.contains("timed out"),
+        "{text}"
+    );
+    assert_eq!(b.coordinator.stats().contended, 4);
+    assert_eq!(b.renderer.total_calls(), 0);
+    lease.release().await.expect("release");
+    // Once the key is free, B loads.
+    b.lookup.get_module_entry(&url, None).await.expect("B loads now");
+    assert_eq!(b.renderer.calls(&url), 1);
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
