@@ -4,29 +4,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
-use lookup_core::wire::encode_payloads;
 use lookup_core::{
     CacheEntry, ConsumerRow, DbAdapter, EntryScope, Invalidation, LoadStamp, LookupError,
-    PersistOutcome, RowStore,
+    ModulesInvalidated, PersistOutcome, RowStore,
 };
 use tokio_postgres::NoTls;
 
 use crate::config::PgConfig;
 use crate::error::PgError;
+use crate::invalidate::{self, Applied, Failure, Plan};
+use crate::schema;
 use crate::store::{self, query_error};
-use crate::{guard, schema};
-
-/// The consumer closure of names `$2` in realm `$1`, in one recursive query. Each step finds
-/// rows whose deps contain a name with `@>`, which the GIN index on deps answers without
-/// scanning the realm; UNION de-duplicates, so a dependency cycle ends.
-const CONSUMERS: &str = "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
-        SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
-        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
-      UNION \
-        SELECT m.url, m.file_alias, m.deps FROM consumer c \
-        CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
-        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
-    ) SELECT url, file_alias, deps FROM consumer";
 
 /// Counters of what the adapter broadcast.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -146,115 +134,56 @@ impl PgAdapter {
         self.pool.get().await.map_err(|e| PgError::Query { operation, source: Box::new(e) })
     }
 
-    /// Deletes what `invalidation` covers; returns the number of rows.
-    async fn delete(
-        client: &impl deadpool_postgres::GenericClient,
-        invalidation: &Invalidation,
-    ) -> Result<u64, tokio_postgres::Error> {
-        match invalidation {
-            Invalidation::Modules { realm_url, urls } => {
-                client
-                    .execute(
-                        "DELETE FROM modules WHERE resolved_realm_url = $1 AND \
-                         (url_hash = ANY (SELECT md5(u) FROM unnest($2::text[]) AS u) \
-                          OR file_alias = ANY ($2))",
-                        &[realm_url, urls],
-                    )
-                    .await
-            }
-            Invalidation::Realm { realm_url } => {
-                client
-                    .execute("DELETE FROM modules WHERE resolved_realm_url = $1", &[realm_url])
-                    .await
-            }
-            Invalidation::Global => client.execute("DELETE FROM modules", &[]).await,
-        }
-    }
-
-    /// One attempt: the guard record, the DELETE and every NOTIFY in one transaction; returns
-    /// the rows deleted and the payloads sent. The error says whether the invalidation itself
-    /// failed (`Err(Ok(e))`) or only what came after its DELETE (`Err(Err(e))`).
-    async fn invalidate_in_transaction(
-        &self,
-        client: &mut Object,
-        invalidation: &Invalidation,
-        broadcast: bool,
-    ) -> Result<(u64, usize), Result<tokio_postgres::Error, tokio_postgres::Error>> {
-        let tx = client.transaction().await.map_err(Ok)?;
-        let effective = if self.config.guards_persists() {
-            self.record(&tx, invalidation).await.map_err(Ok)?
-        } else {
-            invalidation.clone()
+    /// One invalidation transaction, with the broadcast policy: if the transaction fails at a
+    /// NOTIFY or at COMMIT, it is retried once; if that fails too, it runs once more without
+    /// its NOTIFYs (the guard record and the DELETE still land) and a warning is logged.
+    /// Rationale: the rows are shared, so the delete is what every peer reads; the broadcast
+    /// only stops peers' in-flight loads from persisting, which the durable guard (or the
+    /// next invalidation) also covers, whereas failing the whole invalidation would leave
+    /// stale rows for everyone.
+    async fn invalidate(&self, request: &Invalidation) -> Result<Applied, LookupError> {
+        let horizon_secs = self.config.guard_horizon_duration().as_secs_f64();
+        let guarded = self.config.guards_persists();
+        let broadcasting = Plan {
+            guarded,
+            notify: self.config.broadcasts().then(|| (self.config.channel_name(), &*self.origin)),
+            horizon_secs,
         };
-        let deleted = Self::delete(&tx, &effective).await.map_err(Ok)?;
-        let payloads = if broadcast && self.config.broadcasts() {
-            encode_payloads(&effective, Some(&self.origin))
-        } else {
-            Vec::new()
-        };
-        let channel = self.config.channel_name();
-        for payload in &payloads {
-            tx.execute("SELECT pg_notify($1, $2)", &[&channel, payload]).await.map_err(Err)?;
-        }
-        // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
-        tx.commit().await.map_err(Err)?;
-        Ok((deleted, payloads.len()))
-    }
-
-    /// Takes the invalidation's lock and records it for the durable guard (see guard.rs).
-    /// Returns what to delete and broadcast: for a module fan-out, the fan-out plus every
-    /// consumer of it persisted since the caller computed it.
-    ///
-    /// The caller's fan-out was computed before this lock was held, so a peer may have
-    /// persisted a new consumer in between (its guarded persist saw no record yet and landed).
-    /// Under the lock the closure is computed again: every persist that committed earlier is
-    /// visible to this statement, and every later one waits for the lock and then sees the
-    /// records written here.
-    async fn record(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        invalidation: &Invalidation,
-    ) -> Result<Invalidation, tokio_postgres::Error> {
-        match invalidation {
-            Invalidation::Modules { realm_url, urls } => {
-                let lock = tx.prepare_cached(guard::LOCK_REALM_EXCLUSIVE).await?;
-                tx.execute(&lock, &[&guard::LOCK_NS_REALM, realm_url, &guard::LOCK_NS_GLOBAL])
-                    .await?;
-                let closure = tx.prepare_cached(CONSUMERS).await?;
-                let mut urls = urls.clone();
-                for row in tx.query(&closure, &[realm_url, &urls]).await? {
-                    for name in [
-                        row.get::<_, String>(0),
-                        row.get::<_, Option<String>>(1).unwrap_or_default(),
-                    ] {
-                        if !name.is_empty() && !urls.contains(&name) {
-                            urls.push(name);
-                        }
-                    }
+        let mut last_error = None;
+        for attempt in 1..=2 {
+            let client = self.client("invalidate").await?;
+            match invalidate::run(client, request, &broadcasting).await {
+                Ok(applied) => {
+                    self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .payloads_sent
+                        .fetch_add(applied.payloads as u64, Ordering::Relaxed);
+                    return Ok(applied);
                 }
-                let record = tx.prepare_cached(guard::RECORD_MODULES).await?;
-                tx.execute(&record, &[realm_url, &urls]).await?;
-                let horizon = self.config.guard_horizon_duration().as_secs_f64();
-                let prune = tx.prepare_cached(guard::PRUNE).await?;
-                tx.execute(&prune, &[realm_url, &horizon]).await?;
-                Ok(Invalidation::Modules { realm_url: realm_url.clone(), urls })
-            }
-            Invalidation::Realm { realm_url } => {
-                let lock = tx.prepare_cached(guard::LOCK_REALM_EXCLUSIVE).await?;
-                tx.execute(&lock, &[&guard::LOCK_NS_REALM, realm_url, &guard::LOCK_NS_GLOBAL])
-                    .await?;
-                let record = tx.prepare_cached(guard::RECORD_CLEAR).await?;
-                tx.execute(&record, &[realm_url]).await?;
-                Ok(invalidation.clone())
-            }
-            Invalidation::Global => {
-                let lock = tx.prepare_cached(guard::LOCK_GLOBAL_EXCLUSIVE).await?;
-                tx.execute(&lock, &[&guard::LOCK_NS_GLOBAL]).await?;
-                let record = tx.prepare_cached(guard::RECORD_CLEAR).await?;
-                tx.execute(&record, &[&""]).await?;
-                Ok(invalidation.clone())
+                Err(Failure::Invalidation(error)) => return Err(error.into()),
+                Err(Failure::Broadcast(error)) => {
+                    self.counters.broadcast_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(attempt, %error, "invalidation broadcast failed");
+                    last_error = Some(error);
+                }
             }
         }
+        let silent = Plan { guarded, notify: None, horizon_secs };
+        let client = self.client("invalidate").await?;
+        let applied = match invalidate::run(client, request, &silent).await {
+            Ok(applied) => applied,
+            Err(Failure::Invalidation(error) | Failure::Broadcast(error)) => {
+                return Err(error.into());
+            }
+        };
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.counters.unbroadcast_deletes.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            error = %last_error.map(|e| e.to_string()).unwrap_or_default(),
+            deleted = applied.deleted,
+            "rows deleted WITHOUT a broadcast: peers' in-flight loads may persist stale rows"
+        );
+        Ok(applied)
     }
 }
 
@@ -316,67 +245,38 @@ impl DbAdapter for PgAdapter {
         names: &[String],
     ) -> Result<Vec<ConsumerRow>, LookupError> {
         let client = self.client("consumer closure").await?;
-        let statement =
-            client.prepare_cached(CONSUMERS).await.map_err(query_error("consumer closure"))?;
+        let statement = client
+            .prepare_cached(invalidate::CONSUMERS)
+            .await
+            .map_err(query_error("consumer closure"))?;
         let rows = client
             .query(&statement, &[&realm_url, &names])
             .await
             .map_err(query_error("consumer closure"))?;
-        rows.iter()
-            .map(|row| {
-                let url: String = row.get(0);
-                let deps: Vec<String> =
-                    store::decode_json(&url, "deps", row.get(2))?.unwrap_or_default();
-                let alias: Option<String> = row.get(1);
-                Ok(ConsumerRow {
-                    file_alias: alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
-                    url,
-                    deps,
-                })
-            })
-            .collect::<Result<_, PgError>>()
-            .map_err(LookupError::from)
+        Ok(invalidate::consumer_rows(&rows)?)
     }
 
-    /// DELETE and NOTIFY in one transaction. If the transaction fails after its DELETE (at a
-    /// NOTIFY or at COMMIT), it is retried once; if that fails too, the rows are deleted
-    /// without a broadcast and a warning is logged. Rationale: the rows are shared, so the
-    /// delete is what every peer reads; the broadcast only stops peers' in-flight loads from
-    /// persisting, which the next invalidation (or the durable guard) also covers, whereas
-    /// failing the whole invalidation would leave stale rows for everyone.
+    /// DELETE and NOTIFY in one transaction of two round trips (see invalidate.rs); for a
+    /// module fan-out, consumers persisted since `invalidation` was computed are added under
+    /// the realm's lock. Broadcast failures: see [`PgAdapter::invalidate`].
     async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<u64, LookupError> {
-        let mut client = self.client("invalidate").await?;
-        let mut last_error = None;
-        for attempt in 1..=2 {
-            match self.invalidate_in_transaction(&mut client, invalidation, true).await {
-                Ok((deleted, sent)) => {
-                    self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-                    self.counters.payloads_sent.fetch_add(sent as u64, Ordering::Relaxed);
-                    return Ok(deleted);
-                }
-                Err(Ok(delete_error)) => return Err(query_error("invalidate")(delete_error).into()),
-                Err(Err(broadcast_error)) => {
-                    self.counters.broadcast_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(attempt, error = %broadcast_error, "invalidation broadcast failed");
-                    last_error = Some(broadcast_error);
-                    if client.is_closed() {
-                        client = self.client("invalidate").await?;
-                    }
-                }
-            }
-        }
-        // The same transaction without its NOTIFYs: the guard record and the DELETE still land.
-        let (deleted, _) = self
-            .invalidate_in_transaction(&mut client, invalidation, false)
-            .await
-            .map_err(|e| query_error("invalidate")(e.unwrap_or_else(|e| e)))?;
-        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-        self.counters.unbroadcast_deletes.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            error = %last_error.map(|e| e.to_string()).unwrap_or_default(),
-            deleted,
-            "rows deleted WITHOUT a broadcast: peers' in-flight loads may persist stale rows"
-        );
-        Ok(deleted)
+        Ok(self.invalidate(invalidation).await?.deleted)
+    }
+
+    /// The closure is computed inside the invalidation's transaction, under the realm's lock:
+    /// one query for it instead of two, and no window for a late consumer.
+    async fn invalidate_modules(
+        &self,
+        realm_url: &str,
+        seeds: &[String],
+    ) -> Result<ModulesInvalidated, LookupError> {
+        let request =
+            Invalidation::Modules { realm_url: realm_url.to_owned(), urls: seeds.to_vec() };
+        let applied = self.invalidate(&request).await?;
+        let urls = match applied.effective {
+            Invalidation::Modules { urls, .. } => urls,
+            _ => seeds.to_vec(),
+        };
+        Ok(ModulesInvalidated { urls, deleted: applied.deleted })
     }
 }

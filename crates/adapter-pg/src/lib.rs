@@ -19,6 +19,7 @@ mod adapter;
 mod config;
 mod error;
 mod guard;
+mod invalidate;
 mod populate;
 mod schema;
 mod store;

@@ -22,7 +22,7 @@ use tokio_postgres::SimpleQueryMessage;
 
 use crate::adapter::PgAdapter;
 use crate::error::PgError;
-use crate::store::{self, query_error};
+use crate::store::{self, OpenTransaction, query_error};
 
 /// Counters of a [`PgPopulateCoordinator`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -136,18 +136,15 @@ impl PopulateCoordinator for PgPopulateCoordinator {
             });
         }
         self.counters.attempts.fetch_add(1, Ordering::Relaxed);
-        let client = self.adapter.client("populate lock").await?;
+        // Until it is settled below, a connection whose BEGIN was sent is closed rather than
+        // pooled if this future is dropped or fails: it may hold the key inside a transaction.
+        let tx = OpenTransaction::new(self.adapter.client("populate lock").await?);
         // One round trip: open the transaction and try the key. The hash is a number we
         // formatted, so it is safe to inline.
         let sql = format!("BEGIN; SELECT pg_try_advisory_xact_lock({})", key.hash());
-        let won = match client.simple_query(&sql).await {
-            Ok(reply) => first_bool(&reply).unwrap_or(false),
-            Err(error) => {
-                // The connection's transaction state is unknown: close it rather than pool it.
-                drop(Object::take(client));
-                return Err(query_error("populate lock")(error).into());
-            }
-        };
+        let reply = tx.client().simple_query(&sql).await.map_err(query_error("populate lock"))?;
+        let won = first_bool(&reply).unwrap_or(false);
+        let client = tx.into_inner();
         if !won {
             self.counters.contended.fetch_add(1, Ordering::Relaxed);
             // The loser does not wait for its rollback: the connection goes back to the pool

@@ -4,7 +4,7 @@
 use std::future::Future as _;
 use std::task::Poll;
 
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Object};
 use lookup_core::{CacheEntry, CacheScope, EntryScope, ErrorDoc, LoadStamp, PersistOutcome};
 use serde_json::{Map, Value};
 use tokio_postgres::Row;
@@ -229,4 +229,40 @@ fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {
 
 fn entries(rows: Vec<Row>) -> Result<Vec<CacheEntry>, PgError> {
     rows.iter().map(entry_from_row).collect()
+}
+
+/// A pooled connection inside a transaction begun by a raw `BEGIN`. Dropped unfinished (an error,
+/// or the caller cancelled the invalidation), the connection is closed rather than pooled:
+/// the server rolls back and releases the lock, and the pool's next user never inherits an
+/// open transaction.
+pub(crate) struct OpenTransaction {
+    client: Option<Object>,
+}
+
+impl OpenTransaction {
+    pub(crate) fn new(client: Object) -> Self {
+        OpenTransaction { client: Some(client) }
+    }
+
+    pub(crate) fn client(&self) -> &Object {
+        self.client.as_ref().expect("present until finished")
+    }
+
+    /// The transaction ended (committed or rolled back): the connection may be pooled.
+    pub(crate) fn finish(mut self) {
+        self.client.take();
+    }
+
+    /// The transaction goes on elsewhere (a populate lease): hands the connection over.
+    pub(crate) fn into_inner(mut self) -> Object {
+        self.client.take().expect("present until finished")
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
 }

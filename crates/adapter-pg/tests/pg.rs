@@ -485,3 +485,43 @@ async fn a_consumer_persisted_after_the_fan_out_was_computed_is_still_invalidate
     let Invalidation::Modules { urls, .. } = payload.invalidation else { panic!("module payload") };
     assert!(urls.contains(&consumer.url), "peers hear of the late consumer too: {urls:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_invalidation_never_returns_an_open_transaction_to_the_pool() {
+    let Some(config) = config("cancelled-invalidation") else { return };
+    // One pooled connection: whatever the cancelled invalidation leaves behind, the next
+    // operation gets.
+    let a = PgAdapter::connect(config.clone().pool_size(1)).await.unwrap();
+    a.upsert(&entry(REALM, "card.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    let mut holder = raw_client(&config).await;
+    let observer = raw_client(&config).await;
+    // Hold the realm's key so the invalidation stops mid-transaction (after its BEGIN).
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2)) FROM (SELECT pg_advisory_xact_lock_shared($3, 0)) g",
+        &[&LOCK_NS_REALM, &REALM, &LOCK_NS_GLOBAL],
+    )
+    .await
+    .unwrap();
+    let invalidation = {
+        let a = a.clone();
+        tokio::spawn(async move { a.apply_invalidation(&modules(&["card.gts"])).await })
+    };
+    someone_waits_for_a_lock(&observer).await;
+    invalidation.abort();
+    assert!(invalidation.await.unwrap_err().is_cancelled());
+    tx.rollback().await.unwrap();
+    // The next user of the pool is not inside the cancelled transaction: its plain write
+    // commits at once, visible from another session (inside a leftover transaction it would
+    // never be).
+    bounded("the next write", a.upsert(&entry(REALM, "other.gts", &[]), LoadStamp::UNGUARDED))
+        .await
+        .unwrap();
+    let other = format!("{REALM}other.gts");
+    let seen: i64 = observer
+        .query_one("SELECT count(*) FROM modules WHERE url = $1", &[&other])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 1, "the write committed on its own");
+}

@@ -24,15 +24,15 @@ pub mod wire;
 
 pub use error::{BoxError, LookupError};
 pub use generations::{Generations, Snapshot};
-pub use lookup::{CachingLookup, LookupConfig};
+pub use lookup::{CachingLookup, LookupConfig, fan_out};
 pub use populate::{
     NoLease, PopulateCoordinator, PopulateKey, PopulateLease, PopulateSettings,
     PopulateSignalStats, PopulateSignals, PopulateSink, PopulateTicket, Uncoordinated, Woken,
     populate_key_hash,
 };
 pub use traits::{
-    DbAdapter, InvalidationSink, LoadStamp, NoRemoteRealms, PersistOutcome, Prerenderer,
-    RealmProbe, RowStore,
+    DbAdapter, InvalidationSink, LoadStamp, ModulesInvalidated, NoRemoteRealms, PersistOutcome,
+    Prerenderer, RealmProbe, RowStore,
 };
 pub use types::{
     CacheEntry, CacheScope, CodeRef, ConsumerRow, EntryScope, ErrorDetail, ErrorDoc,

@@ -406,15 +406,25 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         let Some(realm) = self.inner.local_realm(&url) else {
             return Ok(Vec::new());
         };
+        // Held until the bump: no load of this process persists (checks its snapshot, then
+        // writes) while the rows are deleted and the bump is not yet made, so one that
+        // started before this invalidation sees the bump when it gets the gate.
         let _exclusive = self.inner.persist_gate.write().await;
         let variants = urls::variants(&url);
-        let consumers = self.inner.db.consumers(&realm.url, &variants).await?;
-        let list = fan_out(variants, consumers);
+        let outcome = self.inner.db.invalidate_modules(&realm.url, &variants).await;
+        let done = match outcome {
+            Ok(done) => done,
+            Err(error) => {
+                // The backend may or may not have deleted (a reply lost at COMMIT): the module
+                // itself is surely changing, so loads of it in flight are discarded anyway.
+                self.inner.bump_modules(&realm.url, &variants);
+                return Err(error);
+            }
+        };
         // No await between the bump and dropping the slots: a caller arriving after this
         // point can neither join an old load nor see an old load persist.
-        self.inner.bump_modules(&realm.url, &list);
-        let invalidation = Invalidation::Modules { realm_url: realm.url, urls: list.clone() };
-        let deleted = self.inner.db.apply_invalidation(&invalidation).await?;
+        self.inner.bump_modules(&realm.url, &done.urls);
+        let (list, deleted) = (done.urls, done.deleted);
         tracing::debug!(module = %url, invalidated = list.len(), deleted, "invalidated module");
         Ok(list)
     }
@@ -444,9 +454,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     }
 }
 
-/// Orders the invalidation list: the variants, then consumers breadth-first, each consumer
-/// contributing its url then its alias (SPEC §4.1 step 2).
-fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String> {
+/// Orders the invalidation list of SPEC §4.1 step 2: the seeds (a module's variants), then
+/// consumers breadth-first, each consumer contributing its url then its alias. Duplicates and
+/// cycles are dropped.
+pub fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String> {
     let mut by_dep: HashMap<&str, Vec<&ConsumerRow>> = HashMap::new();
     for row in &consumers {
         for dep in &row.deps {

@@ -95,6 +95,38 @@ pub trait DbAdapter: RowStore {
         &self,
         invalidation: &Invalidation,
     ) -> impl Future<Output = Result<u64, LookupError>> + Send;
+
+    /// SPEC §4.1 steps 2–4 for one module: finds the transitive consumers of `seeds` (the
+    /// module's variants) in `realm_url`, orders the fan-out with [`fan_out`](crate::fan_out),
+    /// and deletes and broadcasts it as [`apply_invalidation`](Self::apply_invalidation) does.
+    ///
+    /// The default is [`consumers`](Self::consumers) then `apply_invalidation`. A backend
+    /// that can should do it all in one transaction (the Postgres adapter computes the
+    /// closure under the realm's lock and pipelines the rest), so that no consumer persisted
+    /// between the closure and the delete escapes.
+    fn invalidate_modules(
+        &self,
+        realm_url: &str,
+        seeds: &[String],
+    ) -> impl Future<Output = Result<ModulesInvalidated, LookupError>> + Send {
+        async move {
+            let consumers = self.consumers(realm_url, seeds).await?;
+            let urls = crate::fan_out(seeds.to_vec(), consumers);
+            let invalidation =
+                Invalidation::Modules { realm_url: realm_url.to_owned(), urls: urls.clone() };
+            let deleted = self.apply_invalidation(&invalidation).await?;
+            Ok(ModulesInvalidated { urls, deleted })
+        }
+    }
+}
+
+/// What [`DbAdapter::invalidate_modules`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModulesInvalidated {
+    /// Every name invalidated, in fan-out order (seeds first).
+    pub urls: Vec<String>,
+    /// Rows deleted.
+    pub deleted: u64,
 }
 
 /// The expensive computation the cache exists to avoid repeating.

@@ -1,0 +1,241 @@
+//! One invalidation as one transaction in two round trips.
+//!
+//! 1. `BEGIN`, the realm's (or global) advisory lock, and, for a module fan-out, the consumer
+//!    closure. The closure is its own statement, sent after the lock, so its snapshot is taken
+//!    once the lock is held: every guarded persist that committed earlier is in it, and every
+//!    later one waits for the lock and then sees this invalidation's records.
+//! 2. The guard record and prune, the DELETE, every NOTIFY chunk, and `COMMIT`.
+//!
+//! Within a flight every statement is written to the connection before any reply is awaited
+//! (tokio-postgres sends a request on its future's first poll), so each flight costs one round
+//! trip however many statements it holds. Each statement still runs on its own, in order, with
+//! its own snapshot (READ COMMITTED); one that fails aborts the rest of the transaction.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use deadpool_postgres::Object;
+use lookup_core::wire::encode_payloads;
+use lookup_core::{ConsumerRow, Invalidation, fan_out};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::error::PgError;
+use crate::guard;
+use crate::store::{self, OpenTransaction, query_error};
+
+/// The consumer closure of names `$2` in realm `$1`, in one recursive query. Each step finds
+/// rows whose deps contain a name with `@>`, which the GIN index on deps answers without
+/// scanning the realm; UNION de-duplicates, so a dependency cycle ends.
+pub(crate) const CONSUMERS: &str = "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
+        SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
+        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
+      UNION \
+        SELECT m.url, m.file_alias, m.deps FROM consumer c \
+        CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
+        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
+    ) SELECT url, file_alias, deps FROM consumer";
+
+const DELETE_MODULES: &str = "WITH d AS (DELETE FROM modules WHERE resolved_realm_url = $1 AND \
+     (url_hash = ANY (SELECT md5(u) FROM unnest($2::text[]) AS u) OR file_alias = ANY ($2)) \
+     RETURNING 1) SELECT count(*) FROM d";
+const DELETE_REALM: &str = "WITH d AS (DELETE FROM modules WHERE resolved_realm_url = $1 \
+     RETURNING 1) SELECT count(*) FROM d";
+const DELETE_ALL: &str = "WITH d AS (DELETE FROM modules RETURNING 1) SELECT count(*) FROM d";
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
+/// The rows of a consumer-closure query.
+pub(crate) fn consumer_rows(rows: &[Row]) -> Result<Vec<ConsumerRow>, PgError> {
+    rows.iter()
+        .map(|row| {
+            let url: String = row.get(0);
+            let deps: Vec<String> =
+                store::decode_json(&url, "deps", row.get(2))?.unwrap_or_default();
+            let alias: Option<String> = row.get(1);
+            Ok(ConsumerRow {
+                file_alias: alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
+                url,
+                deps,
+            })
+        })
+        .collect()
+}
+
+type Reply<'a> = Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Awaits every reply of a flight. Each future is polled once, in order, before any is
+/// polled again, so the requests reach the connection in that order.
+async fn pipelined(mut flight: Vec<Reply<'_>>) -> Vec<Result<Vec<Row>, tokio_postgres::Error>> {
+    let mut replies: Vec<Option<Result<Vec<Row>, tokio_postgres::Error>>> =
+        flight.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (future, reply) in flight.iter_mut().zip(replies.iter_mut()) {
+            if reply.is_none() {
+                if let Poll::Ready(done) = future.as_mut().poll(cx) {
+                    *reply = Some(done);
+                }
+            }
+        }
+        if replies.iter().all(Option::is_some) { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    replies.into_iter().map(|reply| reply.expect("every reply is in")).collect()
+}
+
+/// The first failure of a flight (later statements only fail because of it), with its index.
+fn first_failure(
+    replies: &mut [Result<Vec<Row>, tokio_postgres::Error>],
+) -> Option<(usize, tokio_postgres::Error)> {
+    let index = replies.iter().position(Result::is_err)?;
+    let failed = std::mem::replace(&mut replies[index], Ok(Vec::new()));
+    failed.err().map(|error| (index, error))
+}
+
+/// What one transaction did.
+pub(crate) struct Applied {
+    /// What was deleted and broadcast: for a fan-out, the names asked for plus every consumer
+    /// found under the lock, in fan-out order.
+    pub(crate) effective: Invalidation,
+    pub(crate) deleted: u64,
+    pub(crate) payloads: usize,
+}
+
+/// Why a transaction failed.
+pub(crate) enum Failure {
+    /// Before or at the DELETE: nothing happened.
+    Invalidation(PgError),
+    /// At a NOTIFY or the COMMIT: rolled back, or (a reply lost at COMMIT) maybe committed.
+    Broadcast(PgError),
+}
+
+/// Settings of one transaction.
+pub(crate) struct Plan<'a> {
+    pub(crate) guarded: bool,
+    /// `None`: no broadcast.
+    pub(crate) notify: Option<(&'a str, &'a str)>,
+    pub(crate) horizon_secs: f64,
+}
+
+/// Runs `request` as one transaction on `client` (see the module docs). For a module
+/// invalidation, `urls` are the names to start from (a module's variants, or a whole fan-out
+/// computed earlier); the closure under the lock adds their consumers.
+pub(crate) async fn run(
+    client: Object,
+    request: &Invalidation,
+    plan: &Plan<'_>,
+) -> Result<Applied, Failure> {
+    let before = |e| Failure::Invalidation(query_error("invalidate")(e));
+    let tx = OpenTransaction::new(client);
+    let c = tx.client();
+    let begin = c.prepare_cached("BEGIN").await.map_err(before)?;
+    let commit = c.prepare_cached("COMMIT").await.map_err(before)?;
+
+    // Flight 1: BEGIN, the lock, the closure.
+    let lock = match request {
+        Invalidation::Global => guard::LOCK_GLOBAL_EXCLUSIVE,
+        _ => guard::LOCK_REALM_EXCLUSIVE,
+    };
+    let lock = c.prepare_cached(lock).await.map_err(before)?;
+    let closure = c.prepare_cached(CONSUMERS).await.map_err(before)?;
+    let (realm, names): (&str, &[String]) = match request {
+        Invalidation::Modules { realm_url, urls } => (realm_url, urls),
+        Invalidation::Realm { realm_url } => (realm_url, &[]),
+        Invalidation::Global => ("", &[]),
+    };
+    let realm_lock: [&(dyn ToSql + Sync); 3] =
+        [&guard::LOCK_NS_REALM, &realm, &guard::LOCK_NS_GLOBAL];
+    let global_lock: [&(dyn ToSql + Sync); 1] = [&guard::LOCK_NS_GLOBAL];
+    let closure_params: [&(dyn ToSql + Sync); 2] = [&realm, &names];
+    let mut flight: Vec<Reply<'_>> = vec![Box::pin(c.query(&begin, &[]))];
+    if plan.guarded {
+        let params: &[&(dyn ToSql + Sync)] =
+            if matches!(request, Invalidation::Global) { &global_lock } else { &realm_lock };
+        flight.push(Box::pin(c.query(&lock, params)));
+    }
+    let is_modules = matches!(request, Invalidation::Modules { .. });
+    if is_modules {
+        flight.push(Box::pin(c.query(&closure, &closure_params)));
+    }
+    let mut replies = pipelined(flight).await;
+    if let Some((_, error)) = first_failure(&mut replies) {
+        return Err(before(error));
+    }
+    let effective = match request {
+        Invalidation::Modules { realm_url, urls } => {
+            let rows = replies.pop().and_then(Result::ok).unwrap_or_default();
+            let consumers = consumer_rows(&rows).map_err(Failure::Invalidation)?;
+            Invalidation::Modules {
+                realm_url: realm_url.clone(),
+                urls: fan_out(urls.clone(), consumers),
+            }
+        }
+        other => other.clone(),
+    };
+
+    // Flight 2: record, prune, DELETE, NOTIFY…, COMMIT.
+    let record = match &effective {
+        Invalidation::Modules { .. } => guard::RECORD_MODULES,
+        _ => guard::RECORD_CLEAR,
+    };
+    let record = c.prepare_cached(record).await.map_err(before)?;
+    let prune = c.prepare_cached(guard::PRUNE).await.map_err(before)?;
+    let delete = match &effective {
+        Invalidation::Modules { .. } => DELETE_MODULES,
+        Invalidation::Realm { .. } => DELETE_REALM,
+        Invalidation::Global => DELETE_ALL,
+    };
+    let delete = c.prepare_cached(delete).await.map_err(before)?;
+    let notify = c.prepare_cached(NOTIFY).await.map_err(before)?;
+    let payloads = match plan.notify {
+        Some((_, origin)) => encode_payloads(&effective, Some(origin)),
+        None => Vec::new(),
+    };
+    let channel = plan.notify.map(|(channel, _)| channel).unwrap_or_default();
+    let list: &[String] = match &effective {
+        Invalidation::Modules { urls, .. } => urls,
+        _ => &[],
+    };
+    let modules_params: [&(dyn ToSql + Sync); 2] = [&realm, &list];
+    let realm_params: [&(dyn ToSql + Sync); 1] = [&realm];
+    let prune_params: [&(dyn ToSql + Sync); 2] = [&realm, &plan.horizon_secs];
+    let notify_params: Vec<[&(dyn ToSql + Sync); 2]> =
+        payloads.iter().map(|payload| [&channel as &(dyn ToSql + Sync), payload]).collect();
+    let mut flight: Vec<Reply<'_>> = Vec::new();
+    if plan.guarded {
+        let params: &[&(dyn ToSql + Sync)] =
+            if is_modules { &modules_params } else { &realm_params };
+        flight.push(Box::pin(c.query(&record, params)));
+        if is_modules {
+            flight.push(Box::pin(c.query(&prune, &prune_params)));
+        }
+    }
+    let delete_index = flight.len();
+    let delete_params: &[&(dyn ToSql + Sync)] = match &effective {
+        Invalidation::Modules { .. } => &modules_params,
+        Invalidation::Realm { .. } => &realm_params,
+        Invalidation::Global => &[],
+    };
+    flight.push(Box::pin(c.query(&delete, delete_params)));
+    for params in &notify_params {
+        flight.push(Box::pin(c.query(&notify, params)));
+    }
+    // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
+    flight.push(Box::pin(c.query(&commit, &[])));
+    let mut replies = pipelined(flight).await;
+    if let Some((index, error)) = first_failure(&mut replies) {
+        let error = query_error("invalidate")(error);
+        return Err(if index <= delete_index {
+            Failure::Invalidation(error)
+        } else {
+            Failure::Broadcast(error)
+        });
+    }
+    let deleted = replies[delete_index]
+        .as_ref()
+        .ok()
+        .and_then(|rows| rows.first())
+        .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0));
+    tx.finish();
+    Ok(Applied { effective, deleted, payloads: payloads.len() })
+}
