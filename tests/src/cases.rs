@@ -2,9 +2,11 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use lookup_core::{
-    CacheEntry, CacheScope, CachingLookup, CodeRef, DbAdapter, EntryScope, InvalidationSink,
-    LoadStamp, LookupConfig, LookupError, Realm,
+    CacheEntry, CacheScope, CachingLookup, CodeRef, DbAdapter, EntryScope, Invalidation,
+    InvalidationSink, L1Config, LoadStamp, LookupConfig, LookupError, Realm,
 };
 use serde_json::Map;
 use tokio::task::JoinHandle;
@@ -688,4 +690,96 @@ pub async fn bad_urls_are_clear_errors<D: DbAdapter>(db: D) {
     assert!(matches!(err, Err(LookupError::NoRealm { .. })), "{err:?}");
     let message = err.expect_err("no realm").to_string();
     assert!(message.contains("https://unknown.test/x.gts"), "the error names the URL: {message}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-process tier (L1).
+// ---------------------------------------------------------------------------------------------
+
+fn with_l1(max_age: Duration) -> LookupConfig {
+    LookupConfig { l1: Some(L1Config { capacity: 100, max_age }), ..LookupConfig::default() }
+}
+
+const LONG_AGE: Duration = Duration::from_secs(600);
+
+/// A repeat lookup is served by the tier, even when the row went behind the cache's back
+/// (no invalidation): that is the staleness the maximum age bounds.
+pub async fn l1_serves_repeat_lookups<D: DbAdapter>(db: D) {
+    let h = Harness::with_config(db, with_l1(LONG_AGE));
+    let url = u("card.gts");
+    h.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    h.lookup.get_module_entry(&url, None).await.expect("load");
+    h.lookup.get_module_entry(&url, None).await.expect("again");
+    let stats = h.lookup.l1_stats().expect("on");
+    assert_eq!((stats.hits, stats.entries), (1, 1));
+    h.lookup.db().apply_invalidation(&Invalidation::Global).await.expect("wipe");
+    h.lookup.get_module_entry(&url, None).await.expect("served by the tier");
+    assert_eq!(h.renderer.calls(&url), 1);
+    assert!(h.lookup.l1_stats().is_some_and(|s| s.hits == 2));
+}
+
+/// An entry older than the maximum age is never served.
+pub async fn l1_never_serves_past_the_max_age<D: DbAdapter>(db: D) {
+    let h = Harness::with_config(db, with_l1(Duration::ZERO));
+    let url = u("card.gts");
+    h.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    h.lookup.get_module_entry(&url, None).await.expect("load");
+    h.lookup.db().apply_invalidation(&Invalidation::Global).await.expect("wipe");
+    h.lookup.get_module_entry(&url, None).await.expect("reloads");
+    assert_eq!(h.renderer.calls(&url), 2, "the expired entry was not served");
+    let stats = h.lookup.l1_stats().expect("on");
+    assert_eq!((stats.hits, stats.expired), (0, 1));
+}
+
+/// Invalidations made here or heard from peers remove what they cover, consumers included;
+/// clears empty the tier.
+pub async fn l1_follows_every_invalidation<D: DbAdapter>(db: D) {
+    let h = Harness::with_config(db, with_l1(LONG_AGE));
+    let (leaf, card, other) = (u("leaf.gts"), u("card.gts"), u("other.gts"));
+    h.renderer.set(&leaf, FakeModule::ready(&["Leaf"], &[]));
+    h.renderer.set(&card, FakeModule::ready(&["Card"], &["./leaf"]));
+    h.renderer.set(&other, FakeModule::ready(&["Other"], &[]));
+    for url in [&leaf, &card, &other] {
+        h.lookup.get_module_entry(url, None).await.expect("load");
+    }
+    assert_eq!(h.lookup.l1_stats().expect("on").entries, 3);
+    // A local invalidation of the leaf takes its consumer with it, and v2 is served.
+    h.renderer.set(&card, FakeModule::ready(&["Card"], &["./leaf"]).version(2));
+    h.lookup.invalidate(&leaf).await.expect("invalidate");
+    assert_eq!(h.lookup.l1_stats().expect("on").entries, 1, "only other.gts is left");
+    let entry = h.lookup.get_module_entry(&card, None).await.expect("card");
+    let key = CodeRef::new(card.clone(), "Card").definition_key();
+    assert_eq!(entry.definitions[&key]["version"], 2);
+    // A peer's bump (as the listener replays it) by alias.
+    InvalidationSink::bump_modules(&h.lookup, REALM, &[lookup_core::urls::file_alias(&other)]);
+    h.lookup.get_module_entry(&other, None).await.expect("other");
+    assert_eq!(h.renderer.calls(&other), 1, "the row was still in the db");
+    assert!(h.lookup.l1_stats().is_some_and(|s| s.hits == 0), "never served after a bump");
+    // Realm and global clears.
+    h.lookup.clear_realm(REALM).await.expect("clear realm");
+    assert_eq!(h.lookup.l1_stats().expect("on").entries, 0);
+    h.lookup.get_module_entry(&other, None).await.expect("other");
+    InvalidationSink::bump_global(&h.lookup);
+    assert_eq!(h.lookup.l1_stats().expect("on").entries, 0);
+}
+
+/// While the listener is disconnected the tier is empty and bypassed; it serves again after
+/// the resync.
+pub async fn l1_is_bypassed_while_the_listener_is_disconnected<D: DbAdapter>(db: D) {
+    let h = Harness::with_config(db, with_l1(LONG_AGE));
+    let url = u("card.gts");
+    h.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    h.lookup.get_module_entry(&url, None).await.expect("load");
+    InvalidationSink::connection_lost(&h.lookup);
+    let stats = h.lookup.l1_stats().expect("on");
+    assert!(stats.suspended && stats.entries == 0);
+    h.lookup.get_module_entry(&url, None).await.expect("from the db");
+    assert_eq!(h.lookup.l1_stats().expect("on").entries, 0, "nothing stored while deaf");
+    InvalidationSink::bump_global(&h.lookup);
+    InvalidationSink::connection_restored(&h.lookup);
+    h.lookup.get_module_entry(&url, None).await.expect("from the db");
+    h.lookup.get_module_entry(&url, None).await.expect("from the tier");
+    let stats = h.lookup.l1_stats().expect("on");
+    assert!(!stats.suspended && stats.hits == 1 && stats.entries == 1, "{stats:?}");
+    assert_eq!(h.renderer.calls(&url), 1);
 }

@@ -306,6 +306,10 @@ macro_rules! behaviour_suite {
             cached_reads_never_prerender_and_choose_deterministically,
             batch_read_returns_entries_by_url_and_alias,
             bad_urls_are_clear_errors,
+            l1_serves_repeat_lookups,
+            l1_never_serves_past_the_max_age,
+            l1_follows_every_invalidation,
+            l1_is_bypassed_while_the_listener_is_disconnected,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

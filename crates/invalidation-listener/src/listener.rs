@@ -194,6 +194,7 @@ impl Shared {
     fn connected(&self, session: &Session, reconnected: bool) {
         if reconnected {
             self.sink.bump_global();
+            self.sink.connection_restored();
             // Announcements sent while away are lost too: every populate waiter re-reads.
             if let Some((_, populate)) = &self.populate {
                 populate.wake_all();
@@ -223,6 +224,8 @@ impl Shared {
     }
 
     fn disconnected(&self, error: String) {
+        // From now until the resync, peers' invalidations go unheard.
+        self.sink.connection_lost();
         tracing::warn!(
             url = %self.redacted_url,
             channel = %self.channel,
@@ -452,6 +455,11 @@ impl Drop for Task {
             let mut stats = self.shared.stats();
             stats.connected = false;
             stats.backend_pid = None;
+        }
+        // Peers' invalidations are no longer heard. (Not while unwinding from a panicking
+        // sink: calling it again could panic twice and abort the process.)
+        if !std::thread::panicking() {
+            self.shared.sink.connection_lost();
         }
         // Nobody will hear announcements any more: let populate waiters re-read now rather
         // than sit out their timeout.

@@ -755,9 +755,18 @@ struct Peer {
 }
 
 async fn peer(config: &PgConfig) -> Peer {
+    peer_with(config, lookup_core::LookupConfig::default()).await
+}
+
+async fn peer_with(config: &PgConfig, lookup_config: lookup_core::LookupConfig) -> Peer {
     let db = bounded("connect", PgAdapter::connect(config.clone())).await.expect("adapter");
     let renderer = FakeRenderer::default();
-    let lookup = CachingLookup::new(db.clone(), renderer.clone());
+    let lookup = CachingLookup::with_probe(
+        db.clone(),
+        renderer.clone(),
+        lookup_core::NoRemoteRealms,
+        lookup_config,
+    );
     lookup
         .register_realm(Realm { url: REALM.into(), owner: "@o:test".into(), public: true })
         .expect("realm");
@@ -1233,6 +1242,47 @@ async fn populate_gives_up_after_four_rounds_with_an_error_naming_the_key() {
     // Once the key is free, B loads.
     b.lookup.get_module_entry(&url, None).await.expect("B loads now");
     assert_eq!(b.renderer.calls(&url), 1);
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_follows_a_peers_invalidation_and_is_bypassed_while_disconnected() {
+    let Some(db) = TestDb::from_env("e2e_l1") else { return };
+    let config = shared_config(&db, "e2e_l1");
+    let a = peer(&config).await;
+    let l1 = lookup_core::L1Config { capacity: 100, max_age: Duration::from_secs(600) };
+    let with_l1 = lookup_core::LookupConfig { l1: Some(l1), ..Default::default() };
+    let mut b = peer_with(&config, with_l1).await;
+    let url = format!("{REALM}card.gts");
+    let key = lookup_core::CodeRef::new(url.clone(), "Card").definition_key();
+    b.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    b.lookup.get_module_entry(&url, None).await.expect("B loads");
+    b.lookup.get_module_entry(&url, None).await.expect("B's tier serves");
+    assert_eq!(b.lookup.l1_stats().expect("on").hits, 1);
+
+    // A edits and invalidates; once B has heard it, B never serves v1 again.
+    a.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
+    b.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
+    let list = a.lookup.invalidate(&url).await.expect("A invalidates");
+    expect_event(&mut b.events, ListenerEvent::Module { realm_url: REALM.into(), urls: list })
+        .await;
+    let entry = b.lookup.get_module_entry(&url, None).await.expect("B reloads");
+    assert_eq!(entry.definitions[&key]["version"], 2);
+
+    // A lost connection empties and bypasses the tier until the resync.
+    let pid = b.listener.backend_pid().expect("pid");
+    db.client().await.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("kill");
+    assert!(matches!(
+        next_event(&mut b.events, "Disconnected").await,
+        ListenerEvent::Disconnected { .. }
+    ));
+    // The sink was told before the event was sent.
+    assert!(b.lookup.l1_stats().expect("on").suspended);
+    expect_event(&mut b.events, ListenerEvent::Connected).await;
+    expect_event(&mut b.events, ListenerEvent::Resync).await;
+    let stats = b.lookup.l1_stats().expect("on");
+    assert!(!stats.suspended && stats.entries == 0, "{stats:?}");
     a.listener.shutdown().await;
     b.listener.shutdown().await;
 }

@@ -172,6 +172,15 @@ impl Snapshot {
     }
 }
 
+impl Clone for Snapshot {
+    /// Another snapshot at the same epoch (pinning what this one pins).
+    fn clone(&self) -> Self {
+        let mut state = self.generations.lock();
+        *state.live.entry(self.epoch).or_default() += 1;
+        Snapshot { generations: Arc::clone(&self.generations), epoch: self.epoch }
+    }
+}
+
 impl Drop for Snapshot {
     fn drop(&mut self) {
         let mut state = self.generations.lock();

@@ -15,6 +15,7 @@
 
 mod error;
 mod generations;
+mod l1;
 mod lookup;
 mod populate;
 mod traits;
@@ -24,6 +25,7 @@ pub mod wire;
 
 pub use error::{BoxError, LookupError};
 pub use generations::{Generations, Snapshot};
+pub use l1::{L1Config, L1Stats};
 pub use lookup::{CachingLookup, LookupConfig, fan_out};
 pub use populate::{
     NoLease, PopulateCoordinator, PopulateKey, PopulateLease, PopulateSettings,

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::error::LookupError;
 use crate::generations::{Generations, Snapshot};
+use crate::l1::{L1, L1Config, L1Key, L1Stats};
 use crate::populate::{PopulateCoordinator, PopulateLease, Uncoordinated, Woken};
 use crate::traits::{
     DbAdapter, InvalidationSink, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe, RowStore,
@@ -30,11 +31,14 @@ pub struct LookupConfig {
     /// How many times a load runs when invalidations keep discarding its result (3). The
     /// last attempt's result is returned, unpersisted, if it is discarded too.
     pub max_load_attempts: u32,
+    /// The in-process tier in front of the database (off by default); see [`L1Config`] for
+    /// what it may serve and for how long.
+    pub l1: Option<L1Config>,
 }
 
 impl Default for LookupConfig {
     fn default() -> Self {
-        LookupConfig { error_ttl: Duration::from_secs(30), max_load_attempts: 3 }
+        LookupConfig { error_ttl: Duration::from_secs(30), max_load_attempts: 3, l1: None }
     }
 }
 
@@ -50,6 +54,16 @@ struct Context {
 struct LoadKey {
     scope: EntryScope,
     url: String,
+}
+
+impl L1Key for LoadKey {
+    fn scope(&self) -> &EntryScope {
+        &self.scope
+    }
+
+    fn url(&self) -> &str {
+        &self.url
+    }
 }
 
 type SharedResult = Result<Arc<CacheEntry>, LookupError>;
@@ -86,6 +100,7 @@ struct Inner<D, P, R, C> {
     probe: R,
     coordinator: Option<C>,
     config: LookupConfig,
+    l1: Option<L1<LoadKey>>,
     realms: RwLock<Vec<Realm>>,
     generations: Arc<Generations>,
     in_flight: Mutex<HashMap<LoadKey, Slot>>,
@@ -173,6 +188,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
                 prerenderer,
                 probe,
                 coordinator,
+                l1: config.l1.map(L1::new),
                 config,
                 realms: RwLock::new(Vec::new()),
                 generations: Arc::new(Generations::default()),
@@ -191,6 +207,11 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     /// The renderer.
     pub fn prerenderer(&self) -> &P {
         &self.inner.prerenderer
+    }
+
+    /// The in-process tier's counters, when it is on.
+    pub fn l1_stats(&self) -> Option<L1Stats> {
+        self.inner.l1.as_ref().map(L1::stats)
     }
 
     /// The cross-process populate coordinator, when there is one.
@@ -293,13 +314,29 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
             .await?
             .ok_or_else(|| LookupError::NoRealm { url: url.clone() })?;
 
-        // Fast path: a hit costs one read and never touches the coalescing map.
-        if let Some(entry) = self.inner.read_cached(&self.inner.db, &context.scope, &url).await? {
-            if !self.inner.is_expired(&entry) {
+        let Some(l1) = &self.inner.l1 else {
+            // Fast path: a hit costs one read and never touches the coalescing map.
+            if let Some(entry) =
+                self.inner.read_cached(&self.inner.db, &context.scope, &url).await?
+                && !self.inner.is_expired(&entry)
+            {
                 return Ok(Arc::new(entry));
             }
+            return self.join_or_start(context, url, snapshot).await;
+        };
+        let key = LoadKey { scope: context.scope.clone(), url: url.clone() };
+        if let Some(entry) = l1.get(&key) {
+            return Ok(entry);
         }
-        self.join_or_start(context, url, snapshot).await
+        let entry = match self.inner.read_cached(&self.inner.db, &context.scope, &url).await? {
+            Some(entry) if !self.inner.is_expired(&entry) => Arc::new(entry),
+            _ => self.join_or_start(context, url, snapshot.clone()).await?,
+        };
+        // Errors expire on their own schedule; only good entries go to the tier.
+        if entry.error.is_none() {
+            l1.insert(key, Arc::clone(&entry), &snapshot);
+        }
+        Ok(entry)
     }
 
     async fn join_or_start(
@@ -627,16 +664,25 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
     fn bump_modules(&self, realm_url: &str, list: &[String]) {
         self.generations.bump_modules(realm_url, list);
         self.drop_slots(|key| key.scope.realm_url != realm_url || !list.contains(&key.url));
+        if let Some(l1) = &self.l1 {
+            l1.invalidate_modules(realm_url, list);
+        }
     }
 
     fn bump_realm(&self, realm_url: &str) {
         self.generations.bump_realm(realm_url);
         self.drop_slots(|key| key.scope.realm_url != realm_url);
+        if let Some(l1) = &self.l1 {
+            l1.invalidate_realm(realm_url);
+        }
     }
 
     fn bump_global(&self) {
         self.generations.bump_global();
         self.drop_slots(|_| false);
+        if let Some(l1) = &self.l1 {
+            l1.flush();
+        }
     }
 
     /// Runs a load on `store`, re-running it while invalidations discard its result (SPEC §5
@@ -887,6 +933,20 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Invali
 
     fn bump_global(&self) {
         self.inner.bump_global();
+    }
+
+    /// Invalidations can no longer be heard: the in-process tier is emptied and bypassed.
+    fn connection_lost(&self) {
+        if let Some(l1) = &self.inner.l1 {
+            l1.suspend();
+        }
+    }
+
+    /// Listening again (after the resync's global bump): the tier serves again, empty.
+    fn connection_restored(&self) {
+        if let Some(l1) = &self.inner.l1 {
+            l1.resume();
+        }
     }
 }
 

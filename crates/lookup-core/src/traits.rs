@@ -176,6 +176,13 @@ pub trait InvalidationSink: Send + Sync + 'static {
     /// Bumps the global generation and drops every in-flight load.
     fn bump_global(&self);
 
+    /// The listener lost its connection: invalidations may now go unheard until it resyncs.
+    /// The default does nothing (in-flight loads are discarded by the resync's bump).
+    fn connection_lost(&self) {}
+
+    /// The listener is listening again, after a reconnect and its resync (`bump_global`).
+    fn connection_restored(&self) {}
+
     /// Replays one parsed invalidation.
     fn apply(&self, invalidation: &Invalidation) {
         match invalidation {
