@@ -9,6 +9,7 @@
 mod bench;
 mod demo;
 mod files;
+mod plot;
 mod scan;
 mod soak_worker;
 
