@@ -525,3 +525,53 @@ async fn a_cancelled_invalidation_never_returns_an_open_transaction_to_the_pool(
         .get(0);
     assert_eq!(seen, 1, "the write committed on its own");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fan_out_is_exact_and_guards_its_realm() {
+    let Some(config) = config("large-fan-out") else { return };
+    let db = PgAdapter::connect(config.clone()).await.unwrap();
+    let raw = raw_client(&config).await;
+    // 1500 modules, each a transitive consumer of m0 (chains and fan-out), plus bystanders:
+    // one in the realm that depends on nothing, one in another realm that names m0.
+    raw.execute(
+        "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, definitions, \
+         deps, created_at, file_alias) \
+         SELECT $1 || 'm' || i || '.gts', 'public', '', $1, '{}'::jsonb, \
+           CASE WHEN i = 0 THEN '[]'::jsonb ELSE jsonb_build_array($1 || 'm' || \
+             (CASE WHEN i % 3 = 0 THEN i - 1 ELSE i / 8 END)) END, 0, $1 || 'm' || i \
+         FROM generate_series(0, 1499) AS i",
+        &[&REALM],
+    )
+    .await
+    .unwrap();
+    db.upsert(&entry(REALM, "bystander.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    let mut foreign = entry("https://other.test/", "x.gts", &[]);
+    foreign.deps = vec![format!("{REALM}m0")];
+    db.upsert(&foreign, LoadStamp::UNGUARDED).await.unwrap();
+    let late = entry(REALM, "late.gts", &[]);
+    let stamped_before = db.begin_load(REALM, &late.url).await.unwrap();
+
+    let root = format!("{REALM}m0.gts");
+    let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
+    assert_eq!(done.deleted, 1500);
+    let named: HashSet<&str> = done.urls.iter().map(String::as_str).collect();
+    assert_eq!(named.len(), done.urls.len(), "no name twice");
+    for i in 0..1500 {
+        assert!(named.contains(format!("{REALM}m{i}.gts").as_str()), "m{i}.gts");
+        assert!(named.contains(format!("{REALM}m{i}").as_str()), "m{i}");
+    }
+    assert!(!named.contains(format!("{REALM}bystander.gts").as_str()));
+    let left: Vec<String> = raw
+        .query("SELECT url FROM modules ORDER BY url", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, [foreign.url.clone(), format!("{REALM}bystander.gts")]);
+    // So large a fan-out is guarded as a clear of its realm: a load of the realm stamped
+    // before it is refused, even for a module it did not name; one stamped after is not.
+    assert_eq!(db.upsert(&late, stamped_before).await.unwrap(), PersistOutcome::Stale);
+    let stamped_after = db.begin_load(REALM, &late.url).await.unwrap();
+    assert_eq!(db.upsert(&late, stamped_after).await.unwrap(), PersistOutcome::Written);
+}
