@@ -18,6 +18,7 @@ use lookup_core::{
     CacheEntry, EntryScope, LoadStamp, LookupError, PersistOutcome, PopulateCoordinator,
     PopulateKey, PopulateLease, PopulateSettings, PopulateSignals, RowStore,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::adapter::PgAdapter;
@@ -55,27 +56,51 @@ struct Counters {
 /// The Postgres [`PopulateCoordinator`]. Give the same [`PopulateSignals`] to this process's
 /// invalidation listener (`ListenerOptions::populate`), which wakes waiters when peers
 /// announce keys and wakes them all after a reconnect.
+///
+/// At most `pool size − 1` leases are held at once (a further winner waits for one to end
+/// before it takes a connection), so one pooled connection is always left for the rest of the
+/// process: an invalidation that holds the lookup's persist gate while it waits for a
+/// connection would otherwise wait forever for winners that wait for that gate.
 #[derive(Debug, Clone)]
 pub struct PgPopulateCoordinator {
     adapter: PgAdapter,
     signals: Arc<PopulateSignals>,
     settings: PopulateSettings,
+    leases: Arc<Semaphore>,
     counters: Arc<Counters>,
 }
 
 impl PgPopulateCoordinator {
     /// A coordinator that takes its connections from `adapter`'s pool.
+    ///
+    /// Refused when the pool has fewer than 2 connections (one must stay free, see above) or
+    /// when the durable guard is off: a lease commits its write at release, after the
+    /// lookup's in-process check, and only the guard's lock keeps an invalidation from
+    /// deleting in between and the stale write from landing after it.
     pub fn new(
         adapter: &PgAdapter,
         signals: Arc<PopulateSignals>,
         settings: PopulateSettings,
-    ) -> Self {
-        PgPopulateCoordinator {
+    ) -> Result<Self, PgError> {
+        let config = adapter.config();
+        let refuse = |reason: &str| PgError::InvalidConfig {
+            url: config.redacted_url(),
+            reason: format!("populate coalescing needs {reason}"),
+            source: None,
+        };
+        if config.pool_max() < 2 {
+            return Err(refuse("a pool of at least 2 connections"));
+        }
+        if !config.guards_persists() {
+            return Err(refuse("the durable guard"));
+        }
+        Ok(PgPopulateCoordinator {
             adapter: adapter.clone(),
             signals,
             settings,
+            leases: Arc::new(Semaphore::new(config.pool_max() - 1)),
             counters: Arc::default(),
-        }
+        })
     }
 
     /// Releases every parked waiter (their loads fail with `PopulateFailed`) and refuses new
@@ -136,6 +161,13 @@ impl PopulateCoordinator for PgPopulateCoordinator {
             });
         }
         self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        // The semaphore is never closed.
+        let permit = Arc::clone(&self.leases).acquire_owned().await.map_err(|_| {
+            LookupError::PopulateFailed {
+                key: key.to_string(),
+                reason: "the lease semaphore is closed".to_owned(),
+            }
+        })?;
         // Until it is settled below, a connection whose BEGIN was sent is closed rather than
         // pooled if this future is dropped or fails: it may hold the key inside a transaction.
         let tx = OpenTransaction::new(self.adapter.client("populate lock").await?);
@@ -144,18 +176,14 @@ impl PopulateCoordinator for PgPopulateCoordinator {
         let sql = format!("BEGIN; SELECT pg_try_advisory_xact_lock({})", key.hash());
         let reply = tx.client().simple_query(&sql).await.map_err(query_error("populate lock"))?;
         let won = first_bool(&reply).unwrap_or(false);
-        let client = tx.into_inner();
         if !won {
             self.counters.contended.fetch_add(1, Ordering::Relaxed);
-            // The loser does not wait for its rollback: the connection goes back to the pool
-            // once it is done (or is closed if it fails).
-            tokio::spawn(async move {
-                if client.batch_execute("ROLLBACK").await.is_err() {
-                    drop(Object::take(client));
-                }
-            });
+            // One more round trip, but a loser is about to wait far longer than that.
+            tx.client().batch_execute("ROLLBACK").await.map_err(query_error("populate lock"))?;
+            tx.finish();
             return Ok(None);
         }
+        let client = tx.into_inner();
         self.counters.acquired.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%key, "won the populate lock");
         Ok(Some(PgLease {
@@ -168,6 +196,7 @@ impl PopulateCoordinator for PgPopulateCoordinator {
             guarded: self.adapter.config().guards_persists(),
             adapter: self.adapter.clone(),
             counters: Arc::clone(&self.counters),
+            _permit: permit,
         }))
     }
 }
@@ -184,6 +213,8 @@ pub struct PgLease {
     guarded: bool,
     adapter: PgAdapter,
     counters: Arc<Counters>,
+    /// One of the coordinator's `pool size − 1` leases, given back with the lease.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl PgLease {
@@ -301,15 +332,16 @@ impl Drop for PgLease {
             return;
         };
         self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
+        // Out of the pool first: if the cleanup below never runs (a runtime shutting down
+        // drops its tasks), dropping the connection closes it, which releases the lock,
+        // instead of pooling it inside the open transaction.
+        let client = Object::take(client);
         let announce = std::mem::take(&mut self.announce);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    roll_back_and_announce(client, &announce).await;
-                });
-            }
-            // No runtime to clean up on: closing the connection releases the lock.
-            Err(_) => drop(Object::take(client)),
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                // Announced outside the rolled-back transaction; the connection closes after.
+                let _ = client.simple_query(&format!("ROLLBACK; {announce}")).await;
+            });
         }
     }
 }

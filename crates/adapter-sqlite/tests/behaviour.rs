@@ -29,3 +29,88 @@ mod on_file {
 
     behaviour_suite::behaviour_suite!(|| async { fresh_file() });
 }
+
+/// The lookup side of cross-process populate coalescing, with a coordinator whose lock is
+/// always held by "another process" (the backend does not matter here: SQLite stands in).
+mod coordinated {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use behaviour_suite::{FakeRenderer, bounded};
+    use lookup_core::{
+        CacheEntry, CacheScope, CachingLookup, LoadStamp, LookupConfig, LookupError, NoLease,
+        NoRemoteRealms, PopulateCoordinator, PopulateKey, PopulateSettings, PopulateSignals,
+        PopulateSink as _, Realm, RowStore as _,
+    };
+
+    use super::SqliteAdapter;
+
+    const REALM: &str = "https://realm.test/app/";
+
+    /// The other process finishes exactly between this one's failed try and its wait: its
+    /// row lands and its announcement arrives while `try_acquire` is returning "lost".
+    struct RacingPeer {
+        db: SqliteAdapter,
+        signals: Arc<PopulateSignals>,
+    }
+
+    impl PopulateCoordinator for RacingPeer {
+        type Lease = NoLease;
+
+        fn signals(&self) -> &Arc<PopulateSignals> {
+            &self.signals
+        }
+
+        fn settings(&self) -> PopulateSettings {
+            // Far beyond the test's bound: only a kept wake-up lets the lookup finish.
+            PopulateSettings { wait_timeout: Duration::from_secs(600), max_rounds: 4 }
+        }
+
+        async fn try_acquire(&self, key: &PopulateKey) -> Result<Option<NoLease>, LookupError> {
+            let url = format!("{REALM}card.gts");
+            let row = CacheEntry {
+                file_alias: lookup_core::urls::file_alias(&url),
+                url,
+                cache_scope: CacheScope::Public,
+                auth_user_id: String::new(),
+                resolved_realm_url: REALM.into(),
+                definitions: serde_json::Map::new(),
+                deps: Vec::new(),
+                error: None,
+                created_at: Some(1),
+                diagnostics: None,
+            };
+            self.db.upsert(&row, LoadStamp::UNGUARDED).await?;
+            self.signals.key_populated(key.hash());
+            Ok(None)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lookup_registers_its_wait_before_it_tries_the_lock() {
+        let db = SqliteAdapter::open_in_memory().expect("SQLite");
+        let signals = Arc::new(PopulateSignals::new());
+        let peer = RacingPeer { db: db.clone(), signals: Arc::clone(&signals) };
+        let renderer = FakeRenderer::default();
+        let lookup = CachingLookup::with_coordinator(
+            db,
+            renderer.clone(),
+            NoRemoteRealms,
+            LookupConfig::default(),
+            Some(peer),
+        );
+        lookup
+            .register_realm(Realm { url: REALM.into(), owner: "@o:test".into(), public: true })
+            .expect("realm");
+        let entry = bounded(
+            "the lookup (a lost wake-up would wait 600 s)",
+            lookup.get_module_entry(&format!("{REALM}card.gts"), None),
+        )
+        .await
+        .expect("the peer's row");
+        assert_eq!(entry.url, format!("{REALM}card.gts"));
+        assert_eq!(renderer.total_calls(), 0, "this process never rendered");
+        assert_eq!(signals.stats().waits_signalled, 1);
+        assert_eq!(signals.waiting(), 0);
+    }
+}

@@ -893,6 +893,7 @@ async fn a_server_that_accepts_but_never_answers_does_not_stall_the_listener() {
 // ---------------------------------------------------------------------------------------------
 
 use adapter_pg::{PgPopulateCoordinator, PopulateSettings, PopulateSignals};
+use invalidation_listener::Invalidation;
 use lookup_core::{
     CacheScope, EntryScope, LookupConfig, LookupError, NoRemoteRealms, PopulateCoordinator as _,
     PopulateKey, PopulateLease as _, Woken,
@@ -913,7 +914,8 @@ async fn populator(config: &PgConfig, settings: PopulateSettings) -> Populator {
     let db = bounded("connect", PgAdapter::connect(config.clone())).await.expect("adapter");
     let renderer = FakeRenderer::default();
     let signals = Arc::new(PopulateSignals::new());
-    let coordinator = PgPopulateCoordinator::new(&db, Arc::clone(&signals), settings);
+    let coordinator =
+        PgPopulateCoordinator::new(&db, Arc::clone(&signals), settings).expect("coordinator");
     let lookup = CachingLookup::with_coordinator(
         db.clone(),
         renderer.clone(),
@@ -1129,7 +1131,87 @@ async fn populate_a_cache_hit_never_touches_the_lock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn populate_winners_on_every_pooled_connection_all_finish() {
+async fn populate_a_lease_does_its_work_on_its_own_connection_when_the_pool_is_exhausted() {
+    let Some(db) = TestDb::from_env("populate_pinned") else { return };
+    let config = populate_config(&db, "populate_pinned").pool_size(3);
+    let a = populator(&config, PopulateSettings::default()).await;
+    let pool = a.lookup.db().clone();
+    // Two leases (pool size − 1) hold two connections…
+    let (key_a, key_b) = (
+        key_of(&a.coordinator, &format!("{REALM}a.gts")),
+        key_of(&a.coordinator, &format!("{REALM}b.gts")),
+    );
+    let first = a.coordinator.try_acquire(&key_a).await.expect("try").expect("won");
+    let second = a.coordinator.try_acquire(&key_b).await.expect("try").expect("won");
+    // …and the third waits on a lock the test holds (a realm clear of another realm).
+    let other = "https://other.test/";
+    let mut holder = db.client().await;
+    let tx = holder.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2)) FROM (SELECT pg_advisory_xact_lock_shared($3, 0)) g",
+        &[&0x6466_6c72_i32, &other, &0x6466_6c67_i32],
+    )
+    .await
+    .expect("lock");
+    let blocked = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let clear = Invalidation::Realm { realm_url: other.to_owned() };
+            lookup_core::DbAdapter::apply_invalidation(&pool, &clear).await
+        })
+    };
+    let observer = db.client().await;
+    bounded("the clear to wait on the lock", async {
+        loop {
+            let waiting: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                )
+                .await
+                .expect("pg_locks")
+                .get(0);
+            if waiting > 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // Every row operation of a lease still completes: none asks the pool.
+    use lookup_core::RowStore as _;
+    let scope =
+        EntryScope { realm_url: REALM.into(), scope: CacheScope::Public, user: String::new() };
+    let url = format!("{REALM}a.gts");
+    let work = async {
+        let stamp = first.begin_load(REALM, &url).await.expect("stamp");
+        assert!(first.read_rows(&scope, &url, "a").await.expect("read").is_empty());
+        let row = Some(lookup_core::CacheEntry {
+            url: url.clone(),
+            file_alias: format!("{REALM}a"),
+            cache_scope: CacheScope::Public,
+            auth_user_id: String::new(),
+            resolved_realm_url: REALM.into(),
+            definitions: serde_json::Map::new(),
+            deps: Vec::new(),
+            error: None,
+            created_at: Some(1),
+            diagnostics: None,
+        });
+        let outcome = first.upsert(row.as_ref().expect("row"), stamp).await.expect("write");
+        assert_eq!(outcome, lookup_core::PersistOutcome::Written);
+        assert_eq!(first.read_rows(&scope, &url, "a").await.expect("read").len(), 1);
+        first.release().await.expect("release");
+        second.release().await.expect("release");
+    };
+    bounded("the leases' work with an exhausted pool", work).await;
+    tx.rollback().await.expect("rollback");
+    bounded("the clear", blocked).await.expect("task").expect("clear");
+    a.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_winners_leave_a_connection_for_an_invalidation() {
     let Some(db) = TestDb::from_env("populate_pool") else { return };
     let config = populate_config(&db, "populate_pool").pool_size(2);
     let a = populator(&config, PopulateSettings::default()).await;
@@ -1141,10 +1223,17 @@ async fn populate_winners_on_every_pooled_connection_all_finish() {
             a.renderer.gate(url)
         })
         .collect();
+    let other = format!("{REALM}other.gts");
+    a.renderer.set(&other, FakeModule::ready(&["O"], &[]));
+    a.lookup.get_module_entry(&other, None).await.expect("other");
     let loads: Vec<_> = urls.iter().map(|url| spawn_load(&a.lookup, url)).collect();
-    // Two winners render while holding both pooled connections; they must finish their
-    // loads (stamp, write, release) without asking the pool for another.
-    until("two winners holding the pool", || a.coordinator.stats().acquired == 2).await;
+    // Five cold keys, two pooled connections: one winner renders holding a lease; the others
+    // queue for a lease without holding a connection.
+    until("a winner to hold a lease", || a.coordinator.stats().acquired == 1).await;
+    // An invalidation holds the lookup's persist gate while it needs a connection: there
+    // must be one left, or it waits for winners that wait for the gate.
+    let list = bounded("the invalidation", a.lookup.invalidate(&other)).await.expect("invalidate");
+    assert!(list.contains(&other));
     for gate in &gates {
         gate.open();
     }
@@ -1155,8 +1244,77 @@ async fn populate_winners_on_every_pooled_connection_all_finish() {
         assert_eq!(a.renderer.calls(url), 1, "{url}");
     }
     let stats = a.coordinator.stats();
-    assert_eq!((stats.acquired, stats.released, stats.contended), (5, 5, 0));
+    // The five, and the first load of other.gts.
+    assert_eq!((stats.acquired, stats.released, stats.contended), (6, 6, 0));
     a.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_refuses_a_one_connection_pool_and_an_unguarded_adapter() {
+    let Some(db) = TestDb::from_env("populate_refusals") else { return };
+    let config = populate_config(&db, "populate_refusals");
+    for (config, needle) in [
+        (config.clone().pool_size(1), "at least 2 connections"),
+        (config.clone().durable_guard(false), "durable guard"),
+    ] {
+        let adapter = PgAdapter::connect(config).await.expect("adapter");
+        let signals = Arc::new(PopulateSignals::new());
+        let refused = PgPopulateCoordinator::new(&adapter, signals, PopulateSettings::default());
+        let error = refused.expect_err("refused").to_string();
+        assert!(error.contains(needle), "{error}");
+    }
+}
+
+#[test]
+fn populate_a_lease_dropped_with_its_runtime_releases_the_lock() {
+    let Some(db) = TestDb::from_env("populate_runtime_drop") else { return };
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = populate_config(&db, "populate_runtime_drop");
+    let (a, key, observer) = main.block_on(async {
+        let a = populator(&config, PopulateSettings::default()).await;
+        let key = key_of(&a.coordinator, &format!("{REALM}card.gts"));
+        // Warm the pool on this runtime, so its connections are driven here.
+        let (x, y) = tokio::join!(a.lookup.db().row_count(), a.lookup.db().row_count());
+        x.expect("count");
+        y.expect("count");
+        (a, key, db.client().await)
+    });
+    // A second runtime holds a lease in a task, and is dropped with the task still running.
+    let other = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let (coordinator, held_key) = (a.coordinator.clone(), key.clone());
+    let (won_tx, won_rx) = tokio::sync::oneshot::channel();
+    other.spawn(async move {
+        let lease = coordinator.try_acquire(&held_key).await.expect("try").expect("won");
+        won_tx.send(()).expect("send");
+        std::future::pending::<()>().await;
+        drop(lease);
+    });
+    // The other runtime runs its task until the lease is won (the pool's connections are
+    // driven by the main runtime's threads meanwhile).
+    other.block_on(async { bounded("the lease to be won", won_rx).await.expect("won") });
+    drop(other);
+    main.block_on(async {
+        bounded("the key's lock to be released", async {
+            loop {
+                let free: bool = observer
+                    .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&key.hash()])
+                    .await
+                    .expect("try")
+                    .get(0);
+                if free {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert_eq!(a.coordinator.stats().abandoned, 1);
+        a.listener.shutdown().await;
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1236,7 +1394,7 @@ async fn populate_gives_up_after_four_rounds_with_an_error_naming_the_key() {
         text.contains(&url) && text.contains("4 rounds") && text.contains("timed out"),
         "{text}"
     );
-    assert_eq!(b.coordinator.stats().contended, 4);
+    assert_eq!(b.coordinator.stats().contended, 5, "four waits, then one last try");
     assert_eq!(b.renderer.total_calls(), 0);
     lease.release().await.expect("release");
     // Once the key is free, B loads.

@@ -662,7 +662,7 @@ impl PgBench {
     async fn measure_populate_cost(&self, sizes: &Sizes, summary: &mut Summary) -> Result<()> {
         let db = self.lookup.db().clone();
         let signals = Arc::new(PopulateSignals::new());
-        let coordinator = PgPopulateCoordinator::new(&db, signals, PopulateSettings::default());
+        let coordinator = PgPopulateCoordinator::new(&db, signals, PopulateSettings::default())?;
         let coordinated = CachingLookup::with_coordinator(
             db,
             CountingRenderer::default(),

@@ -236,13 +236,18 @@ async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
         Command::Lookup { .. } | Command::Entry { .. } | Command::SoakWorker(_)
     );
     let signals = Arc::new(PopulateSignals::new());
-    let coordinator = (cli.coordinate && renders).then(|| {
+    let coordinator = if cli.coordinate && renders {
         let settings = PopulateSettings {
             wait_timeout: Duration::from_secs(cli.populate_timeout_secs),
             ..PopulateSettings::default()
         };
-        PgPopulateCoordinator::new(&db, Arc::clone(&signals), settings)
-    });
+        Some(
+            PgPopulateCoordinator::new(&db, Arc::clone(&signals), settings)
+                .context("cannot coordinate")?,
+        )
+    } else {
+        None
+    };
     let lookup = build_lookup(db.clone(), &cli, coordinator.clone())?;
     // A render can take long: listen while it runs, so a peer's invalidation of the module
     // discards our stale result instead of letting us persist it (and, coordinated, so a

@@ -730,7 +730,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         let rounds = settings.max_rounds.max(1);
         let mut first = Some(first);
         let mut last_wait = Woken::Signalled;
-        for round in 1..=rounds {
+        // `rounds` waits, each after a lost try, and one last try after the last wait: a
+        // winner that failed leaves no row, and the last waiter should then find out why
+        // itself rather than give up.
+        for round in 1..=rounds + 1 {
             let mut ticket = coordinator.signals().register(&key);
             if let Some(lease) = coordinator.try_acquire(&key).await? {
                 drop(ticket);
@@ -743,6 +746,9 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
                     tracing::warn!(%key, %error, "releasing the populate lock failed; the result is served but not cached");
                 }
                 return outcome;
+            }
+            if round > rounds {
+                break;
             }
             tracing::debug!(%key, round, "another process is populating this module; waiting");
             last_wait = ticket.wait(settings.wait_timeout).await;
@@ -761,14 +767,14 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
             }
         }
         let last = match last_wait {
-            Woken::TimedOut => format!("timed out after {:?}", settings.wait_timeout),
-            _ => "was woken but found no usable row".to_owned(),
+            Woken::TimedOut => format!("the last wait timed out after {:?}", settings.wait_timeout),
+            _ => "the last winner left no usable row (its render failed, or the module does \
+                  not exist), and another took the lock again"
+                .to_owned(),
         };
         Err(LookupError::PopulateFailed {
             key: key.to_string(),
-            reason: format!(
-                "another process held its lock in each of {rounds} rounds; the last wait {last}"
-            ),
+            reason: format!("another process held its lock through {rounds} rounds; {last}"),
         })
     }
 
