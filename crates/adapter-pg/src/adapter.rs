@@ -258,7 +258,9 @@ impl DbAdapter for PgAdapter {
 
     /// DELETE and NOTIFY in one transaction of two round trips (see invalidate.rs); for a
     /// module fan-out, consumers persisted since `invalidation` was computed are added under
-    /// the realm's lock. Broadcast failures: see [`PgAdapter::invalidate`].
+    /// the realm's lock. If the transaction fails at a NOTIFY or at COMMIT it is retried once,
+    /// then run without its NOTIFYs (the rows are deleted, a warning is logged and
+    /// [`PgAdapterStats::unbroadcast_deletes`] counts it).
     async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<u64, LookupError> {
         Ok(self.invalidate(invalidation).await?.deleted)
     }
