@@ -783,3 +783,113 @@ pub async fn l1_is_bypassed_while_the_listener_is_disconnected<D: DbAdapter>(db:
     assert!(!stats.suspended && stats.hits == 1 && stats.entries == 1, "{stats:?}");
     assert_eq!(h.renderer.calls(&url), 1);
 }
+
+/// A storage wrapper whose `apply_invalidation` waits at a gate before running: it holds a
+/// clear between its start and its DELETE, the window a concurrent lookup must not exploit.
+struct PausedClears<D> {
+    inner: D,
+    entered: Arc<tokio::sync::Semaphore>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl<D: DbAdapter> lookup_core::RowStore for PausedClears<D> {
+    async fn read_rows(
+        &self,
+        scope: &EntryScope,
+        url: &str,
+        alias: &str,
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        self.inner.read_rows(scope, url, alias).await
+    }
+
+    async fn read_rows_batch(
+        &self,
+        scope: &EntryScope,
+        names: &[String],
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        self.inner.read_rows_batch(scope, names).await
+    }
+
+    async fn begin_load(
+        &self,
+        realm_url: &str,
+        url: &str,
+    ) -> Result<lookup_core::LoadStamp, LookupError> {
+        self.inner.begin_load(realm_url, url).await
+    }
+
+    async fn upsert(
+        &self,
+        entry: &CacheEntry,
+        stamp: lookup_core::LoadStamp,
+    ) -> Result<lookup_core::PersistOutcome, LookupError> {
+        self.inner.upsert(entry, stamp).await
+    }
+}
+
+impl<D: DbAdapter> DbAdapter for PausedClears<D> {
+    async fn consumers(
+        &self,
+        realm_url: &str,
+        names: &[String],
+    ) -> Result<Vec<lookup_core::ConsumerRow>, LookupError> {
+        self.inner.consumers(realm_url, names).await
+    }
+
+    async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<u64, LookupError> {
+        self.entered.add_permits(1);
+        let permit = bounded("the clear to be released", self.release.acquire()).await;
+        permit.expect("never closed").forget();
+        self.inner.apply_invalidation(invalidation).await
+    }
+}
+
+/// A lookup that reads a row while a realm clear is between its start and its DELETE must not
+/// leave that row in the tier once the clear has returned.
+pub async fn l1_keeps_nothing_a_concurrent_clear_deleted<D: DbAdapter>(db: D) {
+    let entered = Arc::new(tokio::sync::Semaphore::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let paused =
+        PausedClears { inner: db, entered: Arc::clone(&entered), release: Arc::clone(&release) };
+    let h = Harness::with_config(paused, with_l1(LONG_AGE));
+    let url = u("card.gts");
+    h.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    h.lookup.get_module_entry(&url, None).await.expect("v1 loads");
+    // Drop the tier's copy so the next lookup reads the database.
+    InvalidationSink::connection_lost(&h.lookup);
+    InvalidationSink::connection_restored(&h.lookup);
+    let clear = {
+        let lookup = h.lookup.clone();
+        tokio::spawn(async move { lookup.clear_realm(REALM).await })
+    };
+    bounded("the clear to start", entered.acquire()).await.expect("never closed").forget();
+    // The clear holds before its DELETE: this lookup reads v1 from the database.
+    h.lookup.get_module_entry(&url, None).await.expect("v1 read");
+    release.add_permits(1);
+    joined(clear).await.expect("clear");
+    h.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
+    let entry = h.lookup.get_module_entry(&url, None).await.expect("after the clear");
+    let key = CodeRef::new(url.clone(), "Card").definition_key();
+    assert_eq!(entry.definitions[&key]["version"], 2, "the tier kept a cleared row");
+}
+
+/// A result returned unpersisted (discarded by an invalidation of its dependency) is in no row
+/// and is never stored in the tier.
+pub async fn l1_never_stores_an_unpersisted_result<D: DbAdapter>(db: D) {
+    let config = LookupConfig { max_load_attempts: 1, ..with_l1(LONG_AGE) };
+    let h = Harness::with_config(db, config);
+    let (leaf, card) = (u("leaf.gts"), u("card.gts"));
+    h.renderer.set(&leaf, FakeModule::ready(&["Leaf"], &[]));
+    h.renderer.set(&card, FakeModule::ready(&["Card"], &["./leaf"]));
+    h.lookup.get_module_entry(&leaf, None).await.expect("leaf");
+    let gate = h.renderer.gate(&card);
+    let load = h.spawn_load(&card);
+    gate.entered().await;
+    h.lookup.invalidate(&leaf).await.expect("invalidate the dependency mid-render");
+    gate.open();
+    joined(load).await.expect("card, returned unpersisted");
+    assert!(h.row(&card).await.is_none(), "not persisted");
+    assert_eq!(h.lookup.l1_stats().expect("on").entries, 0, "not in the tier either");
+    h.lookup.get_module_entry(&card, None).await.expect("card again");
+    assert_eq!(h.renderer.calls(&card), 2, "rendered again, not served from the tier");
+}

@@ -311,6 +311,8 @@ macro_rules! behaviour_suite {
             l1_never_serves_past_the_max_age,
             l1_follows_every_invalidation,
             l1_is_bypassed_while_the_listener_is_disconnected,
+            l1_keeps_nothing_a_concurrent_clear_deleted,
+            l1_never_stores_an_unpersisted_result,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

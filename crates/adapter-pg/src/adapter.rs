@@ -150,9 +150,13 @@ impl PgAdapter {
             horizon_secs,
         };
         let mut last_error = None;
+        // After a failed attempt, the retry starts from that attempt's whole fan-out: if it did
+        // commit (a reply lost at COMMIT), its consumers' rows are gone, and a closure from the
+        // seeds alone would no longer find them to report.
+        let mut request = request.clone();
         for attempt in 1..=2 {
             let client = self.client("invalidate").await?;
-            match invalidate::run(client, request, &broadcasting).await {
+            match invalidate::run(client, &request, &broadcasting).await {
                 Ok(applied) => {
                     self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
                     self.counters
@@ -161,18 +165,19 @@ impl PgAdapter {
                     return Ok(applied);
                 }
                 Err(Failure::Invalidation(error)) => return Err(error.into()),
-                Err(Failure::Broadcast(error)) => {
+                Err(Failure::Broadcast(error, effective)) => {
                     self.counters.broadcast_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(attempt, %error, "invalidation broadcast failed");
                     last_error = Some(error);
+                    request = effective;
                 }
             }
         }
         let silent = Plan { guarded, notify: None, horizon_secs };
         let client = self.client("invalidate").await?;
-        let applied = match invalidate::run(client, request, &silent).await {
+        let applied = match invalidate::run(client, &request, &silent).await {
             Ok(applied) => applied,
-            Err(Failure::Invalidation(error) | Failure::Broadcast(error)) => {
+            Err(Failure::Invalidation(error) | Failure::Broadcast(error, _)) => {
                 return Err(error.into());
             }
         };
@@ -265,8 +270,9 @@ impl DbAdapter for PgAdapter {
         Ok(self.invalidate(invalidation).await?.deleted)
     }
 
-    /// The closure is computed inside the invalidation's transaction, under the realm's lock:
-    /// one query for it instead of two, and no window for a late consumer.
+    /// The closure is computed inside the invalidation's transaction: one query for it instead
+    /// of two, and, with the durable guard (which takes the realm's lock first), no window for
+    /// a late consumer.
     async fn invalidate_modules(
         &self,
         realm_url: &str,

@@ -129,10 +129,12 @@ pub(crate) struct Applied {
 
 /// Why a transaction failed.
 pub(crate) enum Failure {
-    /// Before or at the DELETE: nothing happened.
+    /// The server refused a statement before or at the DELETE: nothing happened.
     Invalidation(PgError),
-    /// At a NOTIFY or the COMMIT: rolled back, or (a reply lost at COMMIT) maybe committed.
-    Broadcast(PgError),
+    /// At a NOTIFY or the COMMIT, or the connection broke during the second round trip:
+    /// rolled back, or (a reply lost at COMMIT) maybe committed. Carries the fan-out the
+    /// transaction was deleting, so a retry deletes (and reports) no less.
+    Broadcast(PgError, Invalidation),
 }
 
 /// Settings of one transaction.
@@ -154,8 +156,21 @@ pub(crate) async fn run(
     let before = |e| Failure::Invalidation(query_error("invalidate")(e));
     let tx = OpenTransaction::new(client);
     let c = tx.client();
+    // Every statement is prepared first (free once cached on the connection), so that a
+    // fresh connection pays for preparing before it holds the realm's lock, not under it.
     let begin = c.prepare_cached("BEGIN").await.map_err(before)?;
     let commit = c.prepare_cached("COMMIT").await.map_err(before)?;
+    let graph = c.prepare_cached(REALM_GRAPH).await.map_err(before)?;
+    let record_modules = c.prepare_cached(guard::RECORD_MODULES).await.map_err(before)?;
+    let record_clear = c.prepare_cached(guard::RECORD_CLEAR).await.map_err(before)?;
+    let prune = c.prepare_cached(guard::PRUNE).await.map_err(before)?;
+    let delete = match request {
+        Invalidation::Modules { .. } => DELETE_MODULES,
+        Invalidation::Realm { .. } => DELETE_REALM,
+        Invalidation::Global => DELETE_ALL,
+    };
+    let delete = c.prepare_cached(delete).await.map_err(before)?;
+    let notify = c.prepare_cached(NOTIFY).await.map_err(before)?;
 
     // Flight 1: BEGIN, the lock, the closure.
     let lock = match request {
@@ -192,7 +207,6 @@ pub(crate) async fn run(
             let mut rows = replies.pop().and_then(Result::ok).unwrap_or_default();
             if rows.len() as i64 >= LARGE_FAN_OUT {
                 // Still under the lock, with a fresh snapshot: the whole realm's edges.
-                let graph = c.prepare_cached(REALM_GRAPH).await.map_err(before)?;
                 rows = c.query(&graph, &[&realm]).await.map_err(before)?;
             }
             // Walking from the names, rows that do not consume them are never reached.
@@ -211,16 +225,7 @@ pub(crate) async fn run(
         _ => &[],
     };
     let per_url = is_modules && list.len() <= GUARD_PER_URL_LIMIT;
-    let record = if per_url { guard::RECORD_MODULES } else { guard::RECORD_CLEAR };
-    let record = c.prepare_cached(record).await.map_err(before)?;
-    let prune = c.prepare_cached(guard::PRUNE).await.map_err(before)?;
-    let delete = match &effective {
-        Invalidation::Modules { .. } => DELETE_MODULES,
-        Invalidation::Realm { .. } => DELETE_REALM,
-        Invalidation::Global => DELETE_ALL,
-    };
-    let delete = c.prepare_cached(delete).await.map_err(before)?;
-    let notify = c.prepare_cached(NOTIFY).await.map_err(before)?;
+    let record = if per_url { &record_modules } else { &record_clear };
     let payloads = match plan.notify {
         Some((_, origin)) => encode_payloads(&effective, Some(origin)),
         None => Vec::new(),
@@ -234,7 +239,7 @@ pub(crate) async fn run(
     let mut flight: Vec<Reply<'_>> = Vec::new();
     if plan.guarded {
         let params: &[&(dyn ToSql + Sync)] = if per_url { &modules_params } else { &realm_params };
-        flight.push(Box::pin(c.query(&record, params)));
+        flight.push(Box::pin(c.query(record, params)));
         if is_modules {
             flight.push(Box::pin(c.query(&prune, &prune_params)));
         }
@@ -253,11 +258,15 @@ pub(crate) async fn run(
     flight.push(Box::pin(c.query(&commit, &[])));
     let mut replies = pipelined(flight).await;
     if let Some((index, error)) = first_failure(&mut replies) {
+        // A broken connection says nothing about how far the server got (COMMIT may have
+        // been sent): only a statement the server refused before the NOTIFYs means "nothing
+        // happened".
+        let refused_early = index <= delete_index && !error.is_closed();
         let error = query_error("invalidate")(error);
-        return Err(if index <= delete_index {
+        return Err(if refused_early {
             Failure::Invalidation(error)
         } else {
-            Failure::Broadcast(error)
+            Failure::Broadcast(error, effective)
         });
     }
     let deleted = replies[delete_index]

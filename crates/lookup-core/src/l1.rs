@@ -2,11 +2,15 @@
 //! database, opt-in through [`LookupConfig::l1`](crate::LookupConfig::l1).
 //!
 //! Coherence, in order of strength:
+//! - only entries the database holds (read from it, or written by the load) are stored: a
+//!   result returned unpersisted is in no row, so no fan-out would ever name it;
 //! - every invalidation this process makes or hears (a module fan-out, a realm, everything)
-//!   removes the entries it covers, in the same synchronous step that bumps the generations;
-//! - an entry is stored only if no such invalidation happened since the lookup that read it
-//!   took its generation snapshot (checked under the tier's lock, so a bump either precedes
-//!   the check and the entry is not stored, or follows the insert and removes it);
+//!   removes the entries it covers, and those depending on a name it covers, in the same
+//!   synchronous step that bumps the generations (after the backend's DELETE);
+//! - an entry is stored only if no such invalidation of it or of one of its dependencies
+//!   happened since the lookup that read it took its generation snapshot (checked under the
+//!   tier's lock, so a bump either precedes the check and the entry is not stored, or follows
+//!   the insert and removes it);
 //! - while the listener is disconnected the tier is emptied and bypassed, and it is emptied
 //!   again when the listener resyncs (invalidations sent meanwhile were never heard);
 //! - an entry older than `max_age` is never served: that bounds what a connection that died
@@ -129,7 +133,8 @@ impl<K: L1Key> L1<K> {
         if state.suspended {
             return;
         }
-        let names = [key.url(), entry.url.as_str(), entry.file_alias.as_str()];
+        let mut names = vec![key.url(), entry.url.as_str(), entry.file_alias.as_str()];
+        names.extend(entry.deps.iter().map(String::as_str));
         if !snapshot.is_current(&key.scope().realm_url, &names) {
             state.stats.refused_stale += 1;
             return;
@@ -138,7 +143,8 @@ impl<K: L1Key> L1<K> {
     }
 
     /// Drops the entries of `realm_url` that `urls` name (by requested URL, stored URL or
-    /// alias).
+    /// alias) or that depend on one of them directly (so coherence does not rest on the
+    /// database's closure alone).
     pub(crate) fn invalidate_modules(&self, realm_url: &str, urls: &[String]) {
         let mut state = self.state();
         if state.map.is_empty() {
@@ -149,7 +155,8 @@ impl<K: L1Key> L1<K> {
             key.scope().realm_url != realm_url
                 || !(names.contains(key.url())
                     || names.contains(stored.entry.url.as_str())
-                    || names.contains(stored.entry.file_alias.as_str()))
+                    || names.contains(stored.entry.file_alias.as_str())
+                    || stored.entry.deps.iter().any(|dep| names.contains(dep.as_str())))
         });
     }
 

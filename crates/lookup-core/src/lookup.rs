@@ -66,7 +66,22 @@ impl L1Key for LoadKey {
     }
 }
 
-type SharedResult = Result<Arc<CacheEntry>, LookupError>;
+/// What a load hands its callers: the entry, and whether it is what the database holds (read
+/// from it, or written to it). Only such entries may go to the in-process tier: a result
+/// returned unpersisted is in no row, so no invalidation's fan-out would ever name it.
+#[derive(Debug, Clone)]
+struct Loaded {
+    entry: Arc<CacheEntry>,
+    stored: bool,
+}
+
+impl Loaded {
+    fn stored(entry: Arc<CacheEntry>) -> Self {
+        Loaded { entry, stored: true }
+    }
+}
+
+type SharedResult = Result<Loaded, LookupError>;
 
 #[derive(Debug)]
 struct Slot {
@@ -322,21 +337,22 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
             {
                 return Ok(Arc::new(entry));
             }
-            return self.join_or_start(context, url, snapshot).await;
+            return Ok(self.join_or_start(context, url, snapshot).await?.entry);
         };
         let key = LoadKey { scope: context.scope.clone(), url: url.clone() };
         if let Some(entry) = l1.get(&key) {
             return Ok(entry);
         }
-        let entry = match self.inner.read_cached(&self.inner.db, &context.scope, &url).await? {
-            Some(entry) if !self.inner.is_expired(&entry) => Arc::new(entry),
+        let loaded = match self.inner.read_cached(&self.inner.db, &context.scope, &url).await? {
+            Some(entry) if !self.inner.is_expired(&entry) => Loaded::stored(Arc::new(entry)),
             _ => self.join_or_start(context, url, snapshot.clone()).await?,
         };
-        // Errors expire on their own schedule; only good entries go to the tier.
-        if entry.error.is_none() {
-            l1.insert(key, Arc::clone(&entry), &snapshot);
+        // Errors expire on their own schedule, and a result the database does not hold would
+        // be named by no fan-out: only stored, good entries go to the tier.
+        if loaded.stored && loaded.entry.error.is_none() {
+            l1.insert(key, Arc::clone(&loaded.entry), &snapshot);
         }
-        Ok(entry)
+        Ok(loaded.entry)
     }
 
     async fn join_or_start(
@@ -344,7 +360,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         context: Context,
         url: String,
         snapshot: Snapshot,
-    ) -> Result<Arc<CacheEntry>, LookupError> {
+    ) -> SharedResult {
         let key = LoadKey { scope: context.scope.clone(), url: url.clone() };
         let mut result = {
             let mut slots = self.inner.slots();
@@ -452,9 +468,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         let done = match outcome {
             Ok(done) => done,
             Err(error) => {
-                // The backend may or may not have deleted (a reply lost at COMMIT): the module
-                // itself is surely changing, so loads of it in flight are discarded anyway.
-                self.inner.bump_modules(&realm.url, &variants);
+                // The backend may or may not have deleted (a reply lost at COMMIT), and which
+                // consumers it found is unknown: everything of the realm in flight or in the
+                // in-process tier is discarded, conservatively.
+                self.inner.bump_realm(&realm.url);
                 return Err(error);
             }
         };
@@ -470,13 +487,17 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     /// need not be registered.
     pub async fn clear_realm(&self, realm_url: &str) -> Result<u64, LookupError> {
         let realm_url = absolute_url(realm_url)?;
+        // As in `invalidate`: persists wait for the whole clear, and the bump follows the
+        // DELETE, so a lookup that read a row before the DELETE cannot put it in the
+        // in-process tier after the bump. On an error the bump happens all the same.
         let _exclusive = self.inner.persist_gate.write().await;
-        self.inner.bump_realm(&realm_url);
-        let deleted = self
+        let outcome = self
             .inner
             .db
             .apply_invalidation(&Invalidation::Realm { realm_url: realm_url.clone() })
-            .await?;
+            .await;
+        self.inner.bump_realm(&realm_url);
+        let deleted = outcome?;
         tracing::debug!(realm = %realm_url, deleted, "cleared realm");
         Ok(deleted)
     }
@@ -484,8 +505,9 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     /// Drops every cached row, here and (through the backend) in peers.
     pub async fn clear_all(&self) -> Result<u64, LookupError> {
         let _exclusive = self.inner.persist_gate.write().await;
+        let outcome = self.inner.db.apply_invalidation(&Invalidation::Global).await;
         self.inner.bump_global();
-        let deleted = self.inner.db.apply_invalidation(&Invalidation::Global).await?;
+        let deleted = outcome?;
         tracing::debug!(deleted, "cleared all");
         Ok(deleted)
     }
@@ -700,10 +722,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         let mut attempt = 1;
         loop {
             match self.attempt(store, context, url, &snapshot, read_first || attempt > 1).await? {
-                Attempt::Done(entry) => return Ok(entry),
+                Attempt::Done(entry) => return Ok(Loaded::stored(entry)),
                 Attempt::Discarded(entry) if attempt >= self.config.max_load_attempts => {
                     tracing::warn!(module = %url, attempt, "result discarded by invalidations again; returning it unpersisted");
-                    return Ok(entry);
+                    return Ok(Loaded { entry, stored: false });
                 }
                 Attempt::Discarded(_) => {
                     tracing::debug!(module = %url, attempt, "result discarded by an invalidation; loading again");
@@ -744,6 +766,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
                     // The load's writes were in the lease's transaction and are gone with it;
                     // the result itself is right, so it is still served.
                     tracing::warn!(%key, %error, "releasing the populate lock failed; the result is served but not cached");
+                    return outcome.map(|loaded| Loaded { stored: false, ..loaded });
                 }
                 return outcome;
             }
@@ -763,7 +786,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
             if let Some(entry) = self.read_cached(&self.db, &context.scope, url).await?
                 && !self.is_expired(&entry)
             {
-                return Ok(Arc::new(entry));
+                return Ok(Loaded::stored(Arc::new(entry)));
             }
         }
         let last = match last_wait {
