@@ -30,24 +30,25 @@ use crate::store::{self, OpenTransaction, query_error};
 /// The consumer closure of names `$2` in realm `$1`, in one recursive query. Each step finds
 /// rows whose deps contain a name with `@>`, which the GIN index on deps answers without
 /// scanning the realm; UNION de-duplicates, so a dependency cycle ends.
-pub(crate) const CONSUMERS: &str = "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
-        SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
-        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
-      UNION \
-        SELECT m.url, m.file_alias, m.deps FROM consumer c \
-        CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
-        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
-    ) SELECT url, file_alias, deps FROM consumer";
+macro_rules! consumers_sql {
+    () => {
+        "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
+            SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
+            JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
+          UNION \
+            SELECT m.url, m.file_alias, m.deps FROM consumer c \
+            CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
+            JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
+        ) SELECT url, file_alias, deps FROM consumer"
+    };
+}
+
+/// See [`consumers_sql`].
+pub(crate) const CONSUMERS: &str = consumers_sql!();
 
 /// [`CONSUMERS`], stopped after `$3` rows: a probe for a large fan-out.
-const CONSUMERS_LIMITED: &str = "SELECT * FROM (WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
-        SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
-        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
-      UNION \
-        SELECT m.url, m.file_alias, m.deps FROM consumer c \
-        CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
-        JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
-    ) SELECT url, file_alias, deps FROM consumer LIMIT $3) AS limited";
+const CONSUMERS_LIMITED: &str =
+    concat!("SELECT * FROM (", consumers_sql!(), " LIMIT $3) AS limited");
 
 /// Every row's edges in realm `$1`: for a large fan-out, one scan and a walk in memory beat
 /// an index probe per name (measured on the bench's 10 000-module graph: 190 ms of probes,
