@@ -41,6 +41,8 @@ pub struct PgPopulateStats {
     /// Leases dropped without a release (a panicking or cancelled load), cleaned up in the
     /// background.
     pub abandoned: u64,
+    /// Most leases held at once (pool size − 1).
+    pub lease_limit: usize,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +121,7 @@ impl PgPopulateCoordinator {
             released: c.released.load(Ordering::Relaxed),
             rolled_back: c.rolled_back.load(Ordering::Relaxed),
             abandoned: c.abandoned.load(Ordering::Relaxed),
+            lease_limit: self.adapter.config().pool_max() - 1,
         }
     }
 }

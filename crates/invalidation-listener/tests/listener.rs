@@ -1227,9 +1227,17 @@ async fn populate_winners_leave_a_connection_for_an_invalidation() {
     a.renderer.set(&other, FakeModule::ready(&["O"], &[]));
     a.lookup.get_module_entry(&other, None).await.expect("other");
     let loads: Vec<_> = urls.iter().map(|url| spawn_load(&a.lookup, url)).collect();
-    // Five cold keys, two pooled connections: one winner renders holding a lease; the others
-    // queue for a lease without holding a connection.
-    until("a winner to hold a lease", || a.coordinator.stats().acquired == 1).await;
+    // Five cold keys, two pooled connections: as many winners as may hold leases render
+    // (one), and every other load has started trying (queued for a lease, holding no
+    // connection).
+    until("the winners to hold every lease", || {
+        let stats = a.coordinator.stats();
+        let held = stats.acquired - stats.released - stats.rolled_back - stats.abandoned;
+        // Six: other.gts's load, then the five.
+        held as usize == stats.lease_limit && stats.attempts == 6
+    })
+    .await;
+    assert_eq!(a.coordinator.stats().lease_limit, 1);
     // An invalidation holds the lookup's persist gate while it needs a connection: there
     // must be one left, or it waits for winners that wait for the gate.
     let list = bounded("the invalidation", a.lookup.invalidate(&other)).await.expect("invalidate");
