@@ -141,7 +141,8 @@ pub async fn invalidate_of_unregistered_realm_does_nothing<D: DbAdapter>(db: D) 
     assert_eq!(rows.len(), 1, "the foreign row must survive");
 }
 
-fn sample_entry(realm: &str, url: &str) -> CacheEntry {
+/// A stored-looking public row of `url` in `realm`: no definitions, no deps, written at 1.
+pub fn sample_entry(realm: &str, url: &str) -> CacheEntry {
     CacheEntry {
         url: url.to_owned(),
         file_alias: lookup_core::urls::file_alias(url),
@@ -750,11 +751,15 @@ pub async fn l1_follows_every_invalidation<D: DbAdapter>(db: D) {
     let entry = h.lookup.get_module_entry(&card, None).await.expect("card");
     let key = CodeRef::new(card.clone(), "Card").definition_key();
     assert_eq!(entry.definitions[&key]["version"], 2);
-    // A peer's bump (as the listener replays it) by alias.
+    // A peer's bump (as the listener replays it) by alias: served by the tier before it, from
+    // the database (where the row still is) after it.
+    h.lookup.get_module_entry(&other, None).await.expect("other, from the tier");
+    assert!(h.lookup.l1_stats().is_some_and(|s| s.hits == 1));
     InvalidationSink::bump_modules(&h.lookup, REALM, &[lookup_core::urls::file_alias(&other)]);
+    assert_eq!(h.lookup.l1_stats().expect("on").entries, 1, "the bump removed it; card stays");
     h.lookup.get_module_entry(&other, None).await.expect("other");
     assert_eq!(h.renderer.calls(&other), 1, "the row was still in the db");
-    assert!(h.lookup.l1_stats().is_some_and(|s| s.hits == 0), "never served after a bump");
+    assert!(h.lookup.l1_stats().is_some_and(|s| s.hits == 1), "never served after a bump");
     // Realm and global clears.
     h.lookup.clear_realm(REALM).await.expect("clear realm");
     assert_eq!(h.lookup.l1_stats().expect("on").entries, 0);

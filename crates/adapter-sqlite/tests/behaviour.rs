@@ -38,9 +38,9 @@ mod coordinated {
 
     use behaviour_suite::{FakeRenderer, bounded};
     use lookup_core::{
-        CacheEntry, CacheScope, CachingLookup, LoadStamp, LookupConfig, LookupError, NoLease,
-        NoRemoteRealms, PopulateCoordinator, PopulateKey, PopulateSettings, PopulateSignals,
-        PopulateSink as _, Realm, RowStore as _,
+        CachingLookup, LoadStamp, LookupConfig, LookupError, NoLease, NoRemoteRealms,
+        PopulateCoordinator, PopulateKey, PopulateSettings, PopulateSignals, PopulateSink as _,
+        Realm, RowStore as _,
     };
 
     use super::SqliteAdapter;
@@ -67,19 +67,7 @@ mod coordinated {
         }
 
         async fn try_acquire(&self, key: &PopulateKey) -> Result<Option<NoLease>, LookupError> {
-            let url = format!("{REALM}card.gts");
-            let row = CacheEntry {
-                file_alias: lookup_core::urls::file_alias(&url),
-                url,
-                cache_scope: CacheScope::Public,
-                auth_user_id: String::new(),
-                resolved_realm_url: REALM.into(),
-                definitions: serde_json::Map::new(),
-                deps: Vec::new(),
-                error: None,
-                created_at: Some(1),
-                diagnostics: None,
-            };
+            let row = behaviour_suite::cases::sample_entry(REALM, &format!("{REALM}card.gts"));
             self.db.upsert(&row, LoadStamp::UNGUARDED).await?;
             self.signals.key_populated(key.hash());
             Ok(None)

@@ -1186,19 +1186,8 @@ async fn populate_a_lease_does_its_work_on_its_own_connection_when_the_pool_is_e
     let work = async {
         let stamp = first.begin_load(REALM, &url).await.expect("stamp");
         assert!(first.read_rows(&scope, &url, "a").await.expect("read").is_empty());
-        let row = Some(lookup_core::CacheEntry {
-            url: url.clone(),
-            file_alias: format!("{REALM}a"),
-            cache_scope: CacheScope::Public,
-            auth_user_id: String::new(),
-            resolved_realm_url: REALM.into(),
-            definitions: serde_json::Map::new(),
-            deps: Vec::new(),
-            error: None,
-            created_at: Some(1),
-            diagnostics: None,
-        });
-        let outcome = first.upsert(row.as_ref().expect("row"), stamp).await.expect("write");
+        let row = behaviour_suite::cases::sample_entry(REALM, &url);
+        let outcome = first.upsert(&row, stamp).await.expect("write");
         assert_eq!(outcome, lookup_core::PersistOutcome::Written);
         assert_eq!(first.read_rows(&scope, &url, "a").await.expect("read").len(), 1);
         first.release().await.expect("release");

@@ -17,14 +17,14 @@
 //!   silently (and that the listener's heartbeat has not noticed yet) can cost.
 
 use std::collections::HashSet;
-use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hashlink::LruCache;
 
 use crate::generations::Snapshot;
-use crate::types::{CacheEntry, EntryScope};
+use crate::lookup::LoadKey;
+use crate::types::CacheEntry;
 
 /// Settings of the in-process tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,26 +67,20 @@ struct Stored {
 }
 
 #[derive(Debug)]
-struct State<K> {
-    map: LruCache<K, Stored>,
+struct State {
+    map: LruCache<LoadKey, Stored>,
     suspended: bool,
     stats: L1Stats,
 }
 
 /// The tier, keyed like in-process coalescing (scope and requested URL).
 #[derive(Debug)]
-pub(crate) struct L1<K> {
+pub(crate) struct L1 {
     config: L1Config,
-    state: Mutex<State<K>>,
+    state: Mutex<State>,
 }
 
-/// What a key must expose for the tier to match invalidations against it.
-pub(crate) trait L1Key: Hash + Eq + Clone {
-    fn scope(&self) -> &EntryScope;
-    fn url(&self) -> &str;
-}
-
-impl<K: L1Key> L1<K> {
+impl L1 {
     pub(crate) fn new(config: L1Config) -> Self {
         L1 {
             config,
@@ -98,12 +92,12 @@ impl<K: L1Key> L1<K> {
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State<K>> {
+    fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The entry for `key`, if present and young enough.
-    pub(crate) fn get(&self, key: &K) -> Option<Arc<CacheEntry>> {
+    pub(crate) fn get(&self, key: &LoadKey) -> Option<Arc<CacheEntry>> {
         let mut state = self.state();
         if state.suspended {
             return None;
@@ -128,14 +122,14 @@ impl<K: L1Key> L1<K> {
 
     /// Stores what a lookup that took `snapshot` read, unless an invalidation of it (or of its
     /// realm, or of everything) has happened since.
-    pub(crate) fn insert(&self, key: K, entry: Arc<CacheEntry>, snapshot: &Snapshot) {
+    pub(crate) fn insert(&self, key: LoadKey, entry: Arc<CacheEntry>, snapshot: &Snapshot) {
         let mut state = self.state();
         if state.suspended {
             return;
         }
-        let mut names = vec![key.url(), entry.url.as_str(), entry.file_alias.as_str()];
+        let mut names = vec![key.url.as_str(), entry.url.as_str(), entry.file_alias.as_str()];
         names.extend(entry.deps.iter().map(String::as_str));
-        if !snapshot.is_current(&key.scope().realm_url, &names) {
+        if !snapshot.is_current(&key.scope.realm_url, &names) {
             state.stats.refused_stale += 1;
             return;
         }
@@ -152,8 +146,8 @@ impl<K: L1Key> L1<K> {
         }
         let names: HashSet<&str> = urls.iter().map(String::as_str).collect();
         state.map.retain(|key, stored| {
-            key.scope().realm_url != realm_url
-                || !(names.contains(key.url())
+            key.scope.realm_url != realm_url
+                || !(names.contains(key.url.as_str())
                     || names.contains(stored.entry.url.as_str())
                     || names.contains(stored.entry.file_alias.as_str())
                     || stored.entry.deps.iter().any(|dep| names.contains(dep.as_str())))
@@ -162,7 +156,7 @@ impl<K: L1Key> L1<K> {
 
     /// Drops every entry of `realm_url`.
     pub(crate) fn invalidate_realm(&self, realm_url: &str) {
-        self.state().map.retain(|key, _| key.scope().realm_url != realm_url);
+        self.state().map.retain(|key, _| key.scope.realm_url != realm_url);
     }
 
     /// Drops everything.
@@ -198,26 +192,14 @@ impl<K: L1Key> L1<K> {
 mod tests {
     use super::*;
     use crate::generations::Generations;
-    use crate::types::CacheScope;
-
-    #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-    struct Key(EntryScope, String);
-
-    impl L1Key for Key {
-        fn scope(&self) -> &EntryScope {
-            &self.0
-        }
-        fn url(&self) -> &str {
-            &self.1
-        }
-    }
+    use crate::types::{CacheScope, EntryScope};
 
     const REALM: &str = "https://r.test/";
 
-    fn key(url: &str) -> Key {
+    fn key(url: &str) -> LoadKey {
         let scope =
             EntryScope { realm_url: REALM.into(), scope: CacheScope::Public, user: String::new() };
-        Key(scope, format!("{REALM}{url}"))
+        LoadKey { scope, url: format!("{REALM}{url}") }
     }
 
     fn entry(url: &str) -> Arc<CacheEntry> {

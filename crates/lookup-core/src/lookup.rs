@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::error::LookupError;
 use crate::generations::{Generations, Snapshot};
-use crate::l1::{L1, L1Config, L1Key, L1Stats};
+use crate::l1::{L1, L1Config, L1Stats};
 use crate::populate::{PopulateCoordinator, PopulateLease, Uncoordinated, Woken};
 use crate::traits::{
     DbAdapter, InvalidationSink, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe, RowStore,
@@ -51,19 +51,9 @@ struct Context {
 
 /// The coalescing key of SPEC §3.6: realm, requested URL, scope and cache user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct LoadKey {
-    scope: EntryScope,
-    url: String,
-}
-
-impl L1Key for LoadKey {
-    fn scope(&self) -> &EntryScope {
-        &self.scope
-    }
-
-    fn url(&self) -> &str {
-        &self.url
-    }
+pub(crate) struct LoadKey {
+    pub(crate) scope: EntryScope,
+    pub(crate) url: String,
 }
 
 /// What a load hands its callers: the entry, and whether it is what the database holds (read
@@ -115,7 +105,7 @@ struct Inner<D, P, R, C> {
     probe: R,
     coordinator: Option<C>,
     config: LookupConfig,
-    l1: Option<L1<LoadKey>>,
+    l1: Option<L1>,
     realms: RwLock<Vec<Realm>>,
     generations: Arc<Generations>,
     in_flight: Mutex<HashMap<LoadKey, Slot>>,
