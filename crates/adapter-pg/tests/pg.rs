@@ -575,3 +575,48 @@ async fn a_large_fan_out_is_exact_and_guards_its_realm() {
     let stamped_after = db.begin_load(REALM, &late.url).await.unwrap();
     assert_eq!(db.upsert(&late, stamped_after).await.unwrap(), PersistOutcome::Written);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_populate_lease_works_on_its_own_connection_when_the_pool_is_exhausted() {
+    use lookup_core::{PopulateCoordinator as _, PopulateKey, PopulateLease as _};
+    let Some(config) = config("populate-pinned") else { return };
+    let db = PgAdapter::connect(config.clone().pool_size(3)).await.unwrap();
+    let signals = std::sync::Arc::new(adapter_pg::PopulateSignals::new());
+    let coordinator = adapter_pg::PgPopulateCoordinator::new(&db, signals, Default::default())
+        .expect("coordinator");
+    // Two leases (pool size − 1) hold two connections…
+    let first = coordinator.try_acquire(&PopulateKey::from_text("a")).await.unwrap().unwrap();
+    let second = coordinator.try_acquire(&PopulateKey::from_text("b")).await.unwrap().unwrap();
+    // …and the third waits on a lock the test holds (a realm clear of another realm).
+    let other = "https://other.test/";
+    let mut holder = raw_client(&config).await;
+    let observer = raw_client(&config).await;
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2)) FROM (SELECT pg_advisory_xact_lock_shared($3, 0)) g",
+        &[&LOCK_NS_REALM, &other, &LOCK_NS_GLOBAL],
+    )
+    .await
+    .unwrap();
+    let blocked = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            db.apply_invalidation(&Invalidation::Realm { realm_url: other.to_owned() }).await
+        })
+    };
+    someone_waits_for_a_lock(&observer).await;
+    // Every row operation of a lease still completes: none asks the pool.
+    let card = entry(REALM, "card.gts", &[]);
+    let scope = card.entry_scope();
+    let work = async {
+        let stamp = first.begin_load(REALM, &card.url).await.unwrap();
+        assert!(first.read_rows(&scope, &card.url, &card.file_alias).await.unwrap().is_empty());
+        assert_eq!(first.upsert(&card, stamp).await.unwrap(), PersistOutcome::Written);
+        assert_eq!(first.read_rows(&scope, &card.url, &card.file_alias).await.unwrap().len(), 1);
+        first.release().await.unwrap();
+        second.release().await.unwrap();
+    };
+    bounded("the leases' work with an exhausted pool", work).await;
+    tx.rollback().await.unwrap();
+    bounded("the clear", blocked).await.unwrap().unwrap();
+}

@@ -251,7 +251,7 @@ impl Shared {
     fn dispatch(&self, note: &Notification, warnings: &mut MalformedWarnings) {
         match &self.populate {
             Some((channel, populate)) if note.channel() == channel => {
-                self.populated(populate.as_ref(), note.payload(), warnings)
+                self.populated(channel, populate.as_ref(), note.payload(), warnings)
             }
             _ => self.replay(note.payload(), warnings),
         }
@@ -260,6 +260,7 @@ impl Shared {
     /// Wakes the waiters of one announced populate key (payload: the key's decimal hash).
     fn populated(
         &self,
+        channel: &str,
         populate: &dyn PopulateSink,
         payload: &str,
         warnings: &mut MalformedWarnings,
@@ -272,9 +273,7 @@ impl Shared {
             }
             Err(error) => {
                 self.stats().malformed_payloads += 1;
-                if let Some((channel, _)) = &self.populate {
-                    warnings.note(channel, payload, &error);
-                }
+                warnings.note(channel, payload, &error);
                 self.emit(ListenerEvent::Malformed { payload: payload.to_owned() });
             }
         }

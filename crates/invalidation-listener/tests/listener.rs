@@ -893,7 +893,6 @@ async fn a_server_that_accepts_but_never_answers_does_not_stall_the_listener() {
 // ---------------------------------------------------------------------------------------------
 
 use adapter_pg::{PgPopulateCoordinator, PopulateSettings, PopulateSignals};
-use invalidation_listener::Invalidation;
 use lookup_core::{
     CacheScope, EntryScope, LookupConfig, LookupError, NoRemoteRealms, PopulateCoordinator as _,
     PopulateKey, PopulateLease as _, Woken,
@@ -982,7 +981,7 @@ async fn populate_an_uncontended_acquire_runs_and_wakes_a_peer() {
     a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
     let mut ticket = b.signals.register(&key_of(&a.coordinator, &url));
 
-    a.lookup.get_module_entry(&url, None).await.expect("A loads");
+    bounded("A's load", a.lookup.get_module_entry(&url, None)).await.expect("A loads");
     assert_eq!(a.renderer.calls(&url), 1);
     let stats = a.coordinator.stats();
     assert_eq!((stats.attempts, stats.acquired, stats.contended, stats.released), (1, 1, 0, 1));
@@ -1112,7 +1111,7 @@ async fn populate_a_cache_hit_never_touches_the_lock() {
     let b = populator(&config, PopulateSettings::default()).await;
     let url = format!("{REALM}card.gts");
     a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
-    a.lookup.get_module_entry(&url, None).await.expect("seed");
+    bounded("the seed", a.lookup.get_module_entry(&url, None)).await.expect("seed");
     // Someone holds the key's lock for good while B reads.
     let holder = db.client().await;
     holder.batch_execute("BEGIN").await.expect("begin");
@@ -1131,75 +1130,6 @@ async fn populate_a_cache_hit_never_touches_the_lock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn populate_a_lease_does_its_work_on_its_own_connection_when_the_pool_is_exhausted() {
-    let Some(db) = TestDb::from_env("populate_pinned") else { return };
-    let config = populate_config(&db, "populate_pinned").pool_size(3);
-    let a = populator(&config, PopulateSettings::default()).await;
-    let pool = a.lookup.db().clone();
-    // Two leases (pool size − 1) hold two connections…
-    let (key_a, key_b) = (
-        key_of(&a.coordinator, &format!("{REALM}a.gts")),
-        key_of(&a.coordinator, &format!("{REALM}b.gts")),
-    );
-    let first = a.coordinator.try_acquire(&key_a).await.expect("try").expect("won");
-    let second = a.coordinator.try_acquire(&key_b).await.expect("try").expect("won");
-    // …and the third waits on a lock the test holds (a realm clear of another realm).
-    let other = "https://other.test/";
-    let mut holder = db.client().await;
-    let tx = holder.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext($2)) FROM (SELECT pg_advisory_xact_lock_shared($3, 0)) g",
-        &[&0x6466_6c72_i32, &other, &0x6466_6c67_i32],
-    )
-    .await
-    .expect("lock");
-    let blocked = {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let clear = Invalidation::Realm { realm_url: other.to_owned() };
-            lookup_core::DbAdapter::apply_invalidation(&pool, &clear).await
-        })
-    };
-    let observer = db.client().await;
-    bounded("the clear to wait on the lock", async {
-        loop {
-            let waiting: i64 = observer
-                .query_one(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                    &[],
-                )
-                .await
-                .expect("pg_locks")
-                .get(0);
-            if waiting > 0 {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    // Every row operation of a lease still completes: none asks the pool.
-    use lookup_core::RowStore as _;
-    let scope =
-        EntryScope { realm_url: REALM.into(), scope: CacheScope::Public, user: String::new() };
-    let url = format!("{REALM}a.gts");
-    let work = async {
-        let stamp = first.begin_load(REALM, &url).await.expect("stamp");
-        assert!(first.read_rows(&scope, &url, "a").await.expect("read").is_empty());
-        let row = behaviour_suite::cases::sample_entry(REALM, &url);
-        let outcome = first.upsert(&row, stamp).await.expect("write");
-        assert_eq!(outcome, lookup_core::PersistOutcome::Written);
-        assert_eq!(first.read_rows(&scope, &url, "a").await.expect("read").len(), 1);
-        first.release().await.expect("release");
-        second.release().await.expect("release");
-    };
-    bounded("the leases' work with an exhausted pool", work).await;
-    tx.rollback().await.expect("rollback");
-    bounded("the clear", blocked).await.expect("task").expect("clear");
-    a.listener.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn populate_winners_leave_a_connection_for_an_invalidation() {
     let Some(db) = TestDb::from_env("populate_pool") else { return };
     let config = populate_config(&db, "populate_pool").pool_size(2);
@@ -1214,7 +1144,7 @@ async fn populate_winners_leave_a_connection_for_an_invalidation() {
         .collect();
     let other = format!("{REALM}other.gts");
     a.renderer.set(&other, FakeModule::ready(&["O"], &[]));
-    a.lookup.get_module_entry(&other, None).await.expect("other");
+    bounded("other's load", a.lookup.get_module_entry(&other, None)).await.expect("other");
     let loads: Vec<_> = urls.iter().map(|url| spawn_load(&a.lookup, url)).collect();
     // Five cold keys, two pooled connections: as many winners as may hold leases render
     // (one), and every other load has started trying (queued for a lease, holding no
@@ -1395,7 +1325,7 @@ async fn populate_gives_up_after_four_rounds_with_an_error_naming_the_key() {
     assert_eq!(b.renderer.total_calls(), 0);
     lease.release().await.expect("release");
     // Once the key is free, B loads.
-    b.lookup.get_module_entry(&url, None).await.expect("B loads now");
+    bounded("B's load", b.lookup.get_module_entry(&url, None)).await.expect("B loads now");
     assert_eq!(b.renderer.calls(&url), 1);
     a.listener.shutdown().await;
     b.listener.shutdown().await;

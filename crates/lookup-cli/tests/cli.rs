@@ -333,7 +333,9 @@ fn herd(f: &Fixture, db: &str, n: usize, extra: &[&str], module: &str) -> (Vec<V
     let children: Vec<_> = (0..n)
         .map(|_| {
             Command::new(env!("CARGO_BIN_EXE_deflookup"))
+                // A stuck waiter gives up after 4 × 15 s instead of 4 × 180 s.
                 .args(["--db", db, "--realm", &realm, "--prerender-delay-ms", "2000"])
+                .args(["--populate-timeout-secs", "15"])
                 .args(extra)
                 .args(["lookup", module, "Pet"])
                 .env_remove("RUST_LOG")
