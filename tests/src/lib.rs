@@ -344,6 +344,26 @@ pub fn database_url(test: &str) -> Option<String> {
     }
 }
 
+/// A setting the Postgres tests get from `cargo xtask test-pg` besides `DATABASE_URL` (the
+/// PgBouncer URL, the TLS cluster's): the variable `name`'s value.
+///
+/// Missing, the test is skipped with a notice, except under `CI` when xtask started the
+/// servers itself (no `DATABASE_URL` of the user's), where it fails.
+pub fn xtask_setting(test: &str, name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(value) if !value.is_empty() => Some(value),
+        _ if std::env::var_os("CI").is_some()
+            && std::env::var_os("DEFLOOKUP_USER_DATABASE").is_none() =>
+        {
+            panic!("{test}: {name} is not set under CI; run `cargo xtask test-pg`")
+        }
+        _ => {
+            eprintln!("{test}: skipped, {name} is not set (`cargo xtask test-pg` sets it)");
+            None
+        }
+    }
+}
+
 /// A name no other test (or run) uses, valid as a Postgres schema, channel or application
 /// name: `prefix_<pid>_<counter>_<nanos>`, with the prefix lower-cased, anything but ASCII
 /// letters and digits turned into `_`, and the whole at most 63 bytes.

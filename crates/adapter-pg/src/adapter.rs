@@ -3,18 +3,22 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use std::future::Future;
+
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+};
 use lookup_core::{
     CacheEntry, ConsumerRow, DbAdapter, EntryScope, Invalidation, LoadStamp, LookupError,
     ModulesInvalidated, PersistOutcome, RowStore,
 };
-use tokio_postgres::NoTls;
 
 use crate::config::PgConfig;
 use crate::error::PgError;
 use crate::invalidate::{self, Applied, Failure, Plan};
 use crate::schema;
-use crate::store::{self, query_error};
+use crate::sql::Sql;
+use crate::store::{self, Checkout, query_error};
 
 /// Counters of what the adapter broadcast.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,6 +48,7 @@ struct Counters {
 pub struct PgAdapter {
     pool: Pool,
     config: Arc<PgConfig>,
+    sql: Arc<Sql>,
     origin: Arc<str>,
     counters: Arc<Counters>,
 }
@@ -72,30 +77,56 @@ fn new_origin() -> String {
 }
 
 impl PgAdapter {
-    /// Connects a pool, checks the server answers, and creates or upgrades the schema.
+    /// Builds the pool, and checks the schema on one connection: creates or upgrades it only
+    /// when something is missing (so a read-only role can serve an existing, current schema).
+    ///
+    /// The pool opens further connections only when an operation needs one. With
+    /// `pgbouncer=true` in the URL every statement is sent unnamed and self-contained (see
+    /// [`PgConfig`]).
     pub async fn connect(config: PgConfig) -> Result<Self, PgError> {
-        let pg_config = config.tokio_postgres_config()?;
+        let resolved = config.resolve()?;
         let manager = Manager::from_config(
-            pg_config,
-            NoTls,
+            resolved.pg,
+            resolved.tls,
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
-        let pool = Pool::builder(manager).max_size(config.pool_max()).build().map_err(|e| {
-            PgError::InvalidConfig {
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_max())
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(config.connect_timeout_duration()))
+            .wait_timeout(Some(config.operation_timeout_duration()))
+            .recycle_timeout(Some(config.operation_timeout_duration()))
+            .build()
+            .map_err(|e| PgError::InvalidConfig {
                 url: config.redacted_url(),
                 reason: "cannot build the connection pool".to_owned(),
                 source: Some(Box::new(e)),
-            }
-        })?;
-        let mut client = pool
-            .get()
-            .await
-            .map_err(|e| PgError::Connect { url: config.redacted_url(), source: Box::new(e) })?;
-        schema::migrate(&mut client, config.schema_name()).await?;
-        drop(client);
+            })?;
+        let sql = Arc::new(Sql::new(config.schema_name(), resolved.pooler));
         let origin: Arc<str> = new_origin().into();
-        tracing::debug!(url = %config.redacted_url(), %origin, "connected to Postgres");
-        Ok(PgAdapter { pool, config: Arc::new(config), origin, counters: Arc::default() })
+        let adapter = PgAdapter {
+            pool,
+            config: Arc::new(config),
+            sql,
+            origin,
+            counters: Arc::default(),
+        };
+        adapter
+            .bounded("prepare the modules table", async {
+                let client = Checkout::new(adapter.client("prepare the modules table").await?);
+                schema::ensure(&adapter.sql, client.client(), adapter.config.schema_name())
+                    .await?;
+                client.finish();
+                Ok(())
+            })
+            .await?;
+        tracing::debug!(
+            url = %adapter.config.redacted_url(),
+            origin = %adapter.origin,
+            transaction_pooler = adapter.sql.unnamed(),
+            "connected to Postgres"
+        );
+        Ok(adapter)
     }
 
     /// This process's origin id, sent as `"o"` in every payload. Give it to the listener so
@@ -120,18 +151,62 @@ impl PgAdapter {
         }
     }
 
-    /// Number of rows in the table (for tests and the CLI).
-    pub async fn row_count(&self) -> Result<u64, PgError> {
-        let client = self.client("count rows").await?;
-        let row = client
-            .query_one("SELECT count(*) FROM modules", &[])
-            .await
-            .map_err(query_error("count rows"))?;
-        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    /// Connections the pool holds now (busy or idle): it opens them only on demand.
+    pub fn open_connections(&self) -> usize {
+        self.pool.status().size
     }
 
+    /// Number of rows in the table (for tests and the CLI).
+    pub async fn row_count(&self) -> Result<u64, PgError> {
+        self.bounded("count rows", async {
+            let client = Checkout::new(self.client("count rows").await?);
+            let rows = self
+                .sql
+                .query(client.client(), &self.sql.row_count, &[])
+                .await
+                .map_err(query_error("count rows"))?;
+            client.finish();
+            Ok(rows.first().map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)))
+        })
+        .await
+    }
+
+    pub(crate) fn sql(&self) -> &Sql {
+        &self.sql
+    }
+
+    /// A pooled connection: one waiting in the pool, or a new one (its start-up bounded by
+    /// the connect timeout), waiting for a free slot at most the operation timeout.
     pub(crate) async fn client(&self, operation: &'static str) -> Result<Object, PgError> {
-        self.pool.get().await.map_err(|e| PgError::Query { operation, source: Box::new(e) })
+        self.pool.get().await.map_err(|error| match error {
+            PoolError::Timeout(TimeoutType::Create) => PgError::connect_timeout(
+                self.config.redacted_url(),
+                self.config.connect_timeout_duration(),
+            ),
+            PoolError::Timeout(TimeoutType::Wait) => PgError::Timeout {
+                operation: format!("{operation} (waiting for a pooled connection)"),
+                after: self.config.operation_timeout_duration(),
+            },
+            PoolError::Backend(source) => {
+                PgError::connect(self.config.redacted_url(), Box::new(source))
+            }
+            other => PgError::Query { operation, source: Box::new(other) },
+        })
+    }
+
+    /// Runs one database operation within the operation timeout. The operation holds its
+    /// connection in a [`Checkout`], so a timed-out one closes its connection instead of
+    /// pooling it with a request still in flight.
+    pub(crate) async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        work: impl Future<Output = Result<T, PgError>>,
+    ) -> Result<T, PgError> {
+        let after = self.config.operation_timeout_duration();
+        match tokio::time::timeout(after, work).await {
+            Ok(result) => result,
+            Err(_) => Err(PgError::Timeout { operation: operation.to_owned(), after }),
+        }
     }
 
     /// One invalidation transaction, with the broadcast policy: if the transaction fails at a
@@ -155,8 +230,7 @@ impl PgAdapter {
         // seeds alone would no longer find them to report.
         let mut request = request.clone();
         for attempt in 1..=2 {
-            let client = self.client("invalidate").await?;
-            match invalidate::run(client, &request, &broadcasting).await {
+            match self.invalidate_once(&request, &broadcasting).await? {
                 Ok(applied) => {
                     self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
                     self.counters
@@ -174,8 +248,7 @@ impl PgAdapter {
             }
         }
         let silent = Plan { guarded, notify: None, horizon_secs };
-        let client = self.client("invalidate").await?;
-        let applied = match invalidate::run(client, &request, &silent).await {
+        let applied = match self.invalidate_once(&request, &silent).await? {
             Ok(applied) => applied,
             Err(Failure::Invalidation(error) | Failure::Broadcast(error, _)) => {
                 return Err(error.into());
@@ -190,6 +263,21 @@ impl PgAdapter {
         );
         Ok(applied)
     }
+
+    /// One invalidation transaction within the operation timeout. `Err` when it timed out
+    /// or got no connection (its transaction, if begun, is rolled back by the closed
+    /// connection); `Ok` carries how the transaction itself went.
+    async fn invalidate_once(
+        &self,
+        request: &Invalidation,
+        plan: &Plan<'_>,
+    ) -> Result<Result<Applied, Failure>, PgError> {
+        self.bounded("invalidate", async {
+            let client = self.client("invalidate").await?;
+            Ok(invalidate::run(&self.sql, client, request, plan).await)
+        })
+        .await
+    }
 }
 
 impl RowStore for PgAdapter {
@@ -199,8 +287,14 @@ impl RowStore for PgAdapter {
         url: &str,
         alias: &str,
     ) -> Result<Vec<CacheEntry>, LookupError> {
-        let client = self.client("read row").await?;
-        Ok(store::read_rows(&client, scope, url, alias).await?)
+        Ok(self
+            .bounded("read row", async {
+                let client = Checkout::new(self.client("read row").await?);
+                let rows = store::read_rows(&self.sql, client.client(), scope, url, alias).await?;
+                client.finish();
+                Ok(rows)
+            })
+            .await?)
     }
 
     async fn read_rows_batch(
@@ -211,16 +305,28 @@ impl RowStore for PgAdapter {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let client = self.client("read rows").await?;
-        Ok(store::read_rows_batch(&client, scope, names).await?)
+        Ok(self
+            .bounded("read rows", async {
+                let client = Checkout::new(self.client("read rows").await?);
+                let rows = store::read_rows_batch(&self.sql, client.client(), scope, names).await?;
+                client.finish();
+                Ok(rows)
+            })
+            .await?)
     }
 
     async fn begin_load(&self, realm_url: &str, _url: &str) -> Result<LoadStamp, LookupError> {
         if !self.config.guards_persists() {
             return Ok(LoadStamp::UNGUARDED);
         }
-        let client = self.client("stamp load").await?;
-        Ok(store::stamp(&client, realm_url).await?)
+        Ok(self
+            .bounded("stamp load", async {
+                let client = Checkout::new(self.client("stamp load").await?);
+                let stamp = store::stamp(&self.sql, client.client(), realm_url).await?;
+                client.finish();
+                Ok(stamp)
+            })
+            .await?)
     }
 
     /// Unguarded: one `INSERT … ON CONFLICT`. Guarded: a transaction that takes the realm's
@@ -231,15 +337,26 @@ impl RowStore for PgAdapter {
         stamp: LoadStamp,
     ) -> Result<PersistOutcome, LookupError> {
         let row = store::RowParams::new(entry)?;
-        let mut client = self.client("upsert").await?;
-        if !self.config.guards_persists() || stamp.is_unguarded() {
-            store::plain_upsert(&client, &row).await?;
-            return Ok(PersistOutcome::Written);
-        }
-        let tx = client.transaction().await.map_err(query_error("upsert"))?;
-        let outcome = store::guarded_insert(&tx, &row, stamp).await?;
-        tx.commit().await.map_err(query_error("upsert"))?;
-        Ok(outcome)
+        let guarded = self.config.guards_persists() && !stamp.is_unguarded();
+        Ok(self
+            .bounded("upsert", async {
+                let client = Checkout::new(self.client("upsert").await?);
+                let c = client.client();
+                if !guarded {
+                    store::plain_upsert(&self.sql, c, &row).await?;
+                    client.finish();
+                    return Ok(PersistOutcome::Written);
+                }
+                // Dropped before the COMMIT's answer (an error, a timeout), the connection is
+                // closed, which rolls back.
+                let sql = &self.sql;
+                sql.query(c, &sql.begin, &[]).await.map_err(query_error("upsert"))?;
+                let outcome = store::guarded_insert(sql, c, &row, stamp).await?;
+                sql.query(c, &sql.commit, &[]).await.map_err(query_error("upsert"))?;
+                client.finish();
+                Ok(outcome)
+            })
+            .await?)
     }
 }
 
@@ -249,16 +366,18 @@ impl DbAdapter for PgAdapter {
         realm_url: &str,
         names: &[String],
     ) -> Result<Vec<ConsumerRow>, LookupError> {
-        let client = self.client("consumer closure").await?;
-        let statement = client
-            .prepare_cached(invalidate::CONSUMERS)
-            .await
-            .map_err(query_error("consumer closure"))?;
-        let rows = client
-            .query(&statement, &[&realm_url, &names])
-            .await
-            .map_err(query_error("consumer closure"))?;
-        Ok(invalidate::consumer_rows(&rows)?)
+        Ok(self
+            .bounded("consumer closure", async {
+                let client = Checkout::new(self.client("consumer closure").await?);
+                let rows = self
+                    .sql
+                    .query(client.client(), &self.sql.consumers, &[&realm_url, &names])
+                    .await
+                    .map_err(query_error("consumer closure"))?;
+                client.finish();
+                invalidate::consumer_rows(&rows)
+            })
+            .await?)
     }
 
     /// DELETE and NOTIFY in one transaction of two round trips (see invalidate.rs); for a

@@ -3,18 +3,54 @@
 use std::time::Duration;
 
 use lookup_core::wire::{INVALIDATION_CHANNEL, POPULATE_CHANNEL};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::conninfo::{self, ConnInfo};
 use crate::error::PgError;
+use crate::tls::{SslMode, TlsSettings};
+
+/// The stream of a connection made with [`PgConfig`]: TLS or plain, as `sslmode` decided.
+pub type PgStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+
+/// An unpooled connection made by [`PgConfig::connect_unpooled`].
+pub type PgConnection = Connection<Socket, PgStream>;
+
+/// TCP keepalive defaults: an idle connection is probed after 30 s, every 10 s, and given up
+/// after 3 unanswered probes, so a peer that vanished (a failover, a cut network) is noticed
+/// in about a minute instead of the system's two hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
 
 /// Where and how to reach Postgres.
+///
+/// The URL is libpq's (a `postgres://` URL or `key=value` words), with these settings read by
+/// deflookup itself:
+///
+/// - `sslmode` = `disable` | `prefer` (default) | `require` | `verify-ca` | `verify-full`,
+///   and `sslrootcert` = a PEM file or `system`: TLS with rustls, for the pool and the
+///   listener alike (see the crate docs for what each mode checks).
+/// - `pgbouncer=true`: the pool goes through a transaction-mode pooler (PgBouncer and the
+///   like): no named prepared statements and no session state. The listener cannot go through
+///   such a pooler; give it a direct URL with [`listen_url`](Self::listen_url).
+///
+/// Every wait is bounded: [`connect_timeout`](Self::connect_timeout) covers a connection's
+/// whole start-up (TCP, TLS, authentication), [`operation_timeout`](Self::operation_timeout)
+/// each database operation, and TCP keepalives notice a vanished server.
 #[derive(Clone)]
 pub struct PgConfig {
     url: String,
+    listen_url: Option<String>,
     schema: Option<String>,
     channel: String,
     populate_channel: String,
     pool_size: usize,
     connect_timeout: Duration,
+    operation_timeout: Duration,
+    transaction_pooler: Option<bool>,
+    application_name: String,
     broadcast: bool,
     durable_guard: bool,
     guard_horizon: Duration,
@@ -25,14 +61,25 @@ impl std::fmt::Debug for PgConfig {
         // Never print the password.
         f.debug_struct("PgConfig")
             .field("url", &redact_url(&self.url))
+            .field("listen_url", &self.listen_url.as_deref().map(redact_url))
             .field("schema", &self.schema)
             .field("channel", &self.channel)
             .field("populate_channel", &self.populate_channel)
             .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("transaction_pooler", &self.transaction_pooler)
             .field("broadcast", &self.broadcast)
             .field("durable_guard", &self.durable_guard)
             .finish()
     }
+}
+
+/// A [`PgConfig`] read and checked: what a connection needs.
+pub(crate) struct Resolved {
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) tls: MakeRustlsConnect,
+    pub(crate) pooler: bool,
 }
 
 impl PgConfig {
@@ -40,14 +87,58 @@ impl PgConfig {
     pub fn new(url: impl Into<String>) -> Self {
         PgConfig {
             url: url.into(),
+            listen_url: None,
             schema: None,
             channel: INVALIDATION_CHANNEL.to_owned(),
             populate_channel: POPULATE_CHANNEL.to_owned(),
             pool_size: 8,
             connect_timeout: Duration::from_secs(10),
+            operation_timeout: Duration::from_secs(15),
+            transaction_pooler: None,
+            application_name: "deflookup".to_owned(),
             broadcast: true,
             durable_guard: true,
             guard_horizon: Duration::from_secs(600),
+        }
+    }
+
+    /// The listener connects here instead of to the pool's URL: a direct (or session-pooled)
+    /// connection to Postgres, for when the pool's URL goes through a transaction pooler,
+    /// which cannot carry `LISTEN`. Its own `sslmode`/`sslrootcert` apply to it.
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_url = Some(url.into());
+        self
+    }
+
+    /// The settings the listener connects with: these, on the [`listen_url`](Self::listen_url)
+    /// when one is set. Refused when the pool goes through a transaction pooler and no
+    /// listener URL is set: `LISTEN` through such a pooler is silently lost.
+    pub fn listener_config(&self) -> Result<PgConfig, PgError> {
+        match &self.listen_url {
+            Some(url) => {
+                let mut config = self.clone();
+                config.url = url.clone();
+                config.listen_url = None;
+                config.transaction_pooler = None;
+                if config.resolve_info()?.1 {
+                    return Err(PgError::InvalidConfig {
+                        url: config.redacted_url(),
+                        reason: "the listener URL has pgbouncer=true, but LISTEN needs a direct \
+                                 or session-pooled connection"
+                            .to_owned(),
+                        source: None,
+                    });
+                }
+                Ok(config)
+            }
+            None if self.resolve_info()?.1 => Err(PgError::InvalidConfig {
+                url: self.redacted_url(),
+                reason: "with pgbouncer=true the listener needs its own direct connection: set \
+                         a listener URL (PgConfig::listen_url, `--listen-db` on the command line)"
+                    .to_owned(),
+                source: None,
+            }),
+            None => Ok(self.clone()),
         }
     }
 
@@ -73,14 +164,40 @@ impl PgConfig {
     }
 
     /// Maximum pooled connections for queries (the listener's connection is not pooled).
+    /// Connections are opened only when an operation needs one.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size.max(1);
         self
     }
 
-    /// How long to wait for a connection to be established.
+    /// How long a connection's whole start-up may take: TCP connect, TLS handshake,
+    /// authentication and the server's first answer (default 10 s). A server that accepts
+    /// the connection and then stays silent fails here.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long one database operation may take (default 15 s): a read, a write, an
+    /// invalidation's transaction, a populate lock attempt. Includes waiting for a pooled
+    /// connection. The connection of an operation that timed out is closed, not pooled.
+    /// Renders are not database operations and are not bounded by it.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether the pool goes through a transaction pooler, overriding the URL's `pgbouncer`
+    /// setting.
+    pub fn transaction_pooler(mut self, on: bool) -> Self {
+        self.transaction_pooler = Some(on);
+        self
+    }
+
+    /// The `application_name` operators see in `pg_stat_activity`, unless the URL sets one
+    /// (default `deflookup`).
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
         self
     }
 
@@ -140,31 +257,126 @@ impl PgConfig {
         self.pool_size
     }
 
+    /// The bound on a connection's start-up: the URL's `connect_timeout` (seconds, as in
+    /// libpq) when it sets one, else [`connect_timeout`](Self::connect_timeout)'s.
+    pub fn connect_timeout_duration(&self) -> Duration {
+        conninfo::parse(&self.url)
+            .ok()
+            .and_then(|info| info.get("connect_timeout").and_then(|v| v.trim().parse::<u64>().ok()))
+            .filter(|secs| *secs > 0)
+            .map_or(self.connect_timeout, Duration::from_secs)
+    }
+
+    /// The bound on one database operation.
+    pub fn operation_timeout_duration(&self) -> Duration {
+        self.operation_timeout
+    }
+
+    /// Whether the pool goes through a transaction pooler (`pgbouncer=true` in the URL, or
+    /// [`transaction_pooler`](Self::transaction_pooler)). `false` for an unreadable URL.
+    pub fn uses_transaction_pooler(&self) -> bool {
+        self.resolve_info().map(|(_, pooler)| pooler).unwrap_or(false)
+    }
+
+    /// The TLS mode the URL asks for (`sslmode`, as libpq combines it with `sslrootcert`).
+    pub fn ssl_mode(&self) -> Result<SslMode, PgError> {
+        let (info, _) = self.resolve_info()?;
+        Ok(self.tls_settings(&info)?.mode)
+    }
+
     /// The URL with any password replaced by `***`, for logs and errors.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
 
-    /// The tokio-postgres settings for one connection: the URL, the connect timeout, and the
-    /// schema as the connection's `search_path` (so every statement finds the right table).
-    pub fn tokio_postgres_config(&self) -> Result<tokio_postgres::Config, PgError> {
+    fn invalid(&self, reason: String) -> PgError {
+        PgError::InvalidConfig { url: self.redacted_url(), reason, source: None }
+    }
+
+    /// The URL split into the driver's part and ours, and whether a pooler is in between.
+    fn resolve_info(&self) -> Result<(ConnInfo, bool), PgError> {
+        let info = conninfo::parse(&self.url).map_err(|e| self.invalid(e.0))?;
+        let pooler = match (self.transaction_pooler, info.get("pgbouncer")) {
+            (Some(on), _) => on,
+            (None, None) => false,
+            (None, Some("true" | "1" | "on" | "yes")) => true,
+            (None, Some("false" | "0" | "off" | "no")) => false,
+            (None, Some(other)) => {
+                return Err(self.invalid(format!("pgbouncer={other:?} is neither true nor false")));
+            }
+        };
+        Ok((info, pooler))
+    }
+
+    fn tls_settings(&self, info: &ConnInfo) -> Result<TlsSettings, PgError> {
+        TlsSettings::new(info.get("sslmode"), info.get("sslrootcert")).map_err(|e| self.invalid(e))
+    }
+
+    /// Everything a connection needs, checked: the driver's settings, the TLS connector and
+    /// whether a transaction pooler is in between.
+    pub(crate) fn resolve(&self) -> Result<Resolved, PgError> {
+        let (info, pooler) = self.resolve_info()?;
+        let tls = self.tls_settings(&info)?;
+        let mut pg = self.driver_config(&info, pooler)?;
+        pg.ssl_mode(tls.mode.driver());
+        let connector = tls.connector().map_err(|e| self.invalid(e))?;
+        Ok(Resolved { pg, tls: connector, pooler })
+    }
+
+    fn driver_config(&self, info: &ConnInfo, pooler: bool) -> Result<tokio_postgres::Config, PgError> {
         let mut config: tokio_postgres::Config =
-            self.url.parse().map_err(|source| PgError::InvalidConfig {
+            info.driver.parse().map_err(|source| PgError::InvalidConfig {
                 url: self.redacted_url(),
                 reason: "not a valid Postgres connection string".to_owned(),
                 source: Some(Box::new(source)),
             })?;
-        config.connect_timeout(self.connect_timeout);
+        config.connect_timeout(self.connect_timeout_duration());
+        if !info.has("keepalives_idle") {
+            config.keepalives_idle(KEEPALIVE_IDLE);
+        }
+        if !info.has("keepalives_interval") {
+            config.keepalives_interval(KEEPALIVE_INTERVAL);
+        }
+        if !info.has("keepalives_retries") {
+            config.keepalives_retries(KEEPALIVE_RETRIES);
+        }
         if config.get_application_name().is_none() {
-            config.application_name("deflookup");
+            config.application_name(&self.application_name);
         }
         if let Some(schema) = &self.schema {
             validate_identifier(schema, &self.redacted_url())?;
-            config.options(format!("-c search_path={schema}"));
+            // Statements name the schema themselves; the search path only helps people (and
+            // tests) typing SQL on such a connection. A transaction pooler refuses the
+            // `options` start-up parameter, so it is left out there.
+            if !pooler {
+                config.options(format!("-c search_path={schema}"));
+            }
         }
         validate_channel(&self.channel, &self.redacted_url())?;
         validate_channel(&self.populate_channel, &self.redacted_url())?;
         Ok(config)
+    }
+
+    /// The tokio-postgres settings for one connection: the URL (without deflookup's own
+    /// settings), the timeouts and keepalives, and the schema as the connection's
+    /// `search_path`. Connect it with [`connect_unpooled`](Self::connect_unpooled) to get
+    /// TLS as the URL asks.
+    pub fn tokio_postgres_config(&self) -> Result<tokio_postgres::Config, PgError> {
+        Ok(self.resolve()?.pg)
+    }
+
+    /// Opens one connection outside any pool, with TLS as the URL asks, its whole start-up
+    /// bounded by [`connect_timeout`](Self::connect_timeout). The caller drives the
+    /// connection (spawn it, or poll it for notifications).
+    pub async fn connect_unpooled(&self) -> Result<(Client, PgConnection), PgError> {
+        let resolved = self.resolve()?;
+        let url = self.redacted_url();
+        let limit = self.connect_timeout_duration();
+        match tokio::time::timeout(limit, resolved.pg.connect(resolved.tls)).await {
+            Ok(Ok(connected)) => Ok(connected),
+            Ok(Err(source)) => Err(PgError::connect(url, Box::new(source))),
+            Err(_) => Err(PgError::connect_timeout(url, limit)),
+        }
     }
 }
 
@@ -200,43 +412,74 @@ fn validate_channel(channel: &str, url: &str) -> Result<(), PgError> {
     }
 }
 
-/// Replaces the password of a connection URL (or a `password=` setting) with `***`.
+/// Replaces the password of a connection string (URL or `key=value` words) with `***`,
+/// however it is spelled: raw or percent-encoded, in the credentials or as a `password`
+/// setting, holding `:`, `/`, `?`, `#` or `@`. When in doubt it hides more than the password.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (authority, tail) = match rest.find(['/', '?']) {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _password)) => format!("{user}:***@{host}"),
-                None => authority.to_owned(),
-            },
-            None => authority.to_owned(),
-        };
-        let tail = redact_query_password(tail);
-        return format!("{scheme}://{authority}{tail}");
-    }
-    // key=value form.
-    url.split_whitespace()
-        .map(|part| if part.starts_with("password=") { "password=***" } else { part })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn redact_query_password(tail: &str) -> String {
-    let Some((path, query)) = tail.split_once('?') else { return tail.to_owned() };
-    let query = query
-        .split('&')
-        .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
-        .collect::<Vec<_>>()
-        .join("&");
-    format!("{path}?{query}")
+    conninfo::redact(url)
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Letters that appear only in generated passwords (not in hex digits, schemes, hosts or
+    /// keys), so any one of them in the output is a leak.
+    const SECRET: [char; 4] = ['Q', 'X', 'Z', 'W'];
+
+    fn encode(text: &str) -> String {
+        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+    }
+
+    /// A password as people write them: secret letters mixed with the URL's delimiters.
+    fn password() -> impl Strategy<Value = String> {
+        "[QXZW:/?#@%&= ']{0,6}[QXZW][QXZW:/?#@%&= ']{0,6}"
+    }
+
+    /// The same password in every spelling a user may give it.
+    fn spellings(pw: &str) -> Vec<String> {
+        let quoted = pw.replace('\\', "\\\\").replace('\'', "\\'");
+        let bare: String = pw
+            .chars()
+            .flat_map(|c| if c == ' ' || c == '\'' { vec!['\\', c] } else { vec![c] })
+            .collect();
+        vec![
+            format!("postgres://user:{pw}@db.test:5432/app?sslmode=require"),
+            format!("postgresql://user:{pw}@db.test/app"),
+            format!("postgres://user:{}@db.test/app?application_name=a", encode(pw)),
+            format!("postgres://user@db.test/app?password={pw}&sslmode=prefer"),
+            format!("postgres://user@db.test/app?sslmode=prefer&password={pw}"),
+            format!("postgres://user@db.test/app?password={}", encode(pw)),
+            format!("postgres://db.test/app?pass%77ord={}", encode(pw)),
+            format!("host=db.test user=user password='{quoted}' dbname=app"),
+            format!("host=db.test password = '{quoted}'"),
+            format!("host=db.test password={bare} dbname=app"),
+        ]
+    }
+
+    fn leaks(text: &str) -> bool {
+        text.contains(SECRET)
+    }
+
+    proptest! {
+        #[test]
+        fn no_spelling_of_a_password_survives_redaction(pw in password()) {
+            for url in spellings(&pw) {
+                let redacted = redact_url(&url);
+                prop_assert!(!leaks(&redacted), "{url:?} -> {redacted:?}");
+                prop_assert!(redacted.contains("db.test") || redacted.contains("***"), "{redacted:?}");
+                let config = PgConfig::new(url.clone()).listen_url(url.clone());
+                let debug = format!("{config:?}");
+                prop_assert!(!leaks(&debug), "{debug}");
+                if let Err(error) = config.tokio_postgres_config() {
+                    let message = format!("{error} {error:?}");
+                    prop_assert!(!leaks(&message), "{url:?}: {message}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn passwords_never_survive_redaction() {
@@ -245,11 +488,12 @@ mod tests {
             "postgres://alice:***@db.test:5432/app"
         );
         assert_eq!(redact_url("postgres://alice@db.test/app"), "postgres://alice@db.test/app");
-        assert_eq!(
-            redact_url("postgresql://u:p@h/db?sslmode=disable&password=x"),
-            "postgresql://u:***@h/db?sslmode=disable&password=***"
-        );
         assert_eq!(redact_url("host=h user=u password=pw"), "host=h user=u password=***");
+        // A raw `&` in a password hides what follows until a known setting.
+        assert_eq!(
+            redact_url("postgres://h/db?password=ab&cd&sslmode=require"),
+            "postgres://h/db?password=******&sslmode=require"
+        );
         let config = PgConfig::new("postgres://alice:s3cret@db.test/app");
         assert!(!format!("{config:?}").contains("s3cret"));
     }
@@ -264,5 +508,35 @@ mod tests {
         assert!(err.is_err());
         let err = PgConfig::new("postgres://u:pw@h:notaport/db").tokio_postgres_config();
         assert!(!err.expect_err("bad url").to_string().contains("pw"));
+        let err = PgConfig::new("postgres://h/db?sslmode=verify").tokio_postgres_config();
+        assert!(err.expect_err("bad mode").to_string().contains("verify-full"));
+        let err = PgConfig::new("postgres://h/db?pgbouncer=maybe").tokio_postgres_config();
+        assert!(err.expect_err("bad flag").to_string().contains("pgbouncer"));
+    }
+
+    #[test]
+    fn own_settings_reach_the_driver_as_its_own() {
+        let config = PgConfig::new("postgres://h/db?sslmode=disable&pgbouncer=true").schema("s");
+        let pg = config.tokio_postgres_config().unwrap();
+        assert_eq!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Disable);
+        // A transaction pooler refuses the `options` start-up parameter.
+        assert_eq!(pg.get_options(), None);
+        assert!(config.uses_transaction_pooler());
+        let pg = PgConfig::new("postgres://h/db?keepalives_idle=7").tokio_postgres_config().unwrap();
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(7));
+        assert_eq!(pg.get_keepalives_interval(), Some(KEEPALIVE_INTERVAL));
+        assert_eq!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Prefer);
+    }
+
+    #[test]
+    fn a_pooled_url_needs_a_direct_listener_url() {
+        let pooled = PgConfig::new("postgres://bouncer/db?pgbouncer=true");
+        assert!(pooled.listener_config().unwrap_err().to_string().contains("listener URL"));
+        let direct = pooled.clone().listen_url("postgres://db/db?sslmode=disable");
+        let listener = direct.listener_config().unwrap();
+        assert_eq!(listener.redacted_url(), "postgres://db/db?sslmode=disable");
+        assert!(!listener.uses_transaction_pooler());
+        let wrong = pooled.listen_url("postgres://bouncer/db?pgbouncer=true");
+        assert!(wrong.listener_config().is_err());
     }
 }

@@ -55,6 +55,36 @@ pub enum PgError {
         #[source]
         source: BoxError,
     },
+    /// The TLS handshake failed: the server's certificate is not trusted, does not name the
+    /// host, or the server does not speak TLS as `sslmode` demands.
+    #[error("cannot connect to {url} with TLS: {problem}")]
+    Tls {
+        /// The URL, password redacted.
+        url: String,
+        /// What went wrong, in plain words.
+        problem: String,
+        /// The TLS library's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A connection's start-up or a database operation did not finish in time.
+    #[error("{operation}: no answer from the database within {after:?}")]
+    Timeout {
+        /// What was being done (`connect to <url>` for a start-up).
+        operation: String,
+        /// The bound that ran out.
+        after: std::time::Duration,
+    },
+    /// The database role may not do this: a read-only role asked to write the cache, or to
+    /// create or upgrade its schema.
+    #[error("{operation} failed: the database role lacks the privilege ({source})")]
+    PermissionDenied {
+        /// What was being done.
+        operation: &'static str,
+        /// The server's error.
+        #[source]
+        source: BoxError,
+    },
     /// The database schema is newer than this code.
     #[error(
         "the modules schema is at version {found}, newer than this build supports ({supported})"
@@ -71,11 +101,40 @@ pub enum PgError {
 }
 
 impl PgError {
+    /// A failed connection attempt: a TLS failure is told in plain words, anything else is
+    /// [`PgError::Connect`].
+    pub(crate) fn connect(url: String, source: BoxError) -> PgError {
+        match crate::tls::describe_failure(source.as_ref()) {
+            Some(problem) => PgError::Tls { url, problem, source },
+            None if is_tls_refusal(source.as_ref()) => PgError::Tls {
+                url,
+                problem: "the server does not accept TLS connections (sslmode requires TLS)"
+                    .to_owned(),
+                source,
+            },
+            None => PgError::Connect { url, source },
+        }
+    }
+
+    /// A connection whose start-up did not finish within `after`.
+    pub(crate) fn connect_timeout(url: String, after: std::time::Duration) -> PgError {
+        PgError::Timeout { operation: format!("connect to {url}"), after }
+    }
+
+    /// A statement failed: a missing privilege is told as such.
+    pub(crate) fn query(operation: &'static str, source: tokio_postgres::Error) -> PgError {
+        if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            PgError::PermissionDenied { operation, source: Box::new(source) }
+        } else {
+            PgError::Query { operation, source: Box::new(source) }
+        }
+    }
+
     /// Whether the same operation may succeed if retried (a connection problem, a
     /// serialization failure or a deadlock), as opposed to a bug or bad input.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Connect { .. } => true,
+            PgError::Connect { .. } | PgError::Timeout { .. } => true,
             PgError::Query { source, .. } | PgError::Schema { source } => {
                 is_transient_source(source.as_ref())
             }
@@ -118,10 +177,25 @@ impl From<PgError> for lookup_core::LookupError {
         let operation = match &error {
             PgError::Query { operation, .. } => operation,
             PgError::CorruptRow { .. } => "decode row",
-            PgError::Connect { .. } => "connect",
+            PgError::Connect { .. } | PgError::Tls { .. } => "connect",
+            PgError::Timeout { .. } => "timeout",
+            PgError::PermissionDenied { operation, .. } => operation,
             _ => "postgres",
         };
         let transient = error.is_transient();
         lookup_core::LookupError::database(operation, transient, error)
     }
+}
+
+/// Whether the driver gave up because the server refused TLS (`sslmode=require` or stricter
+/// against a server without it).
+fn is_tls_refusal(source: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(source);
+    while let Some(error) = current {
+        if error.to_string().contains("server does not support TLS") {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }

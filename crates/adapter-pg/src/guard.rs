@@ -50,33 +50,33 @@ pub(crate) const LOCK_GLOBAL_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1,
 
 /// The stamp of a load in realm `$1`.
 pub(crate) const STAMP: &str =
-    "SELECT coalesce(max(latest), 0) FROM modules_guard_realm WHERE realm = $1 OR realm = ''";
+    "SELECT coalesce(max(latest), 0) FROM _S_modules_guard_realm WHERE realm = $1 OR realm = ''";
 
 /// Records a module fan-out: `$1` realm, `$2` URLs. Returns the sequence taken.
-pub(crate) const RECORD_MODULES: &str = "WITH s AS (SELECT nextval('modules_guard_seq') AS seq), \
-     r AS (INSERT INTO modules_guard_realm (realm, latest) SELECT $1, seq FROM s \
+pub(crate) const RECORD_MODULES: &str = "WITH s AS (SELECT nextval('_S_modules_guard_seq') AS seq), \
+     r AS (INSERT INTO _S_modules_guard_realm (realm, latest) SELECT $1, seq FROM s \
            ON CONFLICT (realm) DO UPDATE SET latest = EXCLUDED.latest), \
-     u AS (INSERT INTO modules_guard (realm, url, seq) \
+     u AS (INSERT INTO _S_modules_guard (realm, url, seq) \
            SELECT $1, x.url, s.seq FROM s, (SELECT DISTINCT unnest($2::text[]) AS url) AS x \
            ON CONFLICT (realm, url) DO UPDATE SET seq = EXCLUDED.seq, at = now()) \
      SELECT seq FROM s";
 
 /// Records a whole-realm (or, with `''`, global) clear: `$1` realm.
-pub(crate) const RECORD_CLEAR: &str = "WITH s AS (SELECT nextval('modules_guard_seq') AS seq) \
-     INSERT INTO modules_guard_realm (realm, latest, cleared) SELECT $1, seq, seq FROM s \
+pub(crate) const RECORD_CLEAR: &str = "WITH s AS (SELECT nextval('_S_modules_guard_seq') AS seq) \
+     INSERT INTO _S_modules_guard_realm (realm, latest, cleared) SELECT $1, seq, seq FROM s \
      ON CONFLICT (realm) DO UPDATE SET latest = EXCLUDED.latest, cleared = EXCLUDED.cleared \
      RETURNING latest";
 
 /// Forgets URL records of realm `$1` older than `$2` seconds, remembering the newest forgotten.
-pub(crate) const PRUNE: &str = "WITH gone AS (DELETE FROM modules_guard \
+pub(crate) const PRUNE: &str = "WITH gone AS (DELETE FROM _S_modules_guard \
          WHERE realm = $1 AND at < now() - make_interval(secs => $2) RETURNING seq) \
-     UPDATE modules_guard_realm SET pruned_through = greatest(pruned_through, \
+     UPDATE _S_modules_guard_realm SET pruned_through = greatest(pruned_through, \
          (SELECT max(seq) FROM gone)) \
      WHERE realm = $1 AND EXISTS (SELECT 1 FROM gone)";
 
 /// The condition under which a persist of a row in realm `$4`, checking URLs `$11` with stamp
 /// `$12`, is still fresh.
-pub(crate) const FRESH: &str = "NOT EXISTS (SELECT 1 FROM modules_guard \
+pub(crate) const FRESH: &str = "NOT EXISTS (SELECT 1 FROM _S_modules_guard \
          WHERE realm = $4 AND url = ANY ($11::text[]) AND seq > $12) \
-     AND NOT EXISTS (SELECT 1 FROM modules_guard_realm WHERE \
+     AND NOT EXISTS (SELECT 1 FROM _S_modules_guard_realm WHERE \
          (realm = $4 AND (cleared > $12 OR pruned_through > $12)) OR (realm = '' AND cleared > $12))";

@@ -25,7 +25,8 @@ use tokio_postgres::types::ToSql;
 
 use crate::error::PgError;
 use crate::guard;
-use crate::store::{self, OpenTransaction, query_error};
+use crate::sql::Sql;
+use crate::store::{self, Checkout, query_error};
 
 /// The consumer closure of names `$2` in realm `$1`, in one recursive query. Each step finds
 /// rows whose deps contain a name with `@>`, which the GIN index on deps answers without
@@ -34,11 +35,11 @@ macro_rules! consumers_sql {
     () => {
         "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
             SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
-            JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
+            JOIN _S_modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
           UNION \
             SELECT m.url, m.file_alias, m.deps FROM consumer c \
             CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
-            JOIN modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
+            JOIN _S_modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
         ) SELECT url, file_alias, deps FROM consumer"
     };
 }
@@ -47,13 +48,13 @@ macro_rules! consumers_sql {
 pub(crate) const CONSUMERS: &str = consumers_sql!();
 
 /// [`CONSUMERS`], stopped after `$3` rows: a probe for a large fan-out.
-const CONSUMERS_LIMITED: &str =
+pub(crate) const CONSUMERS_LIMITED: &str =
     concat!("SELECT * FROM (", consumers_sql!(), " LIMIT $3) AS limited");
 
 /// Every row's edges in realm `$1`: for a large fan-out, one scan and a walk in memory beat
 /// an index probe per name (measured on the bench's 10 000-module graph: 190 ms of probes,
 /// a few ms for the scan).
-const REALM_GRAPH: &str = "SELECT url, file_alias, deps FROM modules WHERE resolved_realm_url = $1";
+pub(crate) const REALM_GRAPH: &str = "SELECT url, file_alias, deps FROM _S_modules WHERE resolved_realm_url = $1";
 
 /// A closure that reaches this many consumers is finished from [`REALM_GRAPH`] instead.
 const LARGE_FAN_OUT: i64 = 512;
@@ -64,13 +65,13 @@ const LARGE_FAN_OUT: i64 = 512;
 /// not only those the fan-out covers.
 const GUARD_PER_URL_LIMIT: usize = 2048;
 
-const DELETE_MODULES: &str = "WITH d AS (DELETE FROM modules WHERE resolved_realm_url = $1 AND \
+pub(crate) const DELETE_MODULES: &str = "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 AND \
      (url_hash = ANY (SELECT md5(u) FROM unnest($2::text[]) AS u) OR file_alias = ANY ($2)) \
      RETURNING 1) SELECT count(*) FROM d";
-const DELETE_REALM: &str = "WITH d AS (DELETE FROM modules WHERE resolved_realm_url = $1 \
+pub(crate) const DELETE_REALM: &str = "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
      RETURNING 1) SELECT count(*) FROM d";
-const DELETE_ALL: &str = "WITH d AS (DELETE FROM modules RETURNING 1) SELECT count(*) FROM d";
-const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+pub(crate) const DELETE_ALL: &str = "WITH d AS (DELETE FROM _S_modules RETURNING 1) SELECT count(*) FROM d";
+pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 /// The rows of a consumer-closure query.
 pub(crate) fn consumer_rows(rows: &[Row]) -> Result<Vec<ConsumerRow>, PgError> {
@@ -150,36 +151,40 @@ pub(crate) struct Plan<'a> {
 /// invalidation, `urls` are the names to start from (a module's variants, or a whole fan-out
 /// computed earlier); the closure under the lock adds their consumers.
 pub(crate) async fn run(
+    sql: &Sql,
     client: Object,
     request: &Invalidation,
     plan: &Plan<'_>,
 ) -> Result<Applied, Failure> {
     let before = |e| Failure::Invalidation(query_error("invalidate")(e));
-    let tx = OpenTransaction::new(client);
+    let tx = Checkout::new(client);
     let c = tx.client();
+    let delete = match request {
+        Invalidation::Modules { .. } => &sql.delete_modules,
+        Invalidation::Realm { .. } => &sql.delete_realm,
+        Invalidation::Global => &sql.delete_all,
+    };
+    let lock = match request {
+        Invalidation::Global => &sql.lock_global_exclusive,
+        _ => &sql.lock_realm_exclusive,
+    };
     // Every statement is prepared first (free once cached on the connection), so that a
     // fresh connection pays for preparing before it holds the realm's lock, not under it.
-    let begin = c.prepare_cached("BEGIN").await.map_err(before)?;
-    let commit = c.prepare_cached("COMMIT").await.map_err(before)?;
-    let graph = c.prepare_cached(REALM_GRAPH).await.map_err(before)?;
-    let record_modules = c.prepare_cached(guard::RECORD_MODULES).await.map_err(before)?;
-    let record_clear = c.prepare_cached(guard::RECORD_CLEAR).await.map_err(before)?;
-    let prune = c.prepare_cached(guard::PRUNE).await.map_err(before)?;
-    let delete = match request {
-        Invalidation::Modules { .. } => DELETE_MODULES,
-        Invalidation::Realm { .. } => DELETE_REALM,
-        Invalidation::Global => DELETE_ALL,
-    };
-    let delete = c.prepare_cached(delete).await.map_err(before)?;
-    let notify = c.prepare_cached(NOTIFY).await.map_err(before)?;
+    let all = [
+        &sql.begin,
+        &sql.commit,
+        &sql.realm_graph,
+        &sql.record_modules,
+        &sql.record_clear,
+        &sql.prune,
+        delete,
+        &sql.notify,
+        lock,
+        &sql.consumers_limited,
+    ];
+    sql.prepare(c, &all).await.map_err(before)?;
 
     // Flight 1: BEGIN, the lock, the closure.
-    let lock = match request {
-        Invalidation::Global => guard::LOCK_GLOBAL_EXCLUSIVE,
-        _ => guard::LOCK_REALM_EXCLUSIVE,
-    };
-    let lock = c.prepare_cached(lock).await.map_err(before)?;
-    let closure = c.prepare_cached(CONSUMERS_LIMITED).await.map_err(before)?;
     let (realm, names): (&str, &[String]) = match request {
         Invalidation::Modules { realm_url, urls } => (realm_url, urls),
         Invalidation::Realm { realm_url } => (realm_url, &[]),
@@ -189,15 +194,15 @@ pub(crate) async fn run(
         [&guard::LOCK_NS_REALM, &realm, &guard::LOCK_NS_GLOBAL];
     let global_lock: [&(dyn ToSql + Sync); 1] = [&guard::LOCK_NS_GLOBAL];
     let closure_params: [&(dyn ToSql + Sync); 3] = [&realm, &names, &LARGE_FAN_OUT];
-    let mut flight: Vec<Reply<'_>> = vec![Box::pin(c.query(&begin, &[]))];
+    let mut flight: Vec<Reply<'_>> = vec![Box::pin(sql.query(c, &sql.begin, &[]))];
     if plan.guarded {
         let params: &[&(dyn ToSql + Sync)] =
             if matches!(request, Invalidation::Global) { &global_lock } else { &realm_lock };
-        flight.push(Box::pin(c.query(&lock, params)));
+        flight.push(Box::pin(sql.query(c, lock, params)));
     }
     let is_modules = matches!(request, Invalidation::Modules { .. });
     if is_modules {
-        flight.push(Box::pin(c.query(&closure, &closure_params)));
+        flight.push(Box::pin(sql.query(c, &sql.consumers_limited, &closure_params)));
     }
     let mut replies = pipelined(flight).await;
     if let Some((_, error)) = first_failure(&mut replies) {
@@ -208,7 +213,7 @@ pub(crate) async fn run(
             let mut rows = replies.pop().and_then(Result::ok).unwrap_or_default();
             if rows.len() as i64 >= LARGE_FAN_OUT {
                 // Still under the lock, with a fresh snapshot: the whole realm's edges.
-                rows = c.query(&graph, &[&realm]).await.map_err(before)?;
+                rows = sql.query(c, &sql.realm_graph, &[&realm]).await.map_err(before)?;
             }
             // Walking from the names, rows that do not consume them are never reached.
             let consumers = consumer_rows(&rows).map_err(Failure::Invalidation)?;
@@ -226,7 +231,7 @@ pub(crate) async fn run(
         _ => &[],
     };
     let per_url = is_modules && list.len() <= GUARD_PER_URL_LIMIT;
-    let record = if per_url { &record_modules } else { &record_clear };
+    let record = if per_url { &sql.record_modules } else { &sql.record_clear };
     let payloads = match plan.notify {
         Some((_, origin)) => encode_payloads(&effective, Some(origin)),
         None => Vec::new(),
@@ -240,9 +245,9 @@ pub(crate) async fn run(
     let mut flight: Vec<Reply<'_>> = Vec::new();
     if plan.guarded {
         let params: &[&(dyn ToSql + Sync)] = if per_url { &modules_params } else { &realm_params };
-        flight.push(Box::pin(c.query(record, params)));
+        flight.push(Box::pin(sql.query(c, record, params)));
         if is_modules {
-            flight.push(Box::pin(c.query(&prune, &prune_params)));
+            flight.push(Box::pin(sql.query(c, &sql.prune, &prune_params)));
         }
     }
     let delete_index = flight.len();
@@ -251,12 +256,12 @@ pub(crate) async fn run(
         Invalidation::Realm { .. } => &realm_params,
         Invalidation::Global => &[],
     };
-    flight.push(Box::pin(c.query(&delete, delete_params)));
+    flight.push(Box::pin(sql.query(c, delete, delete_params)));
     for params in &notify_params {
-        flight.push(Box::pin(c.query(&notify, params)));
+        flight.push(Box::pin(sql.query(c, &sql.notify, params)));
     }
     // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
-    flight.push(Box::pin(c.query(&commit, &[])));
+    flight.push(Box::pin(sql.query(c, &sql.commit, &[])));
     let mut replies = pipelined(flight).await;
     if let Some((index, error)) = first_failure(&mut replies) {
         // A broken connection says nothing about how far the server got (COMMIT may have

@@ -9,23 +9,30 @@
 //! With [`PgPopulateCoordinator`], cold loads are also coalesced across processes (SPEC §9):
 //! one prerender per cold module for the whole fleet.
 //!
-//! It deliberately does not listen for notifications (a pooled connection would drop them),
-//! and it does not speak TLS (connections use `NoTls`; put Postgres on a trusted network or a
-//! local socket).
+//! Connections are field-ready: TLS with rustls driven by libpq's `sslmode`/`sslrootcert`
+//! URL settings, a transaction-pooler mode (`pgbouncer=true`: unnamed, self-contained
+//! statements), a bounded start-up and a per-operation timeout, TCP keepalives, and URLs
+//! whose password is never printed. See [`PgConfig`].
+//!
+//! It deliberately does not listen for notifications (a pooled connection would drop them).
 
 #![warn(missing_docs)]
 
 mod adapter;
 mod config;
+mod conninfo;
 mod error;
 mod guard;
 mod invalidate;
 mod populate;
 mod schema;
+mod sql;
 mod store;
+mod tls;
 
 pub use adapter::{PgAdapter, PgAdapterStats};
-pub use config::{PgConfig, redact_url};
+pub use config::{PgConfig, PgConnection, PgStream, redact_url};
+pub use tls::SslMode;
 pub use error::{BoxError, PgError};
 pub use populate::{PgLease, PgPopulateCoordinator, PgPopulateStats};
 

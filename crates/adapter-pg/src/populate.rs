@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use deadpool_postgres::Object;
 use lookup_core::{
@@ -23,7 +24,7 @@ use tokio_postgres::SimpleQueryMessage;
 
 use crate::adapter::PgAdapter;
 use crate::error::PgError;
-use crate::store::{self, OpenTransaction, query_error};
+use crate::store::{self, Checkout, query_error};
 
 /// Counters of a [`PgPopulateCoordinator`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -171,21 +172,32 @@ impl PopulateCoordinator for PgPopulateCoordinator {
                 reason: "the lease semaphore is closed".to_owned(),
             }
         })?;
-        // Until it is settled below, a connection whose BEGIN was sent is closed rather than
-        // pooled if this future is dropped or fails: it may hold the key inside a transaction.
-        let tx = OpenTransaction::new(self.adapter.client("populate lock").await?);
-        // One round trip: open the transaction and try the key. The hash is a number we
-        // formatted, so it is safe to inline.
-        let sql = format!("BEGIN; SELECT pg_try_advisory_xact_lock({})", key.hash());
-        let reply = tx.client().simple_query(&sql).await.map_err(query_error("populate lock"))?;
-        let won = first_bool(&reply).unwrap_or(false);
-        if !won {
+        let lock = async {
+            // Until it is settled below, a connection whose BEGIN was sent is closed rather
+            // than pooled if this future is dropped (a timeout) or fails: it may hold the key
+            // inside a transaction.
+            let tx = Checkout::new(self.adapter.client("populate lock").await?);
+            // One round trip: open the transaction and try the key. The hash is a number we
+            // formatted, so it is safe to inline.
+            let sql = format!("BEGIN; SELECT pg_try_advisory_xact_lock({})", key.hash());
+            let reply =
+                tx.client().simple_query(&sql).await.map_err(query_error("populate lock"))?;
+            let won = first_bool(&reply).unwrap_or(false);
+            if !won {
+                // One more round trip, but a loser is about to wait far longer than that.
+                tx.client()
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(query_error("populate lock"))?;
+                tx.finish();
+                return Ok(None);
+            }
+            Ok(Some(tx))
+        };
+        let Some(tx) = self.adapter.bounded("populate lock", lock).await? else {
             self.counters.contended.fetch_add(1, Ordering::Relaxed);
-            // One more round trip, but a loser is about to wait far longer than that.
-            tx.client().batch_execute("ROLLBACK").await.map_err(query_error("populate lock"))?;
-            tx.finish();
             return Ok(None);
-        }
+        };
         let client = tx.into_inner();
         self.counters.acquired.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%key, "won the populate lock");
@@ -229,13 +241,21 @@ impl PgLease {
     }
 }
 
-/// Rolls the lease's transaction back and announces the key outside it; closes the
-/// connection if that fails, which releases the lock anyway. Returns whether it announced.
-async fn roll_back_and_announce(client: Object, announce: &str) -> bool {
-    match client.simple_query(&format!("ROLLBACK; {announce}")).await {
-        Ok(_) => true,
-        Err(error) => {
+/// Rolls the lease's transaction back and announces the key outside it, within `limit`;
+/// closes the connection if that fails, which releases the lock anyway. Returns whether it
+/// announced.
+async fn roll_back_and_announce(client: Object, announce: &str, limit: Duration) -> bool {
+    let rolled_back =
+        tokio::time::timeout(limit, client.simple_query(&format!("ROLLBACK; {announce}"))).await;
+    match rolled_back {
+        Ok(Ok(_)) => true,
+        Ok(Err(error)) => {
             tracing::warn!(%error, "cannot roll back a populate lease; closing its connection");
+            drop(Object::take(client));
+            false
+        }
+        Err(_) => {
+            tracing::warn!(?limit, "no answer to a populate lease's rollback; closing its connection");
             drop(Object::take(client));
             false
         }
@@ -249,7 +269,9 @@ impl RowStore for PgLease {
         url: &str,
         alias: &str,
     ) -> Result<Vec<CacheEntry>, LookupError> {
-        Ok(store::read_rows(self.client()?, scope, url, alias).await?)
+        let sql = self.adapter.sql();
+        let read = async { store::read_rows(sql, self.client()?, scope, url, alias).await };
+        Ok(self.adapter.bounded("read row", read).await?)
     }
 
     async fn read_rows_batch(
@@ -260,14 +282,17 @@ impl RowStore for PgLease {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(store::read_rows_batch(self.client()?, scope, names).await?)
+        let sql = self.adapter.sql();
+        let read = async { store::read_rows_batch(sql, self.client()?, scope, names).await };
+        Ok(self.adapter.bounded("read rows", read).await?)
     }
 
     async fn begin_load(&self, realm_url: &str, _url: &str) -> Result<LoadStamp, LookupError> {
         if !self.guarded {
             return Ok(LoadStamp::UNGUARDED);
         }
-        Ok(store::stamp(self.client()?, realm_url).await?)
+        let stamp = async { store::stamp(self.adapter.sql(), self.client()?, realm_url).await };
+        Ok(self.adapter.bounded("stamp load", stamp).await?)
     }
 
     /// Writes inside the lease's transaction (visible at release). Guarded, the write runs in
@@ -279,21 +304,28 @@ impl RowStore for PgLease {
         entry: &CacheEntry,
         stamp: LoadStamp,
     ) -> Result<PersistOutcome, LookupError> {
-        let client = self.client()?;
         let row = store::RowParams::new(entry)?;
-        if !self.guarded || stamp.is_unguarded() {
-            store::plain_upsert(client, &row).await?;
-            return Ok(PersistOutcome::Written);
-        }
-        client.batch_execute("SAVEPOINT populate_persist").await.map_err(query_error("upsert"))?;
-        let outcome = store::guarded_insert(client, &row, stamp).await?;
-        if outcome == PersistOutcome::Stale {
+        let sql = self.adapter.sql();
+        let write = async {
+            let client = self.client()?;
+            if !self.guarded || stamp.is_unguarded() {
+                store::plain_upsert(sql, client, &row).await?;
+                return Ok(PersistOutcome::Written);
+            }
             client
-                .batch_execute("ROLLBACK TO SAVEPOINT populate_persist")
+                .batch_execute("SAVEPOINT populate_persist")
                 .await
                 .map_err(query_error("upsert"))?;
-        }
-        Ok(outcome)
+            let outcome = store::guarded_insert(sql, client, &row, stamp).await?;
+            if outcome == PersistOutcome::Stale {
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT populate_persist")
+                    .await
+                    .map_err(query_error("upsert"))?;
+            }
+            Ok(outcome)
+        };
+        Ok(self.adapter.bounded("upsert", write).await?)
     }
 }
 
@@ -303,7 +335,14 @@ impl PopulateLease for PgLease {
             return Ok(());
         };
         // One round trip: the announcement is delivered at the commit, with the row.
-        match client.simple_query(&format!("{}; COMMIT", self.announce)).await {
+        let limit = self.adapter.config().operation_timeout_duration();
+        let text = format!("{}; COMMIT", self.announce);
+        let commit = client.simple_query(&text);
+        let committed = match tokio::time::timeout(limit, commit).await {
+            Ok(result) => result.map_err(query_error("populate release")),
+            Err(_) => Err(PgError::Timeout { operation: "populate release".to_owned(), after: limit }),
+        };
+        match committed {
             Ok(_) => {
                 self.counters.released.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -312,18 +351,26 @@ impl PopulateLease for PgLease {
                 // A statement of the load failed earlier (the transaction is aborted), or the
                 // connection broke. Either way nothing was written; wake the losers anyway.
                 self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
-                if !roll_back_and_announce(client, &self.announce).await {
-                    let announced = match self.adapter.client("populate announce").await {
-                        Ok(other) => other.simple_query(&self.announce).await.is_ok(),
-                        Err(_) => false,
+                if !roll_back_and_announce(client, &self.announce, limit).await {
+                    let announce = async {
+                        let other = Checkout::new(self.adapter.client("populate announce").await?);
+                        other
+                            .client()
+                            .simple_query(&self.announce)
+                            .await
+                            .map_err(query_error("populate announce"))?;
+                        other.finish();
+                        Ok(())
                     };
+                    let announced =
+                        self.adapter.bounded("populate announce", announce).await.is_ok();
                     if !announced {
                         tracing::warn!(
                             "cannot announce a failed populate; its waiters will time out"
                         );
                     }
                 }
-                Err(query_error("populate release")(error).into())
+                Err(error.into())
             }
         }
     }
@@ -341,9 +388,12 @@ impl Drop for PgLease {
         let client = Object::take(client);
         let announce = std::mem::take(&mut self.announce);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let limit = self.adapter.config().operation_timeout_duration();
             runtime.spawn(async move {
                 // Announced outside the rolled-back transaction; the connection closes after.
-                let _ = client.simple_query(&format!("ROLLBACK; {announce}")).await;
+                let text = format!("ROLLBACK; {announce}");
+                let cleanup = client.simple_query(&text);
+                let _ = tokio::time::timeout(limit, cleanup).await;
             });
         }
     }

@@ -4,7 +4,7 @@
 use std::future::Future as _;
 use std::task::Poll;
 
-use deadpool_postgres::{GenericClient, Object};
+use deadpool_postgres::{ClientWrapper, Object};
 use lookup_core::{CacheEntry, CacheScope, EntryScope, ErrorDoc, LoadStamp, PersistOutcome};
 use serde_json::{Map, Value};
 use tokio_postgres::Row;
@@ -12,6 +12,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::error::PgError;
 use crate::guard;
+use crate::sql::Sql;
 
 const COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
                        error_doc, created_at, file_alias, diagnostics";
@@ -25,58 +26,80 @@ const UPSERT_TAIL: &str = "ON CONFLICT ON CONSTRAINT modules_pkey DO UPDATE SET 
 pub(crate) fn query_error(
     operation: &'static str,
 ) -> impl FnOnce(tokio_postgres::Error) -> PgError {
-    move |source| PgError::Query { operation, source: Box::new(source) }
+    move |source| PgError::query(operation, source)
 }
 
-async fn query(
-    client: &impl GenericClient,
-    operation: &'static str,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, PgError> {
-    let statement = client.prepare_cached(sql).await.map_err(query_error(operation))?;
-    client.query(&statement, params).await.map_err(query_error(operation))
+/// Rows of `$1..$3` (realm, scope, user) whose url is `$4` (found through `url_hash`, the
+/// primary key) or whose alias is `$5`.
+pub(crate) fn read_row_sql() -> String {
+    format!(
+        "SELECT {COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
+         AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)"
+    )
 }
 
-/// Rows of `scope` whose url is `url` (found through `url_hash`, the primary key) or whose
-/// alias is `alias`.
+/// Rows of `$1..$3` whose url or alias is one of `$4`.
+pub(crate) fn read_batch_sql() -> String {
+    format!(
+        "SELECT {COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
+         AND auth_user_id = $3 AND (url_hash = ANY (SELECT md5(n) FROM unnest($4::text[]) AS n) \
+         OR file_alias = ANY ($4))"
+    )
+}
+
+/// The unconditional write of a row.
+pub(crate) fn plain_upsert_sql() -> String {
+    format!(
+        "INSERT INTO _S_modules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         {UPSERT_TAIL}"
+    )
+}
+
+/// The guarded write: only if [`guard::FRESH`]; returns a row when written.
+pub(crate) fn guarded_insert_sql() -> String {
+    format!(
+        "INSERT INTO _S_modules ({COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, \
+         $5::jsonb, $6::jsonb, $7::jsonb, $8::bigint, $9::text, $10::jsonb WHERE {} {UPSERT_TAIL} RETURNING 1",
+        guard::FRESH
+    )
+}
+
+/// Rows of `scope` whose url is `url` or whose alias is `alias`.
 pub(crate) async fn read_rows(
-    client: &impl GenericClient,
+    sql: &Sql,
+    client: &ClientWrapper,
     scope: &EntryScope,
     url: &str,
     alias: &str,
 ) -> Result<Vec<CacheEntry>, PgError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
-         AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)"
-    );
     let params: [&(dyn ToSql + Sync); 5] =
         [&scope.realm_url, &scope.scope.as_str(), &scope.user, &url, &alias];
-    entries(query(client, "read row", &sql, &params).await?)
+    let rows = sql.query(client, &sql.read_row, &params).await.map_err(query_error("read row"))?;
+    entries(rows)
 }
 
 /// Rows of `scope` whose url or alias is one of `names`.
 pub(crate) async fn read_rows_batch(
-    client: &impl GenericClient,
+    sql: &Sql,
+    client: &ClientWrapper,
     scope: &EntryScope,
     names: &[String],
 ) -> Result<Vec<CacheEntry>, PgError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
-         AND auth_user_id = $3 AND (url_hash = ANY (SELECT md5(n) FROM unnest($4::text[]) AS n) \
-         OR file_alias = ANY ($4))"
-    );
     let params: [&(dyn ToSql + Sync); 4] =
         [&scope.realm_url, &scope.scope.as_str(), &scope.user, &names];
-    entries(query(client, "read rows", &sql, &params).await?)
+    let rows =
+        sql.query(client, &sql.read_batch, &params).await.map_err(query_error("read rows"))?;
+    entries(rows)
 }
 
 /// The durable guard's stamp of a load in `realm_url` (see guard.rs).
 pub(crate) async fn stamp(
-    client: &impl GenericClient,
+    sql: &Sql,
+    client: &ClientWrapper,
     realm_url: &str,
 ) -> Result<LoadStamp, PgError> {
-    let rows = query(client, "stamp load", guard::STAMP, &[&realm_url]).await?;
+    let rows =
+        sql.query(client, &sql.stamp, &[&realm_url]).await.map_err(query_error("stamp load"))?;
     Ok(LoadStamp(rows.first().map(|row| row.get(0)).unwrap_or(0)))
 }
 
@@ -129,14 +152,11 @@ impl<'a> RowParams<'a> {
 
 /// Writes the row unconditionally.
 pub(crate) async fn plain_upsert(
-    client: &impl GenericClient,
+    sql: &Sql,
+    client: &ClientWrapper,
     row: &RowParams<'_>,
 ) -> Result<(), PgError> {
-    let sql = format!(
-        "INSERT INTO modules ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         {UPSERT_TAIL}"
-    );
-    query(client, "upsert", &sql, &row.params()).await?;
+    sql.query(client, &sql.plain_upsert, &row.params()).await.map_err(query_error("upsert"))?;
     Ok(())
 }
 
@@ -144,18 +164,14 @@ pub(crate) async fn plain_upsert(
 /// inserts only if no invalidation newer than `stamp` covers the row. The caller commits (and
 /// must not release the lock before the commit).
 pub(crate) async fn guarded_insert(
-    client: &impl GenericClient,
+    sql: &Sql,
+    client: &ClientWrapper,
     row: &RowParams<'_>,
     stamp: LoadStamp,
 ) -> Result<PersistOutcome, PgError> {
-    let lock =
-        client.prepare_cached(guard::LOCK_REALM_SHARED).await.map_err(query_error("upsert"))?;
-    let sql = format!(
-        "INSERT INTO modules ({COLUMNS}) SELECT $1::text, $2::text, $3::text, $4::text, \
-         $5::jsonb, $6::jsonb, $7::jsonb, $8::bigint, $9::text, $10::jsonb WHERE {} {UPSERT_TAIL}",
-        guard::FRESH
-    );
-    let insert = client.prepare_cached(&sql).await.map_err(query_error("upsert"))?;
+    sql.prepare(client, &[&sql.lock_realm_shared, &sql.guarded_insert])
+        .await
+        .map_err(query_error("upsert"))?;
     let entry = row.entry;
     let mut checked: Vec<&str> = vec![&entry.url, &entry.file_alias];
     checked.extend(entry.deps.iter().map(String::as_str));
@@ -169,9 +185,9 @@ pub(crate) async fn guarded_insert(
     let lock_params: [&(dyn ToSql + Sync); 3] =
         [&guard::LOCK_NS_REALM, &entry.resolved_realm_url, &guard::LOCK_NS_GLOBAL];
     let (locked, written) = {
-        let mut locking = std::pin::pin!(client.execute(&lock, &lock_params));
+        let mut locking = std::pin::pin!(sql.query(client, &sql.lock_realm_shared, &lock_params));
         let first_poll = std::future::poll_fn(|cx| Poll::Ready(locking.as_mut().poll(cx))).await;
-        let inserting = client.execute(&insert, &all);
+        let inserting = sql.query(client, &sql.guarded_insert, &all);
         let locked = async {
             match first_poll {
                 Poll::Ready(result) => result,
@@ -182,7 +198,7 @@ pub(crate) async fn guarded_insert(
     };
     locked.map_err(query_error("upsert"))?;
     let written = written.map_err(query_error("upsert"))?;
-    Ok(if written == 0 { PersistOutcome::Stale } else { PersistOutcome::Written })
+    Ok(if written.is_empty() { PersistOutcome::Stale } else { PersistOutcome::Written })
 }
 
 pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(
@@ -231,17 +247,18 @@ fn entries(rows: Vec<Row>) -> Result<Vec<CacheEntry>, PgError> {
     rows.iter().map(entry_from_row).collect()
 }
 
-/// A pooled connection inside a transaction begun by a raw `BEGIN`. Dropped unfinished (an error,
-/// or the caller cancelled the invalidation), the connection is closed rather than pooled:
-/// the server rolls back and releases the lock, and the pool's next user never inherits an
-/// open transaction.
-pub(crate) struct OpenTransaction {
+/// A pooled connection checked out for one operation, which goes back to the pool only when
+/// the operation [`finish`](Self::finish)es. Dropped unfinished (an error, a timeout, or the
+/// caller cancelled the operation), the connection is closed rather than pooled: the server
+/// rolls back any transaction begun by a raw `BEGIN` and releases its locks, and the pool's
+/// next user never inherits an open transaction or a request still waiting for its answer.
+pub(crate) struct Checkout {
     client: Option<Object>,
 }
 
-impl OpenTransaction {
+impl Checkout {
     pub(crate) fn new(client: Object) -> Self {
-        OpenTransaction { client: Some(client) }
+        Checkout { client: Some(client) }
     }
 
     pub(crate) fn client(&self) -> &Object {
@@ -259,7 +276,7 @@ impl OpenTransaction {
     }
 }
 
-impl Drop for OpenTransaction {
+impl Drop for Checkout {
     fn drop(&mut self) {
         if let Some(client) = self.client.take() {
             drop(Object::take(client));

@@ -23,6 +23,25 @@ async fn adapter(test: &str) -> Option<PgAdapter> {
 
 behaviour_suite::behaviour_suite!(optional: || async { adapter("behaviour").await });
 
+/// The PgBouncer (transaction mode) in front of the test server, with `pgbouncer=true`.
+fn pgbouncer_config(test: &str) -> Option<PgConfig> {
+    let url = behaviour_suite::xtask_setting(test, "DEFLOOKUP_PGBOUNCER_URL")?;
+    Some(PgConfig::new(url).schema(unique_name("b")).channel(unique_name("c")))
+}
+
+/// The whole behaviour suite again, every statement through a real PgBouncer in transaction
+/// mode: lookups, invalidations with the durable guard, the in-process tier.
+mod through_pgbouncer {
+    use super::*;
+
+    async fn adapter() -> Option<PgAdapter> {
+        let config = pgbouncer_config("behaviour through PgBouncer")?;
+        Some(PgAdapter::connect(config).await.expect("connect through PgBouncer"))
+    }
+
+    behaviour_suite::behaviour_suite!(optional: || async { adapter().await });
+}
+
 /// A raw LISTEN connection collecting the payloads of the config's channel.
 async fn listen(config: &PgConfig) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
     let (client, mut connection) =

@@ -21,11 +21,10 @@ use std::future::{Future, poll_fn};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use adapter_pg::tokio_postgres::tls::NoTlsStream;
-use adapter_pg::tokio_postgres::{
-    self, AsyncMessage, Client, Connection, NoTls, Notification, SimpleQueryMessage, Socket,
+use adapter_pg::tokio_postgres::{AsyncMessage, Client, Notification, SimpleQueryMessage};
+use adapter_pg::{
+    Invalidation, InvalidationSink, PgConfig, PgConnection, PgError, PopulateSink, parse_payload,
 };
-use adapter_pg::{Invalidation, InvalidationSink, PgConfig, PgError, PopulateSink, parse_payload};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::event::{ListenerEvent, ListenerStats};
@@ -92,11 +91,11 @@ impl PgInvalidationListener {
         sink: Arc<dyn InvalidationSink>,
         options: ListenerOptions,
     ) -> Result<PgInvalidationListener, PgError> {
-        let mut pg = config.tokio_postgres_config()?;
-        // Name the connection so operators can tell it from the pool's in pg_stat_activity.
-        if pg.get_application_name() == Some("deflookup") {
-            pg.application_name("deflookup-listener");
-        }
+        // The listener's own URL when one is set (the pool's may go through a transaction
+        // pooler, which cannot carry LISTEN). Named so operators can tell it from the pool's
+        // connections in pg_stat_activity. Checked now, so a bad URL fails the start.
+        let pg = config.listener_config()?.application_name("deflookup-listener");
+        pg.tokio_postgres_config()?;
         let (events, first_events) = broadcast::channel(options.event_capacity);
         let populate =
             options.populate.clone().map(|sink| (config.populate_channel_name().to_owned(), sink));
@@ -105,7 +104,7 @@ impl PgInvalidationListener {
             populate,
             origin,
             channel: config.channel_name().to_owned(),
-            redacted_url: config.redacted_url(),
+            redacted_url: pg.redacted_url(),
             stats: Mutex::new(ListenerStats::default()),
             events,
         });
@@ -353,7 +352,7 @@ impl MalformedWarnings {
 /// The task: owns every session, reconnects, and is the only code that touches the sink.
 struct Task {
     shared: Arc<Shared>,
-    pg: tokio_postgres::Config,
+    pg: PgConfig,
     options: ListenerOptions,
     shutdown: watch::Receiver<bool>,
     /// Dropped when the task ends, whichever way: that is what `shutdown` waits for.
@@ -364,17 +363,16 @@ struct Task {
 /// only the socket connect, so a server that accepts the connection and then never
 /// answers the startup or the LISTEN would otherwise stall reconnection indefinitely.
 async fn open_session(
-    pg: &tokio_postgres::Config,
+    pg: &PgConfig,
     shared: &Shared,
     heartbeat_timeout: Duration,
 ) -> Result<Session, PgError> {
-    let limit =
-        pg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10)) + heartbeat_timeout;
+    let limit = pg.connect_timeout_duration() + heartbeat_timeout;
     let mut channels = vec![shared.channel.as_str()];
     if let Some((populate, _)) = &shared.populate {
         channels.push(populate);
     }
-    match tokio::time::timeout(limit, Session::open(pg, &channels, &shared.redacted_url)).await {
+    match tokio::time::timeout(limit, Session::open(pg, &channels)).await {
         Ok(opened) => opened,
         Err(_) => Err(PgError::Connect {
             url: shared.redacted_url.clone(),
@@ -480,14 +478,12 @@ async fn signalled(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-type PgConnection = Connection<Socket, NoTlsStream>;
-
 /// The next message of a connection; also drives its I/O (queries of the client progress
 /// only while this is polled). Dropping the future loses nothing: the state is in the
 /// connection.
 fn next_message(
     connection: &mut PgConnection,
-) -> impl Future<Output = Option<Result<AsyncMessage, tokio_postgres::Error>>> + '_ {
+) -> impl Future<Output = Option<Result<AsyncMessage, adapter_pg::tokio_postgres::Error>>> + '_ {
     poll_fn(move |cx| connection.poll_message(cx))
 }
 
@@ -501,15 +497,9 @@ struct Session {
 }
 
 impl Session {
-    async fn open(
-        pg: &tokio_postgres::Config,
-        channels: &[&str],
-        redacted_url: &str,
-    ) -> Result<Session, PgError> {
-        let (client, mut connection) = pg.connect(NoTls).await.map_err(|source| {
-            PgError::Connect { url: redacted_url.to_owned(), source: Box::new(source) }
-        })?;
-        let listen_failed = |source: tokio_postgres::Error| PgError::Query {
+    async fn open(pg: &PgConfig, channels: &[&str]) -> Result<Session, PgError> {
+        let (client, mut connection) = pg.connect_unpooled().await?;
+        let listen_failed = |source: adapter_pg::tokio_postgres::Error| PgError::Query {
             operation: "LISTEN",
             source: Box::new(source),
         };

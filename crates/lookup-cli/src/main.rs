@@ -44,6 +44,16 @@ struct Cli {
     #[arg(long, value_name = "URL")]
     db: Option<String>,
 
+    /// Postgres URL for the invalidation listener, when `--db` goes through a transaction
+    /// pooler (`pgbouncer=true`), which cannot carry LISTEN: a direct or session-pooled
+    /// connection. `listen` uses it when given.
+    #[arg(long, value_name = "URL")]
+    listen_db: Option<String>,
+
+    /// Seconds one database operation may take before it fails (Postgres).
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    operation_timeout_secs: u64,
+
     /// A local realm backed by a directory, as `URL=DIR` (repeatable). URL must end with `/`.
     #[arg(long = "realm", value_name = "URL=DIR", value_parser = parse_realm)]
     realms: Vec<(String, PathBuf)>,
@@ -204,11 +214,18 @@ async fn run(cli: Cli) -> Result<()> {
         if cli.coordinate {
             bail!("--coordinate needs a Postgres database: an SQLite file has one process");
         }
+        if cli.listen_db.is_some() {
+            bail!("--listen-db needs a Postgres --db: SQLite has no broadcast to listen to");
+        }
         let db = SqliteAdapter::from_url(&db_url)
             .with_context(|| format!("cannot open database {db_url}"))?;
         execute(&build_lookup::<_, Uncoordinated>(db, &cli, None)?, &cli).await
     } else if db_url.starts_with("postgres://") || db_url.starts_with("postgresql://") {
-        let mut config = PgConfig::new(db_url);
+        let mut config = PgConfig::new(db_url)
+            .operation_timeout(Duration::from_secs(cli.operation_timeout_secs.max(1)));
+        if let Some(listen_db) = &cli.listen_db {
+            config = config.listen_url(listen_db.clone());
+        }
         if cli.unsafe_mode {
             tracing::warn!("--unsafe: no broadcast, no durable guard, no listener");
             config = config.broadcast(false).durable_guard(false);
@@ -223,11 +240,12 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
-    let db =
-        PgAdapter::connect(config.clone()).await.context("cannot open the Postgres database")?;
     if matches!(cli.command, Command::Listen) {
+        // Only the LISTEN connection: watching needs no pool and no table.
         return listen(&config).await;
     }
+    let db =
+        PgAdapter::connect(config.clone()).await.context("cannot open the Postgres database")?;
     if cli.coordinate && cli.unsafe_mode {
         bail!("--coordinate needs the invalidation listener, which --unsafe turns off");
     }

@@ -1,0 +1,179 @@
+//! Every statement the adapter sends, and the two ways it sends them.
+//!
+//! - **Prepared** (the default): each statement is prepared once per connection (deadpool's
+//!   statement cache) and then only bound and executed: the cheapest hit path.
+//! - **Unnamed** (`pgbouncer=true`): a transaction pooler hands each transaction to whichever
+//!   server connection is free, so a statement prepared in one transaction is missing, or
+//!   another client's, in the next. Every statement is then sent whole, as the unnamed
+//!   statement, with its parameter types (tokio-postgres' `query_typed`): parse, bind and
+//!   execute in one message batch, self-contained.
+//!
+//! Statements name their tables with the configured schema (`_S_` in the texts below), so no
+//! session state (`search_path`) is needed either.
+
+use deadpool_postgres::ClientWrapper;
+use tokio_postgres::Row;
+use tokio_postgres::types::{ToSql, Type};
+
+/// A statement's text (schema filled in) and its parameter types.
+#[derive(Debug)]
+pub(crate) struct Stmt {
+    pub(crate) text: String,
+    types: &'static [Type],
+}
+
+/// The schema placeholder of the statement texts.
+pub(crate) const SCHEMA: &str = "_S_";
+
+/// The statements of one adapter, for its schema and connection mode, built once.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    unnamed: bool,
+    prefix: String,
+    pub(crate) read_row: Stmt,
+    pub(crate) read_batch: Stmt,
+    pub(crate) stamp: Stmt,
+    pub(crate) plain_upsert: Stmt,
+    pub(crate) guarded_insert: Stmt,
+    pub(crate) lock_realm_shared: Stmt,
+    pub(crate) lock_realm_exclusive: Stmt,
+    pub(crate) lock_global_exclusive: Stmt,
+    pub(crate) record_modules: Stmt,
+    pub(crate) record_clear: Stmt,
+    pub(crate) prune: Stmt,
+    pub(crate) delete_modules: Stmt,
+    pub(crate) delete_realm: Stmt,
+    pub(crate) delete_all: Stmt,
+    pub(crate) notify: Stmt,
+    pub(crate) consumers: Stmt,
+    pub(crate) consumers_limited: Stmt,
+    pub(crate) realm_graph: Stmt,
+    pub(crate) begin: Stmt,
+    pub(crate) commit: Stmt,
+    pub(crate) row_count: Stmt,
+}
+
+impl Sql {
+    /// `schema`: validated by `PgConfig`. `unnamed`: through a transaction pooler.
+    pub(crate) fn new(schema: Option<&str>, unnamed: bool) -> Sql {
+        use crate::{guard, invalidate, store};
+        let prefix = schema.map(|s| format!("{s}.")).unwrap_or_default();
+        let stmt = |text: &str, types: &'static [Type]| Stmt {
+            text: text.replace(SCHEMA, &prefix),
+            types,
+        };
+        Sql {
+            unnamed,
+            read_row: stmt(&store::read_row_sql(), types::READ_ROW),
+            read_batch: stmt(&store::read_batch_sql(), types::READ_BATCH),
+            stamp: stmt(guard::STAMP, types::TEXT),
+            plain_upsert: stmt(&store::plain_upsert_sql(), types::ROW),
+            guarded_insert: stmt(&store::guarded_insert_sql(), types::GUARDED_ROW),
+            lock_realm_shared: stmt(guard::LOCK_REALM_SHARED, types::LOCK_REALM),
+            lock_realm_exclusive: stmt(guard::LOCK_REALM_EXCLUSIVE, types::LOCK_REALM),
+            lock_global_exclusive: stmt(guard::LOCK_GLOBAL_EXCLUSIVE, types::LOCK_GLOBAL),
+            record_modules: stmt(guard::RECORD_MODULES, types::TEXT_TEXTS),
+            record_clear: stmt(guard::RECORD_CLEAR, types::TEXT),
+            prune: stmt(guard::PRUNE, types::TEXT_FLOAT),
+            delete_modules: stmt(invalidate::DELETE_MODULES, types::TEXT_TEXTS),
+            delete_realm: stmt(invalidate::DELETE_REALM, types::TEXT),
+            delete_all: stmt(invalidate::DELETE_ALL, types::NONE),
+            notify: stmt(invalidate::NOTIFY, types::TWO_TEXTS),
+            consumers: stmt(invalidate::CONSUMERS, types::TEXT_TEXTS),
+            consumers_limited: stmt(invalidate::CONSUMERS_LIMITED, types::TEXT_TEXTS_INT),
+            realm_graph: stmt(invalidate::REALM_GRAPH, types::TEXT),
+            begin: stmt("BEGIN", types::NONE),
+            commit: stmt("COMMIT", types::NONE),
+            row_count: stmt("SELECT count(*) FROM _S_modules", types::NONE),
+            prefix,
+        }
+    }
+
+    /// Whether statements are sent unnamed (through a transaction pooler).
+    pub(crate) fn unnamed(&self) -> bool {
+        self.unnamed
+    }
+
+    /// `text` with the schema filled in.
+    pub(crate) fn text(&self, text: &str) -> String {
+        text.replace(SCHEMA, &self.prefix)
+    }
+
+    /// Prepares `statements` on `client` ahead of use (a no-op when unnamed), so that a later
+    /// [`query`](Self::query) sends its request on its first poll: what pipelining needs.
+    pub(crate) async fn prepare(
+        &self,
+        client: &ClientWrapper,
+        statements: &[&Stmt],
+    ) -> Result<(), tokio_postgres::Error> {
+        if !self.unnamed {
+            for statement in statements {
+                client.prepare_cached(&statement.text).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `statement` with `params` (as many as its types). A prepared statement's request
+    /// is sent on the first poll once [`prepare`](Self::prepare)d; an unnamed one's always is.
+    pub(crate) async fn query(
+        &self,
+        client: &ClientWrapper,
+        statement: &Stmt,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        if self.unnamed {
+            debug_assert_eq!(params.len(), statement.types.len(), "{}", statement.text);
+            let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+                params.iter().copied().zip(statement.types.iter().cloned()).collect();
+            client.query_typed(&statement.text, &typed).await
+        } else {
+            let prepared = client.prepare_cached(&statement.text).await?;
+            client.query(&prepared, params).await
+        }
+    }
+}
+
+/// Parameter types, named once.
+pub(crate) mod types {
+    use tokio_postgres::types::Type;
+
+    pub(crate) const NONE: &[Type] = &[];
+    pub(crate) const TEXT: &[Type] = &[Type::TEXT];
+    pub(crate) const TEXT_TEXTS: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY];
+    pub(crate) const TEXT_FLOAT: &[Type] = &[Type::TEXT, Type::FLOAT8];
+    pub(crate) const TEXT_TEXTS_INT: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8];
+    pub(crate) const TWO_TEXTS: &[Type] = &[Type::TEXT, Type::TEXT];
+    pub(crate) const READ_ROW: &[Type] = &[Type::TEXT; 5];
+    pub(crate) const READ_BATCH: &[Type] = &[Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT_ARRAY];
+    pub(crate) const LOCK_REALM: &[Type] = &[Type::INT4, Type::TEXT, Type::INT4];
+    pub(crate) const LOCK_GLOBAL: &[Type] = &[Type::INT4];
+    /// The ten columns of a row, in `store::COLUMNS` order.
+    pub(crate) const ROW: &[Type] = &[
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::JSONB,
+        Type::JSONB,
+        Type::JSONB,
+        Type::INT8,
+        Type::TEXT,
+        Type::JSONB,
+    ];
+    /// A row, then the URLs to check and the stamp.
+    pub(crate) const GUARDED_ROW: &[Type] = &[
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::JSONB,
+        Type::JSONB,
+        Type::JSONB,
+        Type::INT8,
+        Type::TEXT,
+        Type::JSONB,
+        Type::TEXT_ARRAY,
+        Type::INT8,
+    ];
+}
