@@ -19,6 +19,7 @@
 
 mod bench;
 mod pg;
+mod services;
 mod soak;
 mod test;
 mod test_pg;

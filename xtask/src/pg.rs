@@ -48,11 +48,23 @@ pub struct EphemeralPg {
     port: u16,
     /// Whether `pg_ctl start` has been called, so drop must stop the server.
     launched: bool,
+    /// The server certificate and key of a TLS-only cluster.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl EphemeralPg {
     /// Creates, starts and waits for a new cluster.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Creates and starts a cluster that accepts only TLS connections over TCP (`hostssl`),
+    /// with `files`' server certificate.
+    pub fn start_tls(files: &crate::services::TlsFiles) -> Result<Self> {
+        Self::start_with(Some((files.server_cert.clone(), files.server_key.clone())))
+    }
+
+    fn start_with(tls: Option<(PathBuf, PathBuf)>) -> Result<Self> {
         // Before the first child: from now on Ctrl-C only sets a flag, and the guard cleans up.
         catch_interrupts()?;
         let began = Instant::now();
@@ -60,7 +72,7 @@ impl EphemeralPg {
         let as_postgres = running_as_root()?;
         let dir = create_unique_dir("deflookup-pg")?;
         // From here on the guard exists, so every early return below removes the directory.
-        let mut pg = EphemeralPg { dir, bin, as_postgres, port: 0, launched: false };
+        let mut pg = EphemeralPg { dir, bin, as_postgres, port: 0, launched: false, tls };
         let result = pg.init_and_launch(began);
         if let Err(error) = result {
             if !interrupted() {
@@ -69,6 +81,16 @@ impl EphemeralPg {
             return Err(error);
         }
         Ok(pg)
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether the server runs as the `postgres` user (xtask runs as root).
+    pub fn as_postgres(&self) -> bool {
+        self.as_postgres
     }
 
     /// `postgres://` URL of the cluster's `postgres` database as the `postgres` superuser.
@@ -143,6 +165,9 @@ impl EphemeralPg {
         initdb.args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
         run_quietly("initdb", &mut initdb)?;
         check_interrupt()?;
+        if let Some((cert, key)) = &self.tls {
+            self.configure_tls(cert, key)?;
+        }
 
         for attempt in 1..=PORT_ATTEMPTS {
             self.port = free_port()?;
@@ -171,6 +196,31 @@ impl EphemeralPg {
             self.port,
             began.elapsed().as_secs_f64()
         );
+        Ok(())
+    }
+
+    /// TLS on, with the given certificate, and `pg_hba.conf` accepting TCP only over TLS.
+    fn configure_tls(&self, cert: &Path, key: &Path) -> Result<()> {
+        let data = self.data_dir();
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            std::fs::copy(from, data.join(to))
+                .with_context(|| format!("cannot copy {} into the cluster", from.display()))?;
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600))
+            .context("cannot protect the server key")?;
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))
+            .context("cannot read postgresql.conf")?;
+        conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(data.join("postgresql.conf"), conf).context("cannot write postgresql.conf")?;
+        let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+                   hostssl all all ::1/128 trust\n";
+        std::fs::write(data.join("pg_hba.conf"), hba).context("cannot write pg_hba.conf")?;
+        if self.as_postgres {
+            let mut chown = Command::new("chown");
+            chown.arg("-R").arg("postgres:").arg(&data);
+            run_quietly("chown the TLS files to postgres", &mut chown)?;
+        }
         Ok(())
     }
 
@@ -349,7 +399,7 @@ pub fn create_unique_dir(prefix: &str) -> Result<PathBuf> {
 }
 
 /// A loopback port that nobody listened on a moment ago.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a loopback port")?;
     Ok(listener.local_addr().context("reading the bound port")?.port())

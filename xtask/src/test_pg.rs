@@ -8,6 +8,7 @@ use anyhow::Result;
 
 use crate::cargo;
 use crate::pg::Server;
+use crate::services::Extras;
 use crate::test::{Totals, run_tests};
 
 /// The packages whose tests need Postgres.
@@ -50,9 +51,30 @@ pub fn run_with_postgres(
     totals: &mut Totals,
 ) -> Result<()> {
     let database = Server::from_env_or_start()?;
-    let result = run_on(&database, title, tests, args, totals);
+    // On clusters of our own, also a TLS-only cluster and a PgBouncer (dropped, so stopped,
+    // before the main cluster).
+    let extras = match &database {
+        // A failure to start explains itself (each prints its own log).
+        Server::Ephemeral(pg) => Some(Extras::start(pg)?),
+        Server::Given { .. } => None,
+    };
+    let configure = |command: &mut Command| {
+        database.configure(command);
+        match &extras {
+            Some(extras) => {
+                extras.configure(command);
+                command.env_remove("DEFLOOKUP_USER_DATABASE");
+            }
+            // The TLS and PgBouncer tests are skipped (they say so) on the user's server.
+            None => {
+                command.env("DEFLOOKUP_USER_DATABASE", "1");
+            }
+        }
+    };
+    let result = run_on(&database, &configure, title, tests, args, totals);
     database.explain_failure(&result);
-    // Stop the cluster now, so that the caller's summary is the last line.
+    // Stop the servers now, so that the caller's summary is the last line.
+    drop(extras);
     drop(database);
     result
 }
@@ -60,12 +82,13 @@ pub fn run_with_postgres(
 /// The two runs of [`run_with_postgres`] on `database`.
 fn run_on(
     database: &Server,
+    configure: &dyn Fn(&mut Command),
     title: &str,
     mut tests: Command,
     args: &[String],
     totals: &mut Totals,
 ) -> Result<()> {
-    database.configure(&mut tests);
+    configure(&mut tests);
     run_tests(title, tests, totals)?;
     if database.restart_command().is_none() {
         eprintln!(
@@ -76,7 +99,7 @@ fn run_on(
         return Ok(());
     }
     let mut restart_tests = restart_tests_command(args);
-    database.configure(&mut restart_tests);
+    configure(&mut restart_tests);
     let mut restart_totals = Totals::default();
     let title = "cargo test (server-restart tests, one at a time)";
     let result = run_tests(title, restart_tests, &mut restart_totals);

@@ -1,0 +1,232 @@
+//! The servers the Postgres tests need besides the main cluster: a TLS-only cluster with
+//! certificates made here, and a PgBouncer in transaction mode in front of the main cluster.
+//!
+//! Both are owned by guards that stop them and remove their files on drop, like
+//! [`EphemeralPg`].
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+
+use crate::pg::{EphemeralPg, create_unique_dir, free_port, print_file_tail};
+
+/// PEM files for the TLS cluster: a CA, a server certificate it signed for `localhost` only,
+/// and a second CA that signed nothing (the "wrong CA" of the tests).
+#[derive(Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub wrong_ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes the certificates in `dir`.
+    pub fn create(dir: &Path) -> Result<TlsFiles> {
+        let ca = certificate_authority("deflookup test CA")?;
+        let wrong = certificate_authority("deflookup unrelated CA")?;
+        let server_key = KeyPair::generate().context("generating the server key")?;
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()])
+            .context("server certificate parameters")?;
+        params.distinguished_name.push(DnType::CommonName, "localhost");
+        let server = params.signed_by(&server_key, &ca).context("signing the server certificate")?;
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            wrong_ca: dir.join("wrong-ca.pem"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+        };
+        write(&files.ca, &ca.pem())?;
+        write(&files.wrong_ca, &wrong.pem())?;
+        write(&files.server_cert, &server.pem())?;
+        write(&files.server_key, &server_key.serialize_pem())?;
+        Ok(files)
+    }
+}
+
+fn certificate_authority(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>> {
+    let key = KeyPair::generate().context("generating a CA key")?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    CertifiedIssuer::self_signed(params, key).context("self-signing a CA")
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A PgBouncer in transaction mode on a free loopback port, in front of `127.0.0.1:pg_port`,
+/// stopped and its directory removed on drop.
+#[derive(Debug)]
+pub struct PgBouncer {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl PgBouncer {
+    /// Starts one, as the `postgres` user when running as root (PgBouncer refuses root).
+    pub fn start(pg_port: u16, as_postgres: bool) -> Result<PgBouncer> {
+        let binary = find_pgbouncer()?;
+        let dir = create_unique_dir("deflookup-pgbouncer")?;
+        let mut bouncer = PgBouncer { dir, port: 0 };
+        let ini = bouncer.dir.join("pgbouncer.ini");
+        for _attempt in 0..3 {
+            bouncer.port = free_port()?;
+            // `auth_type = any`: the test cluster trusts local connections, and PgBouncer logs
+            // in as `postgres` whatever the client's user name.
+            let config = format!(
+                "[databases]\n* = host=127.0.0.1 port={pg_port} user=postgres\n\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 unix_socket_dir =\nauth_type = any\npool_mode = transaction\n\
+                 max_client_conn = 800\ndefault_pool_size = 60\n\
+                 logfile = {log}\npidfile = {pid}\n",
+                port = bouncer.port,
+                log = bouncer.log_file().display(),
+                pid = bouncer.pid_file().display(),
+            );
+            write(&ini, &config)?;
+            if as_postgres {
+                let mut chown = Command::new("chown");
+                chown.arg("-R").arg("postgres:").arg(&bouncer.dir);
+                run("chown the PgBouncer directory", &mut chown)?;
+            }
+            let mut start = if as_postgres {
+                let mut runuser = Command::new("runuser");
+                runuser.args(["-u", "postgres", "--"]).arg(&binary);
+                runuser
+            } else {
+                Command::new(&binary)
+            };
+            start.arg("-d").arg(&ini).current_dir(&bouncer.dir).process_group(0);
+            run("start PgBouncer", &mut start)?;
+            if bouncer.wait_for_tcp().is_ok() {
+                eprintln!("xtask: PgBouncer (transaction mode) ready on port {}", bouncer.port);
+                return Ok(bouncer);
+            }
+            bouncer.stop();
+        }
+        print_file_tail(&bouncer.log_file(), 20);
+        bail!("PgBouncer did not start (see its log above)")
+    }
+
+    /// The URL of the main cluster through PgBouncer, with deflookup's pooler setting.
+    pub fn database_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres?pgbouncer=true", self.port)
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.join("pgbouncer.log")
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("pgbouncer.pid")
+    }
+
+    fn wait_for_tcp(&self) -> Result<()> {
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_err() {
+            if Instant::now() >= deadline {
+                bail!("PgBouncer does not accept connections on {address}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        let Some(pid) = std::fs::read_to_string(self.pid_file())
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+        else {
+            return;
+        };
+        // SIGTERM: PgBouncer shuts down at once (the tests are over).
+        let mut kill = Command::new("kill");
+        kill.args(["-TERM", &pid.to_string()]).process_group(0);
+        if let Err(error) = run("stop PgBouncer", &mut kill) {
+            eprintln!("xtask: warning: {error:#}");
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        self.stop();
+        if let Err(error) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("xtask: warning: cannot remove {}: {error}", self.dir.display());
+        }
+    }
+}
+
+/// `pgbouncer` on `PATH`, or Debian's `/usr/sbin/pgbouncer`.
+fn find_pgbouncer() -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let candidates = std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin")]);
+    for dir in candidates {
+        let binary = dir.join("pgbouncer");
+        if binary.is_file() {
+            return Ok(binary);
+        }
+    }
+    bail!(
+        "pgbouncer is not installed; the tests run part of the Postgres suite through it \
+         (Debian: `apt-get install pgbouncer`)"
+    )
+}
+
+fn run(title: &str, command: &mut Command) -> Result<()> {
+    let output = command.output().with_context(|| format!("cannot run {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{title} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The extra servers of a run on clusters of our own, and their settings for the tests.
+#[derive(Debug)]
+pub struct Extras {
+    tls: EphemeralPg,
+    tls_files: TlsFiles,
+    /// Kept for its files; removed on drop.
+    _tls_dir: tempfile::TempDir,
+    bouncer: PgBouncer,
+}
+
+impl Extras {
+    /// Starts the TLS cluster and the PgBouncer in front of `main`.
+    pub fn start(main: &EphemeralPg) -> Result<Extras> {
+        let tls_dir = tempfile::Builder::new().prefix("deflookup-certs").tempdir()?;
+        let tls_files = TlsFiles::create(tls_dir.path())?;
+        let tls = EphemeralPg::start_tls(&tls_files)?;
+        let bouncer = PgBouncer::start(main.port(), main.as_postgres())?;
+        Ok(Extras { tls, tls_files, _tls_dir: tls_dir, bouncer })
+    }
+
+    /// Passes their settings to a test command.
+    pub fn configure(&self, command: &mut Command) {
+        command.env("DEFLOOKUP_PGBOUNCER_URL", self.bouncer.database_url());
+        command.env("DEFLOOKUP_TLS_PORT", self.tls.port().to_string());
+        command.env("DEFLOOKUP_TLS_CA", &self.tls_files.ca);
+        command.env("DEFLOOKUP_TLS_WRONG_CA", &self.tls_files.wrong_ca);
+    }
+}
