@@ -212,7 +212,8 @@ impl EphemeralPg {
         let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))
             .context("cannot read postgresql.conf")?;
         conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
-        std::fs::write(data.join("postgresql.conf"), conf).context("cannot write postgresql.conf")?;
+        std::fs::write(data.join("postgresql.conf"), conf)
+            .context("cannot write postgresql.conf")?;
         let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
                    hostssl all all ::1/128 trust\n";
         std::fs::write(data.join("pg_hba.conf"), hba).context("cannot write pg_hba.conf")?;

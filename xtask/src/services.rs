@@ -36,7 +36,8 @@ impl TlsFiles {
         let mut params = CertificateParams::new(vec!["localhost".to_owned()])
             .context("server certificate parameters")?;
         params.distinguished_name.push(DnType::CommonName, "localhost");
-        let server = params.signed_by(&server_key, &ca).context("signing the server certificate")?;
+        let server =
+            params.signed_by(&server_key, &ca).context("signing the server certificate")?;
         let files = TlsFiles {
             ca: dir.join("ca.pem"),
             wrong_ca: dir.join("wrong-ca.pem"),

@@ -104,18 +104,12 @@ impl PgAdapter {
             })?;
         let sql = Arc::new(Sql::new(config.schema_name(), resolved.pooler));
         let origin: Arc<str> = new_origin().into();
-        let adapter = PgAdapter {
-            pool,
-            config: Arc::new(config),
-            sql,
-            origin,
-            counters: Arc::default(),
-        };
+        let adapter =
+            PgAdapter { pool, config: Arc::new(config), sql, origin, counters: Arc::default() };
         adapter
             .bounded("prepare the modules table", async {
                 let client = Checkout::new(adapter.client("prepare the modules table").await?);
-                schema::ensure(&adapter.sql, client.client(), adapter.config.schema_name())
-                    .await?;
+                schema::ensure(&adapter.sql, client.client(), adapter.config.schema_name()).await?;
                 client.finish();
                 Ok(())
             })

@@ -323,7 +323,11 @@ impl PgConfig {
         Ok(Resolved { pg, tls: connector, pooler })
     }
 
-    fn driver_config(&self, info: &ConnInfo, pooler: bool) -> Result<tokio_postgres::Config, PgError> {
+    fn driver_config(
+        &self,
+        info: &ConnInfo,
+        pooler: bool,
+    ) -> Result<tokio_postgres::Config, PgError> {
         let mut config: tokio_postgres::Config =
             info.driver.parse().map_err(|source| PgError::InvalidConfig {
                 url: self.redacted_url(),
@@ -522,7 +526,8 @@ mod tests {
         // A transaction pooler refuses the `options` start-up parameter.
         assert_eq!(pg.get_options(), None);
         assert!(config.uses_transaction_pooler());
-        let pg = PgConfig::new("postgres://h/db?keepalives_idle=7").tokio_postgres_config().unwrap();
+        let pg =
+            PgConfig::new("postgres://h/db?keepalives_idle=7").tokio_postgres_config().unwrap();
         assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(7));
         assert_eq!(pg.get_keepalives_interval(), Some(KEEPALIVE_INTERVAL));
         assert_eq!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Prefer);

@@ -108,17 +108,13 @@ pub(crate) fn parse(text: &str) -> Result<ConnInfo, ConnInfoError> {
             {
                 format!("{key:?}")
             } else {
-                "(a key that is not a word; is a password missing its percent-encoding?)"
-                    .to_owned()
+                "(a key that is not a word; is a password missing its percent-encoding?)".to_owned()
             };
             return Err(ConnInfoError(format!("unknown connection setting {shown}")));
         }
     }
-    let own: Vec<&Range<usize>> = settings
-        .iter()
-        .filter(|s| OWN_KEYS.contains(&s.key.as_str()))
-        .map(|s| &s.span)
-        .collect();
+    let own: Vec<&Range<usize>> =
+        settings.iter().filter(|s| OWN_KEYS.contains(&s.key.as_str())).map(|s| &s.span).collect();
     let driver = if own.is_empty() {
         text.to_owned()
     } else if url_body(text).is_some() {
@@ -158,7 +154,11 @@ fn url_settings(body: &str, offset: usize) -> Result<Vec<Setting>, ConnInfoError
                 "a URL parameter has no `=` (is a password missing its percent-encoding?)".into(),
             ));
         };
-        settings.push(Setting { key: decode(key).into_owned(), value: decode(value).into_owned(), span });
+        settings.push(Setting {
+            key: decode(key).into_owned(),
+            value: decode(value).into_owned(),
+            span,
+        });
     }
     Ok(settings)
 }
@@ -210,7 +210,11 @@ fn word_settings(text: &str) -> Result<Vec<Setting>, ConnInfoError> {
         if bytes.get(i) != Some(&b'=') {
             return Err(ConnInfoError(format!(
                 "expected `=` after the setting {:?}",
-                if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') { key } else { "…".into() }
+                if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    key
+                } else {
+                    "…".into()
+                }
             )));
         }
         i = skip_space(i + 1);
@@ -344,8 +348,8 @@ mod tests {
         // A `?` inside the credentials is not where the parameters start.
         let info = parse("postgres://u:a?b@h/db?pgbouncer=true").unwrap();
         assert_eq!(info.driver, "postgres://u:a?b@h/db");
-        let info =
-            parse("host=h sslmode = 'verify-ca' user=u sslrootcert='/a b/ca.pem' dbname=d").unwrap();
+        let info = parse("host=h sslmode = 'verify-ca' user=u sslrootcert='/a b/ca.pem' dbname=d")
+            .unwrap();
         assert_eq!(info.driver, "host=h  user=u  dbname=d");
         assert_eq!(info.get("sslrootcert"), Some("/a b/ca.pem"));
         assert_eq!(parse("postgres://h/db").unwrap().settings, Vec::new());
@@ -364,7 +368,10 @@ mod tests {
 
     #[test]
     fn passwords_never_survive_redaction() {
-        assert_eq!(redact("postgres://alice:s3cret@db.test:5432/app"), "postgres://alice:***@db.test:5432/app");
+        assert_eq!(
+            redact("postgres://alice:s3cret@db.test:5432/app"),
+            "postgres://alice:***@db.test:5432/app"
+        );
         assert_eq!(redact("postgres://alice@db.test/app"), "postgres://alice@db.test/app");
         assert_eq!(
             redact("postgresql://u:p@h/db?sslmode=disable&password=x"),

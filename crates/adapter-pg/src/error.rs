@@ -20,7 +20,7 @@ pub enum PgError {
         source: Option<BoxError>,
     },
     /// A connection could not be established.
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {}", chain(source.as_ref()))]
     Connect {
         /// The URL, password redacted.
         url: String,
@@ -29,14 +29,14 @@ pub enum PgError {
         source: BoxError,
     },
     /// Creating or upgrading the schema failed.
-    #[error("cannot prepare the modules table: {source}")]
+    #[error("cannot prepare the modules table: {}", chain(source.as_ref()))]
     Schema {
         /// The driver's error.
         #[source]
         source: BoxError,
     },
     /// A statement failed.
-    #[error("{operation} failed: {source}")]
+    #[error("{operation} failed: {}", chain(source.as_ref()))]
     Query {
         /// What was being done.
         operation: &'static str,
@@ -77,7 +77,7 @@ pub enum PgError {
     },
     /// The database role may not do this: a read-only role asked to write the cache, or to
     /// create or upgrade its schema.
-    #[error("{operation} failed: the database role lacks the privilege ({source})")]
+    #[error("{operation} failed: the database role lacks the privilege ({})", chain(source.as_ref()))]
     PermissionDenied {
         /// What was being done.
         operation: &'static str,
@@ -198,4 +198,21 @@ fn is_tls_refusal(source: &(dyn std::error::Error + 'static)) -> bool {
         current = error.source();
     }
     false
+}
+
+/// An error and its causes, `": "`-separated, skipping a cause its predecessor already
+/// spells out: the driver's own message is often only "db error", with the server's words in
+/// its source.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

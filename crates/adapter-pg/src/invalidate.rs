@@ -54,7 +54,8 @@ pub(crate) const CONSUMERS_LIMITED: &str =
 /// Every row's edges in realm `$1`: for a large fan-out, one scan and a walk in memory beat
 /// an index probe per name (measured on the bench's 10 000-module graph: 190 ms of probes,
 /// a few ms for the scan).
-pub(crate) const REALM_GRAPH: &str = "SELECT url, file_alias, deps FROM _S_modules WHERE resolved_realm_url = $1";
+pub(crate) const REALM_GRAPH: &str =
+    "SELECT url, file_alias, deps FROM _S_modules WHERE resolved_realm_url = $1";
 
 /// A closure that reaches this many consumers is finished from [`REALM_GRAPH`] instead.
 const LARGE_FAN_OUT: i64 = 512;
@@ -70,7 +71,8 @@ pub(crate) const DELETE_MODULES: &str = "WITH d AS (DELETE FROM _S_modules WHERE
      RETURNING 1) SELECT count(*) FROM d";
 pub(crate) const DELETE_REALM: &str = "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
      RETURNING 1) SELECT count(*) FROM d";
-pub(crate) const DELETE_ALL: &str = "WITH d AS (DELETE FROM _S_modules RETURNING 1) SELECT count(*) FROM d";
+pub(crate) const DELETE_ALL: &str =
+    "WITH d AS (DELETE FROM _S_modules RETURNING 1) SELECT count(*) FROM d";
 pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 /// The rows of a consumer-closure query.

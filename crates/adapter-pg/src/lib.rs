@@ -32,9 +32,9 @@ mod tls;
 
 pub use adapter::{PgAdapter, PgAdapterStats};
 pub use config::{PgConfig, PgConnection, PgStream, redact_url};
-pub use tls::SslMode;
 pub use error::{BoxError, PgError};
 pub use populate::{PgLease, PgPopulateCoordinator, PgPopulateStats};
+pub use tls::SslMode;
 
 pub use lookup_core::wire::{
     INVALIDATION_CHANNEL, POPULATE_CHANNEL, ParsedPayload, encode_payloads, parse_payload,

@@ -255,7 +255,10 @@ async fn roll_back_and_announce(client: Object, announce: &str, limit: Duration)
             false
         }
         Err(_) => {
-            tracing::warn!(?limit, "no answer to a populate lease's rollback; closing its connection");
+            tracing::warn!(
+                ?limit,
+                "no answer to a populate lease's rollback; closing its connection"
+            );
             drop(Object::take(client));
             false
         }
@@ -340,7 +343,9 @@ impl PopulateLease for PgLease {
         let commit = client.simple_query(&text);
         let committed = match tokio::time::timeout(limit, commit).await {
             Ok(result) => result.map_err(query_error("populate release")),
-            Err(_) => Err(PgError::Timeout { operation: "populate release".to_owned(), after: limit }),
+            Err(_) => {
+                Err(PgError::Timeout { operation: "populate release".to_owned(), after: limit })
+            }
         };
         match committed {
             Ok(_) => {

@@ -23,7 +23,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject as _;
 use tokio_postgres::config::SslMode as DriverSslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -151,11 +153,7 @@ impl TlsSettings {
                 let webpki = WebPkiServerVerifier::builder_with_provider(store, provider)
                     .build()
                     .map_err(|e| format!("cannot use the trusted roots: {e}"))?;
-                if self.mode == SslMode::VerifyFull {
-                    webpki
-                } else {
-                    Arc::new(ChainOnly(webpki))
-                }
+                if self.mode == SslMode::VerifyFull { webpki } else { Arc::new(ChainOnly(webpki)) }
             }
         };
         let config =
@@ -192,7 +190,9 @@ fn load_roots(roots: &Roots) -> Result<RootCertStore, String> {
             let (added, _ignored) = store.add_parsable_certificates(found.certs);
             if added == 0 {
                 let why = found.errors.first().map(ToString::to_string).unwrap_or_default();
-                return Err(format!("sslrootcert=system: the platform has no usable root certificates {why}"));
+                return Err(format!(
+                    "sslrootcert=system: the platform has no usable root certificates {why}"
+                ));
             }
         }
     }
@@ -293,7 +293,8 @@ pub(crate) fn describe_failure(error: &(dyn std::error::Error + 'static)) -> Opt
             return Some(describe_rustls(tls));
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
                 return Some(describe_rustls(tls));
             }
         }
@@ -333,7 +334,10 @@ mod tests {
     fn libpq_combinations_of_mode_and_roots() {
         let settings = |mode, root| TlsSettings::new(mode, root);
         assert_eq!(settings(None, None).unwrap().mode, SslMode::Prefer);
-        assert_eq!(settings(Some("disable"), None).unwrap(), TlsSettings { mode: SslMode::Disable, roots: None });
+        assert_eq!(
+            settings(Some("disable"), None).unwrap(),
+            TlsSettings { mode: SslMode::Disable, roots: None }
+        );
         assert_eq!(settings(None, Some("system")).unwrap().mode, SslMode::VerifyFull);
         assert!(settings(Some("verify-ca"), Some("system")).unwrap_err().contains("verify-full"));
         assert_eq!(
@@ -348,7 +352,8 @@ mod tests {
         let settings = TlsSettings::new(Some("verify-full"), Some("/nonexistent/ca.pem")).unwrap();
         let err = settings.connector().err().expect("no such file");
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
-        let empty = std::env::temp_dir().join(format!("deflookup-empty-{}.pem", std::process::id()));
+        let empty =
+            std::env::temp_dir().join(format!("deflookup-empty-{}.pem", std::process::id()));
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let settings = TlsSettings::new(Some("verify-ca"), empty.to_str()).unwrap();
         let err = settings.connector().err().expect("no certificate");

@@ -639,3 +639,197 @@ async fn a_populate_lease_works_on_its_own_connection_when_the_pool_is_exhausted
     tx.rollback().await.unwrap();
     bounded("the clear", blocked).await.unwrap().unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Field-ready connections: TLS, bounded waits, a read-only role.
+// ---------------------------------------------------------------------------------------------
+
+/// The TLS-only cluster of `cargo xtask test-pg`: a URL for `host` with `query` settings.
+fn tls_url(test: &str, host: &str, query: &str) -> Option<String> {
+    let port = behaviour_suite::xtask_setting(test, "DEFLOOKUP_TLS_PORT")?;
+    Some(format!("postgres://postgres@{host}:{port}/postgres?{query}"))
+}
+
+fn tls_ca(name: &str) -> String {
+    std::env::var(name).expect("set with DEFLOOKUP_TLS_PORT")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_connects_the_pool_over_tls() {
+    let ca = "DEFLOOKUP_TLS_CA";
+    let Some(url) = tls_url("verify-full", "localhost", "sslmode=verify-full") else { return };
+    let url = format!("{url}&sslrootcert={}", tls_ca(ca));
+    let app = unique_name("tls");
+    let config = PgConfig::new(url).schema(unique_name("t")).application_name(app.clone());
+    let db = PgAdapter::connect(config.clone()).await.expect("verify-full connects");
+    db.upsert(&entry(REALM, "tls.gts", &[]), LoadStamp::UNGUARDED).await.expect("write over TLS");
+    assert_eq!(db.row_count().await.unwrap(), 1);
+    // The server's word: every connection of the pool is encrypted.
+    let (client, connection) = config.connect_unpooled().await.expect("raw TLS connection");
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*), bool_and(s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s \
+             USING (pid) WHERE a.application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap();
+    let (count, all_ssl): (i64, bool) = (row.get(0), row.get(1));
+    assert!(count >= 2 && all_ssl, "{count} connections, all TLS: {all_ssl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_or_misnamed_certificate_and_a_plain_connection_are_refused_clearly() {
+    let Some(base) = tls_url("tls refusals", "localhost", "sslmode=verify-full") else { return };
+    let connect = |url: String| async move {
+        PgAdapter::connect(PgConfig::new(url).schema(unique_name("t"))).await
+    };
+    // A CA that did not sign the server's certificate.
+    let err = connect(format!("{base}&sslrootcert={}", tls_ca("DEFLOOKUP_TLS_WRONG_CA")))
+        .await
+        .expect_err("the wrong CA");
+    assert!(matches!(err, adapter_pg::PgError::Tls { .. }), "{err:?}");
+    assert!(err.to_string().contains("not trusted"), "{err}");
+    assert!(!err.is_transient(), "retrying cannot fix a certificate");
+    // The certificate names `localhost`, not 127.0.0.1: verify-full refuses, verify-ca accepts.
+    let ca = tls_ca("DEFLOOKUP_TLS_CA");
+    let by_ip = tls_url("tls refusals", "127.0.0.1", "sslmode=verify-full").unwrap();
+    let err = connect(format!("{by_ip}&sslrootcert={ca}")).await.expect_err("wrong host name");
+    assert!(err.to_string().contains("does not match the host name"), "{err}");
+    let by_ip = tls_url("tls refusals", "127.0.0.1", "sslmode=verify-ca").unwrap();
+    connect(format!("{by_ip}&sslrootcert={ca}")).await.expect("verify-ca ignores the name");
+    // `require` encrypts without verifying anything.
+    connect(tls_url("tls refusals", "127.0.0.1", "sslmode=require").unwrap())
+        .await
+        .expect("require connects");
+    // The server accepts only TLS: a plain connection is refused by pg_hba, and said so.
+    let err = connect(tls_url("tls refusals", "localhost", "sslmode=disable").unwrap())
+        .await
+        .expect_err("plain text is refused");
+    let message = err.to_string();
+    assert!(message.contains("pg_hba.conf") && message.contains("no encryption"), "{message}");
+    // And a server without TLS fails `require` with a TLS error, not a hang or a panic.
+    if let Some(plain) = database_url("tls refusals") {
+        let plain = if plain.contains('?') { format!("{plain}&") } else { format!("{plain}?") };
+        let err = connect(format!("{plain}sslmode=require")).await.expect_err("no TLS there");
+        assert!(err.to_string().contains("does not accept TLS"), "{err}");
+    }
+}
+
+/// A socket that accepts connections and never says a word.
+async fn silent_server() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable"), task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_an_error_within_the_connect_timeout() {
+    let (url, server) = silent_server().await;
+    for url in [url.clone(), url.replace("sslmode=disable", "sslmode=prefer")] {
+        let config = PgConfig::new(url).connect_timeout(Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        let err = bounded("a start-up against a silent server", PgAdapter::connect(config.clone()))
+            .await
+            .expect_err("no answer");
+        assert!(matches!(err, adapter_pg::PgError::Timeout { .. }), "{err:?}");
+        assert!(err.to_string().contains("no answer"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded: {:?}", started.elapsed());
+        let err = bounded("an unpooled start-up", config.connect_unpooled()).await.err();
+        assert!(matches!(err, Some(adapter_pg::PgError::Timeout { .. })), "{err:?}");
+    }
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_the_server_does_not_answer_times_out_and_the_pool_recovers() {
+    let Some(config) = config("operation timeout") else { return };
+    let config = config.operation_timeout(Duration::from_millis(500)).pool_size(2);
+    let db = PgAdapter::connect(config.clone()).await.expect("connect");
+    db.upsert(&entry(REALM, "a.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    // Another session holds the table: every statement on it waits, as on a stopped server.
+    let locker = raw_client(&config).await;
+    locker.batch_execute("BEGIN; LOCK TABLE modules IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let scope = lookup_core::EntryScope {
+        realm_url: REALM.into(),
+        scope: CacheScope::Public,
+        user: String::new(),
+    };
+    let url = format!("{REALM}a.gts");
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let err = bounded("a read that waits", db.read_rows(&scope, &url, &url))
+            .await
+            .expect_err("the read cannot finish");
+        assert!(err.to_string().contains("no answer"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded: {:?}", started.elapsed());
+    }
+    let err = bounded("an invalidation that waits", db.apply_invalidation(&modules(&["a.gts"])))
+        .await
+        .expect_err("the invalidation cannot finish");
+    assert!(err.to_string().contains("no answer"), "{err}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    // Timed-out connections were closed, not pooled with a request in flight: the next
+    // operations get fresh ones and work.
+    let rows = bounded("a read after", db.read_rows(&scope, &url, &url)).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(db.apply_invalidation(&modules(&["a.gts"])).await.unwrap(), 1);
+}
+
+/// `DATABASE_URL`'s server as another role, in `key=value` form.
+fn as_role(config: &PgConfig, role: &str) -> String {
+    let pg = config.tokio_postgres_config().unwrap();
+    let host = match &pg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+    };
+    format!(
+        "host={host} port={} dbname={} user={role} sslmode=disable",
+        pg.get_ports()[0],
+        pg.get_dbname().unwrap_or("postgres")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_role_serves_hits_and_is_told_clearly_it_cannot_write() {
+    let Some(config) = config("read-only role") else { return };
+    let owner = PgAdapter::connect(config.clone()).await.expect("owner creates the schema");
+    owner.upsert(&entry(REALM, "a.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    let role = unique_name("ro");
+    let schema = config.schema_name().unwrap();
+    let admin = raw_client(&config).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {schema} TO {role}; \
+             GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}"
+        ))
+        .await
+        .unwrap();
+    let reader_config = PgConfig::new(as_role(&config, &role)).schema(schema);
+    let reader = PgAdapter::connect(reader_config).await.expect("no DDL for a current schema");
+    let scope = lookup_core::EntryScope {
+        realm_url: REALM.into(),
+        scope: CacheScope::Public,
+        user: String::new(),
+    };
+    let url = format!("{REALM}a.gts");
+    assert_eq!(reader.read_rows(&scope, &url, &url).await.unwrap().len(), 1, "a hit");
+    reader.begin_load(REALM, &url).await.expect("a stamp is a read");
+    let err = reader.upsert(&entry(REALM, "b.gts", &[]), LoadStamp::UNGUARDED).await.unwrap_err();
+    assert!(err.to_string().contains("lacks the privilege"), "{err}");
+    let err = reader.apply_invalidation(&modules(&["a.gts"])).await.unwrap_err();
+    assert!(err.to_string().contains("lacks the privilege"), "{err}");
+    // A schema that does not exist yet cannot be created by this role: said so.
+    let missing = PgConfig::new(as_role(&config, &role)).schema(unique_name("none"));
+    let err = PgAdapter::connect(missing).await.expect_err("no privilege to create");
+    assert!(err.to_string().contains("lacks the privilege"), "{err}");
+    drop(reader);
+    admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.ok();
+}

@@ -384,6 +384,61 @@ async fn a_failing_listen_is_returned_and_leaves_no_backend() {
 
 /// After a lost connection: Disconnected, Connected, Resync in that order, with exactly one
 /// extra `bump_global` (the resync) and a new backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_verifies_the_server_and_listens_over_tls() {
+    let Some(port) = behaviour_suite::xtask_setting("listener TLS", "DEFLOOKUP_TLS_PORT") else {
+        return;
+    };
+    let ca = std::env::var("DEFLOOKUP_TLS_CA").expect("set with DEFLOOKUP_TLS_PORT");
+    let url = format!(
+        "postgres://postgres@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={ca}"
+    );
+    let config = PgConfig::new(url).channel(unique_name("tls"));
+    let (listener, sink, mut events) = start(&config, None, fast_options()).await;
+    let pid = listener.backend_pid().expect("connected");
+    let (client, connection) = config.connect_unpooled().await.expect("raw TLS connection");
+    tokio::spawn(connection);
+    let row = client
+        .query_one("SELECT ssl, version FROM pg_stat_ssl WHERE pid = $1", &[&pid])
+        .await
+        .expect("the listener's backend");
+    assert!(row.get::<_, bool>(0), "the LISTEN connection is encrypted");
+    notify(&client, config.channel_name(), r#"{"k":"realm","r":"https://r.test/"}"#).await;
+    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+    assert_eq!(sink.calls(), [Call::Realm("https://r.test/".into())]);
+    listener.shutdown().await;
+    // The wrong CA: the start fails, naming the TLS problem.
+    let wrong = std::env::var("DEFLOOKUP_TLS_WRONG_CA").expect("set with DEFLOOKUP_TLS_PORT");
+    let url = format!(
+        "postgres://postgres@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={wrong}"
+    );
+    let sink = Arc::new(RecordingSink::default());
+    let err = PgInvalidationListener::start(&PgConfig::new(url), None, sink)
+        .await
+        .expect_err("an untrusted server");
+    assert!(err.to_string().contains("not trusted"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_transaction_pooler_the_listener_needs_and_uses_a_direct_url() {
+    let Some(db) = TestDb::from_env("listener URL") else { return };
+    let Some(bouncer) = behaviour_suite::xtask_setting("listener URL", "DEFLOOKUP_PGBOUNCER_URL")
+    else {
+        return;
+    };
+    let client = db.client().await;
+    let pooled = PgConfig::new(bouncer).channel(unique_name("pooled"));
+    let sink = Arc::new(RecordingSink::default());
+    let err = PgInvalidationListener::start(&pooled, None, sink).await.expect_err("no LISTEN URL");
+    assert!(err.to_string().contains("listener URL"), "{err}");
+    let config = pooled.listen_url(db.url.clone());
+    let (listener, sink, mut events) = start(&config, None, fast_options()).await;
+    notify(&client, config.channel_name(), r#"{"k":"global"}"#).await;
+    expect_event(&mut events, ListenerEvent::Global).await;
+    assert_eq!(sink.calls(), [Call::Global]);
+    listener.shutdown().await;
+}
+
 async fn expect_reconnect_and_resync(
     listener: &PgInvalidationListener,
     sink: &RecordingSink,

@@ -550,3 +550,73 @@ fn bench_is_hidden_and_needs_postgres() {
     assert!(!String::from_utf8_lossy(&help.stdout).contains("bench"), "bench is hidden");
     assert_fails_with(&deflookup(&["bench", "--db", "sqlite::memory:"]), "postgres");
 }
+
+/// `fresh_pg_database`'s database through the PgBouncer of `cargo xtask test-pg`.
+fn through_pgbouncer(test: &str, db: &str) -> Option<String> {
+    let bouncer = behaviour_suite::xtask_setting(test, "DEFLOOKUP_PGBOUNCER_URL")?;
+    let mut bouncer = url::Url::parse(&bouncer).expect("a URL");
+    bouncer.set_path(url::Url::parse(db).expect("a URL").path());
+    Some(bouncer.to_string())
+}
+
+#[test]
+fn every_feature_works_through_pgbouncer_with_a_direct_listener() {
+    let Some(db) = fresh_pg_database("pgbouncer") else { return };
+    let Some(pooled) = through_pgbouncer("pgbouncer", &db) else { return };
+    let f = Fixture::new();
+    // A lookup listens while it renders; LISTEN cannot go through the pooler.
+    assert_fails_with(&f.run_on(&pooled, &["lookup", "pet.gts", "Pet"]), "--listen-db");
+    let listen = ["--listen-db", db.as_str()];
+    let run = |args: &[&str]| f.json_on(&pooled, &[&listen[..], args].concat());
+    assert_eq!(run(&["lookup", "pet.gts", "Pet"])["prerendered"], true);
+    // Named prepared statements broke every command after the first: run several.
+    for _ in 0..3 {
+        assert_eq!(run(&["lookup", "pet", "Pet"])["prerendered"], false);
+    }
+    let list = run(&["invalidate", "person"]);
+    assert!(list.as_array().expect("array").contains(&Value::from(format!("{REALM}pet.gts"))));
+    assert_eq!(run(&["lookup", "pet.gts", "Pet"])["prerendered"], true);
+    assert_eq!(run(&["clear-realm", REALM])["deleted"], 1);
+    run(&["lookup", "lonely.gts", "lonely"]);
+    assert_eq!(run(&["clear-all"])["deleted"], 1);
+    // Populate coalescing through the pooler, the listener on the direct URL.
+    f.write("herd.gts", "export class Pet {}\n");
+    let (answers, _) = herd(&f, &pooled, 4, &["--coordinate", "--listen-db", &db], "herd.gts");
+    assert_eq!(prerendered(&answers), 1, "one prerender for four processes: {answers:?}");
+}
+
+#[test]
+fn listen_holds_one_backend() {
+    let Some(db) = fresh_pg_database("listen_one_backend") else { return };
+    let name = behaviour_suite::unique_name("listen");
+    let mut url = url::Url::parse(&db).expect("a URL");
+    url.query_pairs_mut().append_pair("application_name", &name);
+    let mut listener = Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args(["--db", url.as_str(), "listen"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("listen starts");
+    let mut out = std::io::BufReader::new(listener.stdout.take().expect("stdout"));
+    // Printed once LISTEN is established: any pool connection would be open by then.
+    wait_for_line(&mut out, "connected");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let backends: i64 = runtime.block_on(async {
+        let (client, connection) =
+            adapter_pg::tokio_postgres::connect(&db, adapter_pg::tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+        tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .await
+            .expect("count backends");
+        row.get(0)
+    });
+    let _ = Command::new("kill").args(["-TERM", &listener.id().to_string()]).status();
+    let status = listener.wait().expect("listen exits");
+    assert!(status.success(), "SIGTERM ends listen cleanly: {status}");
+    assert_eq!(backends, 1, "`listen` holds only its LISTEN connection");
+}
