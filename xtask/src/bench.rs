@@ -10,6 +10,7 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 use crate::pg::Server;
+use crate::services::Extras;
 use crate::soak::release_binary;
 use crate::{catch_interrupts, run_step, workspace_root};
 
@@ -39,9 +40,19 @@ pub fn run(args: &[String]) -> Result<()> {
     let binary = release_binary()?;
 
     let server = Server::from_env_or_start()?;
+    // On a cluster of our own, also the TLS cluster and PgBouncer of the tests, for the
+    // connection-mode figures (stopped before the main cluster).
+    let extras = match &server {
+        Server::Ephemeral(pg) => Some(Extras::start(pg)?),
+        Server::Given { .. } => None,
+    };
     let out = workspace_root().join("target").join("bench").join("summary.json");
     let mut bench = Command::new(&binary);
     bench.arg("bench").arg("--db").arg(server.url()).arg("--out").arg(&out);
+    if let Some(extras) = &extras {
+        bench.arg("--pgbouncer-db").arg(extras.pgbouncer_url());
+        bench.arg("--tls-db").arg(extras.tls_url());
+    }
     if quick {
         bench.arg("--quick");
     }
@@ -49,6 +60,7 @@ pub fn run(args: &[String]) -> Result<()> {
     bench.env_remove("DATABASE_URL");
     let result = run_step("deflookup bench", bench);
     server.explain_failure(&result);
+    drop(extras);
     drop(server);
     result
 }

@@ -223,6 +223,20 @@ impl Extras {
         Ok(Extras { tls, tls_files, _tls_dir: tls_dir, bouncer })
     }
 
+    /// The main cluster through PgBouncer, with `pgbouncer=true`.
+    pub fn pgbouncer_url(&self) -> String {
+        self.bouncer.database_url()
+    }
+
+    /// The TLS cluster, verified in full against the CA made here.
+    pub fn tls_url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            self.tls.port(),
+            self.tls_files.ca.display()
+        )
+    }
+
     /// Passes their settings to a test command.
     pub fn configure(&self, command: &mut Command) {
         command.env("DEFLOOKUP_PGBOUNCER_URL", self.bouncer.database_url());

@@ -63,6 +63,14 @@ pub(crate) struct BenchArgs {
     /// Where to write the JSON summary.
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
+    /// The same database through a transaction pooler (`…?pgbouncer=true`): measures the hit
+    /// path through it (`cargo xtask bench` passes its own PgBouncer's).
+    #[arg(long, value_name = "URL")]
+    pgbouncer_db: Option<String>,
+    /// A TLS server (`…?sslmode=verify-full&sslrootcert=…`): measures the TLS handshake per
+    /// connection and the hit path over TLS (`cargo xtask bench` passes its TLS cluster's).
+    #[arg(long, value_name = "URL")]
+    tls_db: Option<String>,
     /// Multiplies every sample count and size (for tests: `--scale 0.01`).
     #[arg(long, value_name = "F", default_value_t = 1.0, hide = true)]
     scale: f64,
@@ -115,7 +123,10 @@ pub(crate) async fn run(args: BenchArgs, global_db: Option<String>) -> Result<()
     let name = unique_name();
     let config = PgConfig::new(url).schema(name.clone()).channel(name.clone());
     let bench = PgBench::connect(config).await?;
-    let measured = bench.measure_all(&sizes, &mut summary).await;
+    let mut measured = bench.measure_all(&sizes, &mut summary).await;
+    if measured.is_ok() {
+        measured = bench.measure_connection_modes(&args, &sizes, &mut summary).await;
+    }
     bench.cleanup().await;
     measured?;
 
@@ -223,6 +234,12 @@ impl Summary {
             ("bare_select_p50_us", ""),
             ("hit_p50_us", ""),
             ("hit_ratio", "<= 1.15"),
+            ("hit_unnamed_p50_us", ""),
+            ("hit_unnamed_ratio", ""),
+            ("hit_pgbouncer_p50_us", ""),
+            ("hit_tls_p50_us", ""),
+            ("connect_plain_p50_ms", ""),
+            ("connect_tls_p50_ms", ""),
             ("bare_notify_p50_us", ""),
             ("propagation_p50_us", ""),
             ("propagation_p99_us", ""),
@@ -439,6 +456,59 @@ impl PgBench {
         summary.set("bare_select_p50_us", bare);
         summary.set("hit_p50_us", hit);
         summary.set("hit_ratio", hit / bare);
+        Ok(())
+    }
+
+    /// The hit path with unnamed statements (`pgbouncer=true`) on the same server, through a
+    /// real transaction pooler, and over TLS; and a connection's start-up with and without
+    /// TLS. Each against `hit_p50_us` or a plain start-up measured in the same run.
+    async fn measure_connection_modes(
+        &self,
+        args: &BenchArgs,
+        sizes: &Sizes,
+        summary: &mut Summary,
+    ) -> Result<()> {
+        let schema = self.config.schema_name().unwrap_or_default().to_owned();
+        eprintln!("bench: hits with unnamed statements ({})", sizes.hit_samples);
+        let unnamed = self.config.clone().transaction_pooler(true);
+        let p50 = hit_p50(unnamed, sizes).await?;
+        summary.set("hit_unnamed_p50_us", p50);
+        if let Some(hit) = summary.get("hit_p50_us") {
+            summary.set("hit_unnamed_ratio", p50 / hit);
+        }
+        match &args.pgbouncer_db {
+            Some(url) => {
+                eprintln!("bench: hits through PgBouncer ({})", sizes.hit_samples);
+                let through = PgConfig::new(url.clone()).schema(schema.clone());
+                summary.set("hit_pgbouncer_p50_us", hit_p50(through, sizes).await?);
+            }
+            None => summary.not_measured("hit_pgbouncer_p50_us", "no --pgbouncer-db"),
+        }
+        let starts = (sizes.hop_samples / 10).max(5);
+        eprintln!("bench: connection start-up, plain and TLS ({starts} each)");
+        summary.set("connect_plain_p50_ms", connect_p50(&self.config, starts).await?);
+        match &args.tls_db {
+            Some(url) => {
+                let tls = PgConfig::new(url.clone()).schema(schema);
+                summary.set("connect_tls_p50_ms", connect_p50(&tls, starts).await?);
+                eprintln!("bench: hits over TLS ({})", sizes.hit_samples);
+                let measured = hit_p50(tls.clone(), sizes).await;
+                // The TLS server is another cluster: drop the schema made there.
+                if let Ok((client, connection)) = tls.connect_unpooled().await {
+                    tokio::spawn(connection);
+                    let drop = format!(
+                        "DROP SCHEMA IF EXISTS {} CASCADE",
+                        tls.schema_name().unwrap_or_default()
+                    );
+                    let _ = client.batch_execute(&drop).await;
+                }
+                summary.set("hit_tls_p50_us", measured?);
+            }
+            None => {
+                summary.not_measured("connect_tls_p50_ms", "no --tls-db");
+                summary.not_measured("hit_tls_p50_us", "no --tls-db");
+            }
+        }
         Ok(())
     }
 
@@ -714,6 +784,44 @@ impl InvalidationSink for TimedSink {
 }
 
 /// A plain tokio-postgres connection (the run's schema on its search path), driven by a task.
+/// The p50 of cached lookups of one module over an adapter made from `config` (its first
+/// lookup renders and stores the row, or finds it).
+async fn hit_p50(config: PgConfig, sizes: &Sizes) -> Result<f64> {
+    let db = PgAdapter::connect(config).await.context("cannot open Postgres")?;
+    let lookup = CachingLookup::new(db, CountingRenderer::default());
+    lookup.register_realm(public_realm(REALM))?;
+    let code_ref = CodeRef::new(format!("{REALM}modes.gts"), EXPORT);
+    lookup.lookup_definition(&code_ref, None).await?;
+    let warmup = (sizes.hit_samples / 10).max(1);
+    let mut samples = Vec::with_capacity(sizes.hit_samples);
+    for i in 0..warmup + sizes.hit_samples {
+        let started = Instant::now();
+        std::hint::black_box(lookup.lookup_definition(&code_ref, None).await?);
+        if i >= warmup {
+            samples.push(micros(started.elapsed()));
+        }
+    }
+    if lookup.prerenderer().count() > 1 {
+        bail!("the hit measurement prerendered again: the row was not a hit");
+    }
+    Ok(quantile(&mut samples, 0.5))
+}
+
+/// The p50, in milliseconds, of opening one connection with `config` (TCP, TLS as its URL
+/// says, authentication) and closing it.
+async fn connect_p50(config: &PgConfig, count: usize) -> Result<f64> {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        let (client, connection) = config.connect_unpooled().await?;
+        let elapsed = started.elapsed();
+        drop(client);
+        let _ = connection.await;
+        samples.push(elapsed.as_secs_f64() * 1000.0);
+    }
+    Ok(quantile(&mut samples, 0.5))
+}
+
 async fn plain_client(config: &PgConfig) -> Result<tokio_postgres::Client> {
     let mut pg = config.tokio_postgres_config()?;
     pg.application_name("deflookup-bench");
