@@ -178,7 +178,8 @@ impl PgAdapter {
                 self.config.connect_timeout_duration(),
             ),
             PoolError::Timeout(TimeoutType::Wait) => PgError::Timeout {
-                operation: format!("{operation} (waiting for a pooled connection)"),
+                operation,
+                url: None,
                 after: self.config.operation_timeout_duration(),
             },
             PoolError::Backend(source) => {
@@ -199,7 +200,7 @@ impl PgAdapter {
         let after = self.config.operation_timeout_duration();
         match tokio::time::timeout(after, work).await {
             Ok(result) => result,
-            Err(_) => Err(PgError::Timeout { operation: operation.to_owned(), after }),
+            Err(_) => Err(PgError::Timeout { operation, url: None, after }),
         }
     }
 

@@ -68,10 +68,15 @@ pub enum PgError {
         source: BoxError,
     },
     /// A connection's start-up or a database operation did not finish in time.
-    #[error("{operation}: no answer from the database within {after:?}")]
+    #[error(
+        "{operation}{}: no answer from the database within {after:?}",
+        url.as_ref().map(|url| format!(" {url}")).unwrap_or_default()
+    )]
     Timeout {
-        /// What was being done (`connect to <url>` for a start-up).
-        operation: String,
+        /// What was being done (`connect to` for a connection's start-up).
+        operation: &'static str,
+        /// For a start-up, the URL (password redacted).
+        url: Option<String>,
         /// The bound that ran out.
         after: std::time::Duration,
     },
@@ -118,7 +123,7 @@ impl PgError {
 
     /// A connection whose start-up did not finish within `after`.
     pub(crate) fn connect_timeout(url: String, after: std::time::Duration) -> PgError {
-        PgError::Timeout { operation: format!("connect to {url}"), after }
+        PgError::Timeout { operation: "connect to", url: Some(url), after }
     }
 
     /// A statement failed: a missing privilege is told as such.
@@ -178,7 +183,7 @@ impl From<PgError> for lookup_core::LookupError {
             PgError::Query { operation, .. } => operation,
             PgError::CorruptRow { .. } => "decode row",
             PgError::Connect { .. } | PgError::Tls { .. } => "connect",
-            PgError::Timeout { .. } => "timeout",
+            PgError::Timeout { operation, .. } => operation,
             PgError::PermissionDenied { operation, .. } => operation,
             _ => "postgres",
         };

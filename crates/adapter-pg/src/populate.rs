@@ -344,7 +344,7 @@ impl PopulateLease for PgLease {
         let committed = match tokio::time::timeout(limit, commit).await {
             Ok(result) => result.map_err(query_error("populate release")),
             Err(_) => {
-                Err(PgError::Timeout { operation: "populate release".to_owned(), after: limit })
+                Err(PgError::Timeout { operation: "populate release", url: None, after: limit })
             }
         };
         match committed {

@@ -244,15 +244,20 @@ async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
         // Only the LISTEN connection: watching needs no pool and no table.
         return listen(&config).await;
     }
+    let renders = matches!(
+        cli.command,
+        Command::Lookup { .. } | Command::Entry { .. } | Command::SoakWorker(_)
+    );
+    if renders && !cli.unsafe_mode {
+        // Before any work: a rendering process must be able to listen (not through a
+        // transaction pooler).
+        config.listener_config().context("cannot LISTEN")?;
+    }
     let db =
         PgAdapter::connect(config.clone()).await.context("cannot open the Postgres database")?;
     if cli.coordinate && cli.unsafe_mode {
         bail!("--coordinate needs the invalidation listener, which --unsafe turns off");
     }
-    let renders = matches!(
-        cli.command,
-        Command::Lookup { .. } | Command::Entry { .. } | Command::SoakWorker(_)
-    );
     let signals = Arc::new(PopulateSignals::new());
     let coordinator = if cli.coordinate && renders {
         let settings = PopulateSettings {

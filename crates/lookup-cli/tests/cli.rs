@@ -640,3 +640,46 @@ fn listen_holds_one_backend() {
     assert!(status.success(), "SIGTERM ends listen cleanly: {status}");
     assert_eq!(backends, 1, "`listen` holds only its LISTEN connection");
 }
+
+#[test]
+fn tls_problems_are_one_clear_line_and_a_verified_server_works() {
+    let test = "tls_on_the_command_line";
+    let Some(port) = behaviour_suite::xtask_setting(test, "DEFLOOKUP_TLS_PORT") else { return };
+    let setting = |name| std::env::var(name).expect("set with DEFLOOKUP_TLS_PORT");
+    let url = |host: &str, query: &str| {
+        format!("postgres://postgres:n0tShown@{host}:{port}/postgres?{query}")
+    };
+    let ca = setting("DEFLOOKUP_TLS_CA");
+    let f = Fixture::new();
+    let cases = [
+        (
+            url(
+                "localhost",
+                &format!("sslmode=verify-full&sslrootcert={}", setting("DEFLOOKUP_TLS_WRONG_CA")),
+            ),
+            "not trusted",
+        ),
+        (
+            url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}")),
+            "does not match the host name",
+        ),
+        (url("localhost", "sslmode=disable"), "no encryption"),
+        (
+            url("localhost", "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"),
+            "/nonexistent/ca.pem",
+        ),
+        (url("localhost", "sslmode=verify_full"), "verify-full"),
+    ];
+    for (db, needle) in &cases {
+        let output = f.run_on(db, &["clear-all"]);
+        assert_fails_with(&output, needle);
+        assert!(!stderr(&output).contains("n0tShown"), "password leaked: {}", stderr(&output));
+    }
+    // verify-full against the right CA and name: every command works, the listener included.
+    let good = url("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"));
+    let schema_free = f.json_on(&good, &["clear-all"]);
+    assert!(schema_free["deleted"].is_number());
+    assert_eq!(f.json_on(&good, &["lookup", "lonely.gts", "lonely"])["prerendered"], true);
+    assert_eq!(f.json_on(&good, &["lookup", "lonely.gts", "lonely"])["prerendered"], false);
+    assert_eq!(f.json_on(&good, &["clear-all"])["deleted"], 1);
+}
