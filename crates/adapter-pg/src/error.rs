@@ -20,7 +20,7 @@ pub enum PgError {
         source: Option<BoxError>,
     },
     /// A connection could not be established.
-    #[error("cannot connect to {url}: {}", chain(source.as_ref()))]
+    #[error("cannot connect to {url}: {}", error_chain(source.as_ref()))]
     Connect {
         /// The URL, password redacted.
         url: String,
@@ -29,14 +29,14 @@ pub enum PgError {
         source: BoxError,
     },
     /// Creating or upgrading the schema failed.
-    #[error("cannot prepare the modules table: {}", chain(source.as_ref()))]
+    #[error("cannot prepare the modules table: {}", error_chain(source.as_ref()))]
     Schema {
         /// The driver's error.
         #[source]
         source: BoxError,
     },
     /// A statement failed.
-    #[error("{operation} failed: {}", chain(source.as_ref()))]
+    #[error("{operation} failed: {}", error_chain(source.as_ref()))]
     Query {
         /// What was being done.
         operation: &'static str,
@@ -82,7 +82,7 @@ pub enum PgError {
     },
     /// The database role may not do this: a read-only role asked to write the cache, or to
     /// create or upgrade its schema.
-    #[error("{operation} failed: the database role lacks the privilege ({})", chain(source.as_ref()))]
+    #[error("{operation} failed: the database role lacks the privilege ({})", error_chain(source.as_ref()))]
     PermissionDenied {
         /// What was being done.
         operation: &'static str,
@@ -205,10 +205,11 @@ fn is_tls_refusal(source: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// An error and its causes, `": "`-separated, skipping a cause its predecessor already
+/// An error and its causes, `": "`-separated, skipping a cause the text so far already
 /// spells out: the driver's own message is often only "db error", with the server's words in
-/// its source.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// its source. [`PgError`]s carry redacted URLs only, and driver errors carry none, so the
+/// result is safe to log.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -220,4 +221,33 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chains_include_each_cause_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("outer")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        assert_eq!(error_chain(&Outer(std::io::Error::other("inner"))), "outer: inner");
+        let connect = PgError::Connect {
+            url: "postgres://u:***@h/db".into(),
+            source: Box::new(Outer(std::io::Error::other("refused"))),
+        };
+        // The message already holds its causes; the chain does not repeat them.
+        assert_eq!(connect.to_string(), "cannot connect to postgres://u:***@h/db: outer: refused");
+        assert_eq!(error_chain(&connect), connect.to_string());
+    }
 }

@@ -32,7 +32,7 @@ mod tls;
 
 pub use adapter::{PgAdapter, PgAdapterStats};
 pub use config::{PgConfig, PgConnection, PgStream, redact_url};
-pub use error::{BoxError, PgError};
+pub use error::{BoxError, PgError, error_chain};
 pub use populate::{PgLease, PgPopulateCoordinator, PgPopulateStats};
 pub use tls::SslMode;
 

@@ -19,7 +19,7 @@ use tokio_postgres::types::{ToSql, Type};
 #[derive(Debug)]
 pub(crate) struct Stmt {
     pub(crate) text: String,
-    types: &'static [Type],
+    types: Vec<Type>,
 }
 
 /// The schema placeholder of the statement texts.
@@ -58,9 +58,9 @@ impl Sql {
     pub(crate) fn new(schema: Option<&str>, unnamed: bool) -> Sql {
         use crate::{guard, invalidate, store};
         let prefix = schema.map(|s| format!("{s}.")).unwrap_or_default();
-        let stmt = |text: &str, types: &'static [Type]| Stmt {
+        let stmt = |text: &str, types: &[Type]| Stmt {
             text: text.replace(SCHEMA, &prefix),
-            types,
+            types: types.to_vec(),
         };
         Sql {
             unnamed,
@@ -68,7 +68,10 @@ impl Sql {
             read_batch: stmt(&store::read_batch_sql(), types::READ_BATCH),
             stamp: stmt(guard::STAMP, types::TEXT),
             plain_upsert: stmt(&store::plain_upsert_sql(), types::ROW),
-            guarded_insert: stmt(&store::guarded_insert_sql(), types::GUARDED_ROW),
+            guarded_insert: stmt(
+                &store::guarded_insert_sql(),
+                &[types::ROW, &[Type::TEXT_ARRAY, Type::INT8]].concat(),
+            ),
             lock_realm_shared: stmt(guard::LOCK_REALM_SHARED, types::LOCK_REALM),
             lock_realm_exclusive: stmt(guard::LOCK_REALM_EXCLUSIVE, types::LOCK_REALM),
             lock_global_exclusive: stmt(guard::LOCK_GLOBAL_EXCLUSIVE, types::LOCK_GLOBAL),
@@ -160,20 +163,5 @@ pub(crate) mod types {
         Type::INT8,
         Type::TEXT,
         Type::JSONB,
-    ];
-    /// A row, then the URLs to check and the stamp.
-    pub(crate) const GUARDED_ROW: &[Type] = &[
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::JSONB,
-        Type::JSONB,
-        Type::JSONB,
-        Type::INT8,
-        Type::TEXT,
-        Type::JSONB,
-        Type::TEXT_ARRAY,
-        Type::INT8,
     ];
 }

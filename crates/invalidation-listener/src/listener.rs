@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use adapter_pg::tokio_postgres::{AsyncMessage, Client, Notification, SimpleQueryMessage};
 use adapter_pg::{
-    Invalidation, InvalidationSink, PgConfig, PgConnection, PgError, PopulateSink, parse_payload,
+    Invalidation, InvalidationSink, PgConfig, PgConnection, PgError, PopulateSink, error_chain,
+    parse_payload,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -599,23 +600,6 @@ fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// An error and its sources, `": "`-separated (tokio-postgres puts the server's message in
-/// the source). Our errors carry redacted URLs only, and driver errors carry none.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Some errors repeat their source in their own message.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// At most `max` bytes of `text`, cut on a character boundary, with `…` when cut.
 fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -661,29 +645,5 @@ mod tests {
         assert_eq!(truncate("short", 10), "short");
         assert_eq!(truncate("ééé", 3), "é…");
         assert_eq!(truncate("abcdef", 3), "abc…");
-    }
-
-    #[test]
-    fn error_chains_include_sources_once() {
-        #[derive(Debug)]
-        struct Outer(std::io::Error);
-        impl fmt::Display for Outer {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("outer")
-            }
-        }
-        impl std::error::Error for Outer {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let error = Outer(std::io::Error::other("inner"));
-        assert_eq!(error_chain(&error), "outer: inner");
-        let connect = PgError::Connect {
-            url: "postgres://u:***@h/db".into(),
-            source: Box::new(std::io::Error::other("refused")),
-        };
-        // The source is already part of the message.
-        assert_eq!(error_chain(&connect), "cannot connect to postgres://u:***@h/db: refused");
     }
 }
