@@ -257,6 +257,12 @@ impl PgConfig {
         self.pool_size
     }
 
+    /// The `application_name` set with [`application_name`](Self::application_name) (the URL's
+    /// own takes precedence on the connection).
+    pub fn application_name_setting(&self) -> &str {
+        &self.application_name
+    }
+
     /// The bound on a connection's start-up: the URL's `connect_timeout` (seconds, as in
     /// libpq) when it sets one, else [`connect_timeout`](Self::connect_timeout)'s.
     pub fn connect_timeout_duration(&self) -> Duration {

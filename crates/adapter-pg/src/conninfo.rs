@@ -103,6 +103,12 @@ pub(crate) fn parse(text: &str) -> Result<ConnInfo, ConnInfoError> {
     };
     for setting in &settings {
         let key = setting.key.as_str();
+        if matches!(key, "sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir") {
+            return Err(ConnInfoError(format!(
+                "{key} is not supported: deflookup does not present client certificates or \
+                 check revocation lists"
+            )));
+        }
         if !OWN_KEYS.contains(&key) && !DRIVER_KEYS.contains(&key) {
             let shown = if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') && key.len() < 40
             {
@@ -358,7 +364,9 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused_without_quoting_what_may_be_a_secret() {
         let err = parse("postgres://h/db?sslcert=x").unwrap_err();
-        assert!(err.0.contains("\"sslcert\""), "{err}");
+        assert!(err.0.contains("sslcert is not supported"), "{err}");
+        let err = parse("postgres://h/db?sslmdoe=require").unwrap_err();
+        assert!(err.0.contains("\"sslmdoe\""), "{err}");
         let err = parse("postgres://h/db?password=a&S3CR3T").unwrap_err();
         assert!(!err.0.contains("S3CR3T"), "{err}");
         let err = parse("postgres://h/db?password=a&S3CR3T=1").unwrap_err();

@@ -95,7 +95,10 @@ impl PgInvalidationListener {
         // The listener's own URL when one is set (the pool's may go through a transaction
         // pooler, which cannot carry LISTEN). Named so operators can tell it from the pool's
         // connections in pg_stat_activity. Checked now, so a bad URL fails the start.
-        let pg = config.listener_config()?.application_name("deflookup-listener");
+        let mut pg = config.listener_config()?;
+        if pg.application_name_setting() == "deflookup" {
+            pg = pg.application_name("deflookup-listener");
+        }
         pg.tokio_postgres_config()?;
         let (events, first_events) = broadcast::channel(options.event_capacity);
         let populate =
