@@ -21,6 +21,7 @@
 //! `l1_hit_p50_us` is a `lookup_definition` answered by the in-process tier (`LookupConfig::l1`)
 //! over the same row; its baseline is the same lookup without the tier (`hit_p50_us`).
 
+use crate::out::outln;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -133,7 +134,7 @@ pub(crate) async fn run(args: BenchArgs, global_db: Option<String>) -> Result<()
     measure_generations(&sizes, &mut summary)?;
     measure_sqlite(&sizes, &mut summary).await?;
 
-    summary.print(began.elapsed(), args.quick, args.scale);
+    summary.print(began.elapsed(), args.quick, args.scale)?;
     if let Some(out) = &args.out {
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
@@ -142,7 +143,7 @@ pub(crate) async fn run(args: BenchArgs, global_db: Option<String>) -> Result<()
         let text = serde_json::to_string_pretty(&summary.to_json(&sizes, args.quick))?;
         std::fs::write(out, text + "\n")
             .with_context(|| format!("cannot write {}", out.display()))?;
-        println!("summary written to {}", out.display());
+        outln!("summary written to {}", out.display())?;
         if let Some((bare, library)) = &summary.propagation_samples {
             let chart = crate::plot::cdf_svg(
                 "Invalidation propagation to a peer vs a bare NOTIFY hop",
@@ -162,7 +163,7 @@ pub(crate) async fn run(args: BenchArgs, global_db: Option<String>) -> Result<()
             let svg = out.with_file_name("propagation.svg");
             std::fs::write(&svg, chart)
                 .with_context(|| format!("cannot write {}", svg.display()))?;
-            println!("plot written to {}", svg.display());
+            outln!("plot written to {}", svg.display())?;
         }
     }
     Ok(())
@@ -228,7 +229,7 @@ impl Summary {
         Value::Object(out)
     }
 
-    fn print(&self, elapsed: Duration, quick: bool, scale: f64) {
+    fn print(&self, elapsed: Duration, quick: bool, scale: f64) -> Result<()> {
         // (key, goal) in display order; a goal of "" has none.
         const ROWS: &[(&str, &str)] = &[
             ("bare_select_p50_us", ""),
@@ -263,19 +264,20 @@ impl Summary {
         ];
         let mode = if quick { "quick" } else { "full" };
         let scaled = if scale == 1.0 { String::new() } else { format!(", scale {scale}") };
-        println!("deflookup bench ({mode}{scaled}, {:.0} s)", elapsed.as_secs_f64());
-        println!("{:<48} {:>14}  goal", "measurement", "value");
-        println!("{}", "-".repeat(74));
+        outln!("deflookup bench ({mode}{scaled}, {:.0} s)", elapsed.as_secs_f64())?;
+        outln!("{:<48} {:>14}  goal", "measurement", "value")?;
+        outln!("{}", "-".repeat(74))?;
         for (key, goal) in ROWS {
             let value = match self.get(key) {
                 Some(value) => format!("{value:.2}"),
                 None => "not measured".to_owned(),
             };
-            println!("{key:<48} {value:>14}  {goal}");
+            outln!("{key:<48} {value:>14}  {goal}")?;
         }
         for (key, reason) in &self.missing {
-            println!("not measured: {key}: {reason}");
+            outln!("not measured: {key}: {reason}")?;
         }
+        Ok(())
     }
 }
 

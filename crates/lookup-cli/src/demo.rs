@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result, ensure};
 use lookup_core::{CachingLookup, CodeRef, Realm};
 
 use crate::files::FilePrerenderer;
+use crate::out::outln;
 
 const REALM: &str = "http://localhost:4201/demo/";
 
@@ -47,8 +48,8 @@ fn url(path: &str) -> String {
     format!("{REALM}{path}")
 }
 
-fn step(title: &str) {
-    println!("\n== {title}");
+fn step(title: &str) -> Result<()> {
+    outln!("\n== {title}")
 }
 
 /// Runs the demo. `delay` is the prerender delay (the concurrency step uses at least 200 ms).
@@ -72,30 +73,30 @@ pub async fn run(delay: Duration) -> Result<()> {
         owner: "@owner:localhost".to_owned(),
         public: true,
     })?;
-    println!("deflookup demo");
-    println!("  realm    {REALM} -> {}", realm_dir.display());
-    println!("  database {} (SQLite)", db_path.display());
-    println!(
+    outln!("deflookup demo")?;
+    outln!("  realm    {REALM} -> {}", realm_dir.display())?;
+    outln!("  database {} (SQLite)", db_path.display())?;
+    outln!(
         "  every prerender takes {} ms here, to stand for an expensive render",
         render_delay.as_millis()
-    );
+    )?;
 
-    step("1. cold lookup: the module is prerendered and cached");
+    step("1. cold lookup: the module is prerendered and cached")?;
     let contact = CodeRef::new(url("contact"), "Contact");
     let (definition, took) = timed(lookup.lookup_definition(&contact, None)).await;
     let definition = definition?;
-    println!("  lookup {} -> {}", contact.definition_key(), definition);
-    println!("  {} prerender(s), {took:?}", renderer.prerender_count());
+    outln!("  lookup {} -> {}", contact.definition_key(), definition)?;
+    outln!("  {} prerender(s), {took:?}", renderer.prerender_count())?;
     ensure!(renderer.prerender_count() >= 1, "a cold lookup must prerender");
 
-    step("2. the same lookup again: served from the cache");
+    step("2. the same lookup again: served from the cache")?;
     let before = renderer.prerender_count();
     let (again, took) = timed(lookup.lookup_definition(&contact, None)).await;
     ensure!(again? == definition, "a hit must return the cached definition");
     ensure!(renderer.prerender_count() == before, "a hit must not prerender");
-    println!("  hit in {took:?}, no prerender");
+    outln!("  hit in {took:?}, no prerender")?;
 
-    step("3. eight concurrent lookups of a cold module share one prerender");
+    step("3. eight concurrent lookups of a cold module share one prerender")?;
     let before = renderer.prerender_count();
     let pet = CodeRef::new(url("pet.gts"), "Pet");
     let tasks: Vec<_> = (0..8)
@@ -110,17 +111,17 @@ pub async fn run(delay: Duration) -> Result<()> {
         task.await.context("lookup task failed")??;
     }
     let renders = renderer.prerender_count() - before;
-    println!("  8 lookups answered in {:?} with {renders} prerender", started.elapsed());
+    outln!("  8 lookups answered in {:?} with {renders} prerender", started.elapsed())?;
     ensure!(renders == 1, "concurrent lookups of one module must coalesce, saw {renders} renders");
 
-    step("4. invalidating person.gts takes its consumers with it");
+    step("4. invalidating person.gts takes its consumers with it")?;
     for m in ["person.gts", "invoice.gts"] {
         lookup.get_module_entry(&url(m), None).await?;
     }
     let list = lookup.invalidate(&url("person.gts")).await?;
-    println!("  invalidated {} URLs:", list.len());
+    outln!("  invalidated {} URLs:", list.len())?;
     for item in &list {
-        println!("    {}", item.strip_prefix(REALM).unwrap_or(item));
+        outln!("    {}", item.strip_prefix(REALM).unwrap_or(item))?;
     }
     for consumer in ["contact.gts", "pet.gts"] {
         ensure!(list.contains(&url(consumer)), "{consumer} depends on person and must go");
@@ -134,35 +135,35 @@ pub async fn run(delay: Duration) -> Result<()> {
         lookup.get_cached_entry(&url("invoice.gts"), None).await?.is_some(),
         "invoice stays cached"
     );
-    println!("  invoice.gts, which does not import person, is still cached");
+    outln!("  invoice.gts, which does not import person, is still cached")?;
 
-    step("5. edit a module, invalidate it, look it up again");
+    step("5. edit a module, invalidate it, look it up again")?;
     write(
         &realm_dir.join("person.gts"),
         "import { CardDef } from 'https://cardstack.com/base/card-api';\n\
          export class Person extends CardDef {}\nexport class Employee extends Person {}\n",
     )?;
-    println!("  person.gts now also exports Employee");
+    outln!("  person.gts now also exports Employee")?;
     lookup.invalidate(&url("person.gts")).await?;
     let employee = lookup.lookup_definition(&CodeRef::new(url("person"), "Employee"), None).await?;
-    println!("  lookup person/Employee -> {employee}");
+    outln!("  lookup person/Employee -> {employee}")?;
 
-    step("6. a broken import is an error entry, and it recovers when fixed");
+    step("6. a broken import is an error entry, and it recovers when fixed")?;
     let report = CodeRef::new(url("report.gts"), "render");
     match lookup.lookup_definition(&report, None).await {
         Ok(_) => anyhow::bail!("report.gts imports a missing module and must fail"),
-        Err(error) => println!("  lookup report/render -> error: {error}"),
+        Err(error) => outln!("  lookup report/render -> error: {error}")?,
     }
     write(&realm_dir.join("chart.gts"), "export class Chart {}\n")?;
     let list = lookup.invalidate(&url("chart.gts")).await?;
     ensure!(list.contains(&url("report.gts")), "the errored report depends on chart");
     let fixed = lookup.lookup_definition(&report, None).await?;
-    println!("  after adding chart.gts and invalidating it: report/render -> {fixed}");
+    outln!("  after adding chart.gts and invalidating it: report/render -> {fixed}")?;
 
-    println!(
+    outln!(
         "\ndone: {} prerenders in all; the temporary files are removed",
         renderer.prerender_count()
-    );
+    )?;
     Ok(())
 }
 

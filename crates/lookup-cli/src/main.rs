@@ -9,6 +9,7 @@
 mod bench;
 mod demo;
 mod files;
+mod out;
 mod plot;
 mod scan;
 mod soak_worker;
@@ -31,6 +32,7 @@ use lookup_core::{
 use serde_json::json;
 
 use crate::files::FilePrerenderer;
+use crate::out::outln;
 
 /// The default database: an SQLite file in the current directory.
 const DEFAULT_DB: &str = "sqlite://deflookup.sqlite3";
@@ -156,6 +158,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): nothing more to say, and nobody to say it to.
+        Err(error) if out::is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             // One line: the error and its causes, outermost first.
             let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
@@ -406,7 +410,7 @@ fn module_url(cli: &Cli, module: &str) -> Result<String> {
 }
 
 fn print_json(value: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 

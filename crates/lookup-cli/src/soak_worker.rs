@@ -24,6 +24,7 @@
 //! `{"lookups":L,"invalidations":I,"edits":E,"errors":X}` (successful lookups, successful
 //! invalidations, edits written, failed operations or attempts).
 
+use crate::out::outln;
 use std::fmt::Write as _;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -189,7 +190,7 @@ pub(crate) async fn run(
              stale through no fault of the cache"
         );
     }
-    println!("{}", counters.summary_json());
+    outln!("{}", counters.summary_json())?;
     Ok(())
 }
 

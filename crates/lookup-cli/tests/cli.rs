@@ -683,3 +683,43 @@ fn tls_problems_are_one_clear_line_and_a_verified_server_works() {
     assert_eq!(f.json_on(&good, &["lookup", "lonely.gts", "lonely"])["prerendered"], false);
     assert_eq!(f.json_on(&good, &["clear-all"])["deleted"], 1);
 }
+
+/// Runs the binary on the fixture with its stdout going to `stdout`.
+fn run_with_stdout(f: &Fixture, stdout: std::process::Stdio, args: &[&str]) -> Output {
+    let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
+    let db = format!("sqlite://{}", f.db().display());
+    Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args(["--db", &db, "--realm", &realm])
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("deflookup runs")
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_and_a_full_one_is_a_clear_error() {
+    let f = Fixture::new();
+    let commands: [&[&str]; 6] = [
+        &["lookup", "pet.gts", "Pet"],
+        &["entry", "pet.gts"],
+        &["invalidate", "person.gts"],
+        &["clear-realm", REALM],
+        &["clear-all"],
+        &["demo"],
+    ];
+    for args in commands {
+        // A pipe whose reader is gone before the command writes: `deflookup … | head -0`.
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let output = run_with_stdout(&f, writer.into(), args);
+        assert!(output.status.success(), "{args:?}: a closed pipe ends quietly: {output:?}");
+        assert_eq!(stderr(&output), "", "{args:?}: nothing to say about it");
+        // A full device: the work is done, and the failure to report it is an error.
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+        let output = run_with_stdout(&f, full.into(), args);
+        assert_fails_with(&output, "cannot write to stdout");
+    }
+}
