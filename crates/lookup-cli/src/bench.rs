@@ -132,6 +132,7 @@ pub(crate) async fn run(args: BenchArgs, global_db: Option<String>) -> Result<()
     measured?;
 
     measure_generations(&sizes, &mut summary)?;
+    measure_scanner(&sizes, &mut summary);
     measure_sqlite(&sizes, &mut summary).await?;
 
     summary.print(began.elapsed(), args.quick, args.scale)?;
@@ -259,6 +260,10 @@ impl Summary {
             ("populate_miss_overhead_us", ""),
             ("generation_state_bytes_after_1m_invalidations", "<= 1048576"),
             ("l1_hit_p50_us", "<= 5"),
+            ("scan_20k_exports_ms", ""),
+            ("scan_40k_exports_ms", ""),
+            ("scan_doubling_ratio", "<= 2.5"),
+            ("scan_40k_imports_ms", ""),
             ("sqlite_hit_p50_us", ""),
             ("sqlite_miss_p50_us", ""),
         ];
@@ -824,6 +829,34 @@ async fn connect_p50(config: &PgConfig, count: usize) -> Result<f64> {
         samples.push(elapsed.as_secs_f64() * 1000.0);
     }
     Ok(quantile(&mut samples, 0.5))
+}
+
+/// The source scanner on modules of 20 000 and 40 000 exports (and 40 000 imports): the
+/// time of one scan, best of a few, and the ratio of the two export sizes (2 for a linear
+/// scan, 4 for a quadratic one).
+fn measure_scanner(sizes: &Sizes, summary: &mut Summary) {
+    let rounds = if sizes.hit_samples >= 20_000 { 5 } else { 2 };
+    let best_ms = |source: &str| {
+        (0..rounds)
+            .map(|_| {
+                let started = Instant::now();
+                std::hint::black_box(crate::scan::scan(source));
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let exports = |n: usize| {
+        (0..n).map(|i| format!("export class E{i} extends Base {{}}\n")).collect::<String>()
+    };
+    let imports = |n: usize| {
+        (0..n).map(|i| format!("import {{ x{i} }} from './m{i}';\n")).collect::<String>()
+    };
+    let small = best_ms(&exports(20_000));
+    let large = best_ms(&exports(40_000));
+    summary.set("scan_20k_exports_ms", small);
+    summary.set("scan_40k_exports_ms", large);
+    summary.set("scan_doubling_ratio", large / small);
+    summary.set("scan_40k_imports_ms", best_ms(&imports(40_000)));
 }
 
 async fn plain_client(config: &PgConfig) -> Result<tokio_postgres::Client> {

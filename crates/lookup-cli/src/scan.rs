@@ -52,6 +52,8 @@
 //!   the block early.
 //! - JSX, HTML-like comments (`<!--`) and Unicode escapes in identifiers.
 
+use std::collections::HashSet;
+
 /// What [`scan`] found in one module.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ModuleScan {
@@ -106,9 +108,14 @@ impl ExportKind {
 
 /// Scans a module's source for its exports and static imports. Never fails: text it cannot
 /// make sense of is skipped (see the module documentation for what that covers).
+///
+/// Linear in the size of the source: the lexer reads each byte a bounded number of times,
+/// every forward search a statement needs (the end of an import clause or of a brace list,
+/// the `>` closing type parameters) is answered from a table built in one pass, and names
+/// and specifiers are de-duplicated through hash sets.
 pub(crate) fn scan(source: &str) -> ModuleScan {
     let tokens = tokenize(source);
-    let mut out = ModuleScan::default();
+    let mut out = Found { jumps: Jumps::new(&tokens), ..Found::default() };
     let mut i = 0;
     while i < tokens.len() {
         // `x.import` and `x.export` are property accesses, not statements.
@@ -120,7 +127,61 @@ pub(crate) fn scan(source: &str) -> ModuleScan {
         };
         i = parsed.unwrap_or(i + 1);
     }
-    out
+    out.scan
+}
+
+/// What the statement matcher has found so far, with the sets that de-duplicate it and the
+/// jump tables of the token stream.
+#[derive(Debug, Default)]
+struct Found {
+    scan: ModuleScan,
+    export_names: HashSet<String>,
+    import_specifiers: HashSet<String>,
+    jumps: Jumps,
+}
+
+/// Forward searches over the tokens, answered in one pass each.
+#[derive(Debug, Default)]
+struct Jumps {
+    /// For each index, the first index at or after it where an import clause stops: a
+    /// `from` followed by a string, or a token that cannot be part of a clause.
+    clause_stop: Vec<usize>,
+    /// For each index, the first index at or after it that cannot be part of a brace list
+    /// (`}` included).
+    list_stop: Vec<usize>,
+    /// For each `<`, the index after the `>` that balances it, if any.
+    angle_close: Vec<Option<usize>>,
+}
+
+impl Jumps {
+    fn new(tokens: &[Token<'_>]) -> Jumps {
+        let n = tokens.len();
+        let mut clause_stop = vec![n; n + 1];
+        let mut list_stop = vec![n; n + 1];
+        for k in (0..n).rev() {
+            let from_str = tokens[k] == Token::Word("from")
+                && matches!(tokens.get(k + 1), Some(Token::Str(_)));
+            let clause = matches!(tokens[k], Token::Word(_) | Token::Punct(',' | '*' | '{' | '}'));
+            clause_stop[k] = if from_str || !clause { k } else { clause_stop[k + 1] };
+            let listed = matches!(tokens[k], Token::Word(_) | Token::Str(_) | Token::Punct(','));
+            list_stop[k] = if listed { list_stop[k + 1] } else { k };
+        }
+        let mut angle_close = vec![None; n];
+        let mut open = Vec::new();
+        for (k, token) in tokens.iter().enumerate() {
+            match token {
+                Token::Punct('<') => open.push(k),
+                // A `>` right after `=` belongs to an arrow (`<T extends () => void>`).
+                Token::Punct('>') if k == 0 || tokens[k - 1] != Token::Punct('=') => {
+                    if let Some(start) = open.pop() {
+                        angle_close[start] = Some(k + 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Jumps { clause_stop, list_stop, angle_close }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -129,33 +190,28 @@ pub(crate) fn scan(source: &str) -> ModuleScan {
 
 /// Parses what follows `import` at `at`. Returns the index after the statement when it was a
 /// static import; `None` for anything else (`import(`, `import.meta`, `import x = …`).
-fn parse_import(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option<usize> {
+fn parse_import(tokens: &[Token<'_>], at: usize, out: &mut Found) -> Option<usize> {
     if let Some(Token::Str(specifier)) = tokens.get(at) {
         push_import(out, specifier);
         return Some(at + 1);
     }
     // An import clause is made only of names, `,`, `*` and braces; anything else (`(`, `.`,
-    // `=`, `:`) means this `import` is not a static import statement.
-    let mut k = at;
-    loop {
-        match tokens.get(k)? {
-            Token::Word("from") => {
-                if let Some(Token::Str(specifier)) = tokens.get(k + 1) {
-                    push_import(out, specifier);
-                    return Some(k + 2);
-                }
-                // `from` may itself be an imported binding name (`import from from '…'`).
-                k += 1;
-            }
-            Token::Word(_) | Token::Punct(',' | '*' | '{' | '}') => k += 1,
-            _ => return None,
+    // `=`, `:`) means this `import` is not a static import statement. (`from` may itself be
+    // an imported binding name, `import from from '…'`: only a `from` before a string ends
+    // the clause.)
+    let k = *out.jumps.clause_stop.get(at)?;
+    match (tokens.get(k)?, tokens.get(k + 1)) {
+        (Token::Word("from"), Some(Token::Str(specifier))) => {
+            push_import(out, specifier);
+            Some(k + 2)
         }
+        _ => None,
     }
 }
 
 /// Parses what follows `export` at `at`, recording exports and re-export specifiers. Returns
 /// the index to continue scanning from, or `None` when nothing was recognised.
-fn parse_export(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option<usize> {
+fn parse_export(tokens: &[Token<'_>], at: usize, out: &mut Found) -> Option<usize> {
     let mut k = at;
     if tokens.get(k) == Some(&Token::Word("declare")) {
         k += 1;
@@ -174,7 +230,7 @@ fn parse_export(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option
                         h += 1;
                     }
                 }
-                heritage(tokens, h)
+                heritage(tokens, &out.jumps, h)
             } else {
                 None
             };
@@ -218,18 +274,18 @@ fn parse_export(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option
 }
 
 /// `export class` after the `class` keyword: the name, then the optional superclass.
-fn export_class(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option<usize> {
+fn export_class(tokens: &[Token<'_>], at: usize, out: &mut Found) -> Option<usize> {
     let Some(Token::Word(name)) = tokens.get(at) else { return None };
     if matches!(*name, "extends" | "implements") {
         return None;
     }
-    let extends = heritage(tokens, at + 1);
+    let extends = heritage(tokens, &out.jumps, at + 1);
     push_export(out, name, ExportKind::Class, extends);
     Some(at + 1)
 }
 
 /// `export function` after the `function` keyword: an optional `*`, then the name.
-fn export_function(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option<usize> {
+fn export_function(tokens: &[Token<'_>], at: usize, out: &mut Found) -> Option<usize> {
     let at = if tokens.get(at) == Some(&Token::Punct('*')) { at + 1 } else { at };
     let Some(Token::Word(name)) = tokens.get(at) else { return None };
     push_export(out, name, ExportKind::Function, None);
@@ -238,7 +294,7 @@ fn export_function(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Opt
 
 /// `export * …` or `export { … }` starting at `at` (the `*` or `{`): records the specifier
 /// when the statement ends in `from '…'`. A local list without `from` records nothing.
-fn re_export(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option<usize> {
+fn re_export(tokens: &[Token<'_>], at: usize, out: &mut Found) -> Option<usize> {
     let mut k = at;
     match tokens.get(k)? {
         Token::Punct('*') => {
@@ -249,13 +305,9 @@ fn re_export(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option<us
             }
         }
         Token::Punct('{') => {
-            k += 1;
-            loop {
-                match tokens.get(k)? {
-                    Token::Punct('}') => break,
-                    Token::Word(_) | Token::Str(_) | Token::Punct(',') => k += 1,
-                    _ => return None,
-                }
+            k = *out.jumps.list_stop.get(k + 1)?;
+            if tokens.get(k)? != &Token::Punct('}') {
+                return None;
             }
             k += 1;
         }
@@ -273,8 +325,8 @@ fn re_export(tokens: &[Token<'_>], at: usize, out: &mut ModuleScan) -> Option<us
 /// The superclass of a class declaration whose name (if any) ends just before `at`: skips
 /// TypeScript type parameters, then reads `extends A` or `extends A.B.C`. A superclass that is
 /// a call or any other expression gives `None`.
-fn heritage(tokens: &[Token<'_>], at: usize) -> Option<String> {
-    let mut k = skip_type_parameters(tokens, at);
+fn heritage(tokens: &[Token<'_>], jumps: &Jumps, at: usize) -> Option<String> {
+    let mut k = skip_type_parameters(tokens, jumps, at);
     if tokens.get(k) != Some(&Token::Word("extends")) {
         return None;
     }
@@ -298,35 +350,22 @@ fn heritage(tokens: &[Token<'_>], at: usize) -> Option<String> {
 
 /// Skips a balanced `<…>` at `at`, if there is one. A `>` right after `=` belongs to an arrow
 /// (`<T extends () => void>`) and does not close anything.
-fn skip_type_parameters(tokens: &[Token<'_>], at: usize) -> usize {
+fn skip_type_parameters(tokens: &[Token<'_>], jumps: &Jumps, at: usize) -> usize {
     if tokens.get(at) != Some(&Token::Punct('<')) {
         return at;
     }
-    let mut depth = 0usize;
-    for (k, token) in tokens.iter().enumerate().skip(at) {
-        match token {
-            Token::Punct('<') => depth += 1,
-            Token::Punct('>') if tokens[k - 1] != Token::Punct('=') => {
-                depth -= 1;
-                if depth == 0 {
-                    return k + 1;
-                }
-            }
-            _ => {}
-        }
-    }
-    at
+    jumps.angle_close.get(at).copied().flatten().unwrap_or(at)
 }
 
-fn push_import(out: &mut ModuleScan, specifier: &str) {
-    if !out.imports.iter().any(|known| known == specifier) {
-        out.imports.push(specifier.to_owned());
+fn push_import(out: &mut Found, specifier: &str) {
+    if out.import_specifiers.insert(specifier.to_owned()) {
+        out.scan.imports.push(specifier.to_owned());
     }
 }
 
-fn push_export(out: &mut ModuleScan, name: &str, kind: ExportKind, extends: Option<String>) {
-    if !out.exports.iter().any(|known| known.name == name) {
-        out.exports.push(Export { name: name.to_owned(), kind, extends });
+fn push_export(out: &mut Found, name: &str, kind: ExportKind, extends: Option<String>) {
+    if out.export_names.insert(name.to_owned()) {
+        out.scan.exports.push(Export { name: name.to_owned(), kind, extends });
     }
 }
 
@@ -390,11 +429,67 @@ struct Lexer<'a> {
     expression_may_start: bool,
     /// Current `${…}` nesting inside template literals.
     template_depth: usize,
+    /// Where regex literals starting on the current line end (see [`RegexEnds`]).
+    regex_ends: Option<RegexEnds>,
+}
+
+/// Where a regex literal whose body starts at each byte of a line would end: the closing `/`
+/// outside a character class and not escaped, or none before the line ends. Computed for the
+/// rest of a line in one backward pass the first time a `/` on it might start a regex, so a
+/// line with many `/` is read a bounded number of times instead of once per `/`.
+#[derive(Debug)]
+struct RegexEnds {
+    /// The first body position covered.
+    start: usize,
+    /// The line's end (its `\n` or `\r`, or the end of the source).
+    line_end: usize,
+    /// For each position from `start` to `line_end` inclusive: the closing `/` when the scan
+    /// starts there outside a character class.
+    outside: Vec<Option<usize>>,
+}
+
+impl RegexEnds {
+    fn new(src: &[u8], start: usize) -> RegexEnds {
+        let line_end = src[start.min(src.len())..]
+            .iter()
+            .position(|b| *b == b'\n' || *b == b'\r')
+            .map_or(src.len(), |n| start + n);
+        let len = line_end.saturating_sub(start);
+        // outside[i] / inside[i]: scanning from start + i, outside or inside a class.
+        let mut outside = vec![None; len + 2];
+        let mut inside = vec![None; len + 2];
+        for i in (0..len).rev() {
+            let escaped_next = |table: &Vec<Option<usize>>| {
+                // An escape must be followed by a character on this line.
+                if i + 1 < len { table[i + 2] } else { None }
+            };
+            outside[i] = match src[start + i] {
+                b'/' => Some(start + i),
+                b'\\' => escaped_next(&outside),
+                b'[' => inside[i + 1],
+                _ => outside[i + 1],
+            };
+            inside[i] = match src[start + i] {
+                b']' => outside[i + 1],
+                b'\\' => escaped_next(&inside),
+                _ => inside[i + 1],
+            };
+        }
+        outside.truncate(len + 1);
+        RegexEnds { start, line_end, outside }
+    }
+
+    /// The closing `/` of a regex whose body starts at `body` (on this line, at or after
+    /// `start`).
+    fn from(&self, body: usize) -> Option<usize> {
+        self.outside.get(body - self.start).copied().flatten()
+    }
 }
 
 impl<'a> Lexer<'a> {
     fn new(src: &'a str) -> Self {
-        let mut lexer = Lexer { src, pos: 0, expression_may_start: true, template_depth: 0 };
+        let mut lexer =
+            Lexer { src, pos: 0, expression_may_start: true, template_depth: 0, regex_ends: None };
         lexer.eat('\u{feff}');
         // A hashbang line is only allowed at the very start.
         if lexer.rest().starts_with("#!") {
@@ -562,29 +657,18 @@ impl<'a> Lexer<'a> {
     /// A regex literal at `/`, if one ends on this line; otherwise nothing is consumed and the
     /// `/` is left to be read as an operator.
     fn regex(&mut self) -> bool {
-        let mut in_class = false;
-        let mut chars = self.rest().char_indices().skip(1);
-        while let Some((offset, c)) = chars.next() {
-            match c {
-                '\n' | '\r' => return false,
-                '\\' => match chars.next() {
-                    None | Some((_, '\n' | '\r')) => return false,
-                    Some(_) => {}
-                },
-                '[' => in_class = true,
-                ']' => in_class = false,
-                '/' if !in_class => {
-                    self.pos += offset + 1;
-                    // Flags.
-                    while self.peek().is_some_and(is_word_part) {
-                        self.bump();
-                    }
-                    return true;
-                }
-                _ => {}
-            }
+        let body = self.pos + 1;
+        let ends = match &self.regex_ends {
+            Some(ends) if body >= ends.start && body <= ends.line_end => ends,
+            _ => self.regex_ends.insert(RegexEnds::new(self.src.as_bytes(), body)),
+        };
+        let Some(end) = ends.from(body) else { return false };
+        self.pos = end + 1;
+        // Flags.
+        while self.peek().is_some_and(is_word_part) {
+            self.bump();
         }
-        false
+        true
     }
 
     /// A Glimmer `<template>…</template>` block at `<`, if this is one. Nested `<template>`
@@ -650,6 +734,62 @@ fn is_word_part(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The regex scan as a plain loop from one start (what [`RegexEnds`] answers for every
+    /// start at once).
+    fn naive_regex_end(src: &str, body: usize) -> Option<usize> {
+        let mut in_class = false;
+        let mut chars = src[body..].char_indices();
+        while let Some((offset, c)) = chars.next() {
+            match c {
+                '\n' | '\r' => return None,
+                '\\' => match chars.next() {
+                    None | Some((_, '\n' | '\r')) => return None,
+                    Some(_) => {}
+                },
+                '[' => in_class = true,
+                ']' => in_class = false,
+                '/' if !in_class => return Some(body + offset),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn regex_ends_agree_with_a_scan_from_each_start(line in "[/\\\\\\[\\]aé\n]{0,40}") {
+            let mut cache: Option<RegexEnds> = None;
+            for body in 0..=line.len() {
+                if !line.is_char_boundary(body) {
+                    continue;
+                }
+                let ends = match &cache {
+                    Some(ends) if body >= ends.start && body <= ends.line_end => ends,
+                    _ => cache.insert(RegexEnds::new(line.as_bytes(), body)),
+                };
+                proptest::prop_assert_eq!(ends.from(body), naive_regex_end(&line, body), "{:?} from {}", line, body);
+            }
+        }
+    }
+
+    #[test]
+    fn inputs_that_were_quadratic_scan_in_one_pass() {
+        // Each of these took time quadratic in its size before the scan became linear (a
+        // search per export, per import, per `/` and per `<`); at these sizes that would be
+        // minutes in a debug build. The timings are in `cargo xtask bench` (`scan_*`).
+        for n in [2_000usize, 4_000] {
+            let exports: String = (0..n).map(|i| format!("export const e{i} = 1;\n")).collect();
+            assert_eq!(scan(&exports).exports.len(), n);
+            let imports: String = (0..n).map(|i| format!("import x{i} from './m{i}';\n")).collect();
+            assert_eq!(scan(&imports).imports.len(), n);
+        }
+        // A long line of divisions that are never regexes, and unclosed type parameters.
+        let slashes = format!("let a = 1{}\nexport class Last {{}}\n", " / 2".repeat(50_000));
+        assert_eq!(names(&slashes), [export("Last", ExportKind::Class, None)]);
+        let angles = "export class A<T {}\n".repeat(20_000);
+        assert_eq!(scan(&angles).exports.len(), 1, "one name, de-duplicated");
+    }
 
     fn imports(source: &str) -> Vec<String> {
         scan(source).imports

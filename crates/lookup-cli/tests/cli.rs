@@ -484,7 +484,7 @@ fn unsafe_is_a_documented_global_flag_and_soak_worker_is_hidden() {
 }
 
 /// Every key of the bench summary, each either a number or listed in `not_measured`.
-const BENCH_KEYS: [&str; 27] = [
+const BENCH_KEYS: [&str; 31] = [
     "bare_select_p50_us",
     "hit_p50_us",
     "hit_ratio",
@@ -512,6 +512,10 @@ const BENCH_KEYS: [&str; 27] = [
     "hit_tls_p50_us",
     "connect_plain_p50_ms",
     "connect_tls_p50_ms",
+    "scan_20k_exports_ms",
+    "scan_40k_exports_ms",
+    "scan_doubling_ratio",
+    "scan_40k_imports_ms",
 ];
 
 #[test]
