@@ -16,6 +16,16 @@
 //! the module is answered as missing: a URL must never reach outside its realm's directory.
 //! Empty segments (`a//b`) are skipped. Bytes that do not decode to UTF-8 are refused too.
 //!
+//! # What it may read
+//!
+//! Only regular files inside the realm directory, judged after every symbolic link is
+//! resolved: a link (or a linked directory) that leads outside is answered exactly as a
+//! missing file, so it can neither read nor probe what exists outside. A FIFO, a device or a
+//! socket inside the realm is a module error, never opened for a blocking read, and a source
+//! larger than the configured limit ([`FilePrerenderer::with_max_module_bytes`], 8 MiB by
+//! default) is a module error with status 413; nothing is read past the limit. Dependencies
+//! are checked for existence by the same rules.
+//!
 //! # Answers
 //!
 //! - Not under any realm: `Err(LookupError::Prerender)`, since the renderer was asked about
@@ -65,6 +75,8 @@ pub(crate) struct FilePrerenderer {
     jitter_state: Arc<AtomicU64>,
     /// Prerender calls so far, shared by every clone.
     count: Arc<AtomicUsize>,
+    /// The largest module source read; a larger one is a module error.
+    max_module_bytes: u64,
 }
 
 /// Where a URL lands on disk.
@@ -75,9 +87,24 @@ enum Location {
     /// It is under a realm but names no file that may be served (a `..` escape, a decoded
     /// separator, bytes that are not UTF-8).
     Refused,
-    /// The file it names (which may or may not exist).
-    File(PathBuf),
+    /// The file it names (which may or may not exist), in the realm directory `root`.
+    File { root: PathBuf, path: PathBuf },
 }
+
+/// What a located path holds, once symbolic links are resolved and containment is checked.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    /// A regular file inside the realm directory, at this resolved path.
+    File(PathBuf),
+    /// Nothing servable: no such file, a directory, or anything that resolves outside the
+    /// realm directory (told apart from nothing, so a link cannot probe what exists outside).
+    Missing,
+    /// Inside the realm, but not a regular file (a FIFO, a device, a socket).
+    NotRegular(&'static str),
+}
+
+/// The default of [`FilePrerenderer::with_max_module_bytes`]: 8 MiB.
+pub(crate) const DEFAULT_MAX_MODULE_BYTES: u64 = 8 << 20;
 
 impl FilePrerenderer {
     /// A prerenderer serving each realm URL from its directory. Realm URLs are canonicalised
@@ -100,7 +127,15 @@ impl FilePrerenderer {
             jitter_max_ms: 0,
             jitter_state: Arc::new(AtomicU64::new(random_seed())),
             count: Arc::new(AtomicUsize::new(0)),
+            max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
         }
+    }
+
+    /// Reads at most `max` bytes of a module's source; a larger module is a module error
+    /// (status 413) naming the limit, instead of a render that reads without bound.
+    pub(crate) fn with_max_module_bytes(mut self, max: u64) -> Self {
+        self.max_module_bytes = max;
+        self
     }
 
     /// Makes every render wait `delay` after reading the file and before answering, so that a
@@ -152,15 +187,16 @@ impl FilePrerenderer {
                 None => return Location::Refused,
             }
         }
-        Location::File(path)
+        Location::File { root: dir.clone(), path }
     }
 
-    /// Whether some population candidate of the dependency `dep` exists as a file. Only asked
-    /// for dependencies under a realm.
+    /// Whether some population candidate of the dependency `dep` is a module file. Only asked
+    /// for dependencies under a realm; answered by the same rules as a render, so a
+    /// dependency can no more probe outside the realm than a module can.
     async fn dependency_exists(&self, dep: &str) -> bool {
         for candidate in population_candidates(dep) {
-            if let Location::File(path) = self.locate(&candidate) {
-                if tokio::fs::metadata(&path).await.is_ok_and(|meta| meta.is_file()) {
+            if let Location::File { root, path } = self.locate(&candidate) {
+                if matches!(contained(&root, &path).await, Target::File(_)) {
                     return true;
                 }
             }
@@ -169,17 +205,45 @@ impl FilePrerenderer {
     }
 
     /// Everything a render does before the delay: read, scan, check dependencies.
-    async fn render(&self, module_url: &str, path: &Path) -> PrerenderResponse {
-        let bytes = match tokio::fs::read(path).await {
-            Ok(bytes) => bytes,
+    async fn render(&self, module_url: &str, root: &Path, path: &Path) -> PrerenderResponse {
+        let broken = |message: String, status: u16| {
+            PrerenderResponse::error(
+                ErrorDoc::module_error(message, status, Vec::new()),
+                Vec::new(),
+            )
+        };
+        let real = match contained(root, path).await {
+            Target::File(real) => real,
+            Target::Missing => return PrerenderResponse::missing(module_url),
+            Target::NotRegular(kind) => {
+                let message =
+                    format!("{} (for {module_url}) is {kind}, not a regular file", path.display());
+                return broken(message, 500);
+            }
+        };
+        let bytes = match read_capped(&real, self.max_module_bytes).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                let message = format!(
+                    "{} (for {module_url}) is larger than the {}-byte limit for a module \
+                     (--max-module-bytes)",
+                    path.display(),
+                    self.max_module_bytes
+                );
+                return broken(message, 413);
+            }
             Err(error) => {
                 if is_missing(path, &error).await {
                     return PrerenderResponse::missing(module_url);
                 }
-                let message = format!("cannot read {} for {module_url}: {error}", path.display());
-                return PrerenderResponse::error(
-                    ErrorDoc::module_error(message, 500, Vec::new()),
-                    Vec::new(),
+                if error.kind() == std::io::ErrorKind::InvalidInput {
+                    let message =
+                        format!("{} (for {module_url}) is not a regular file", path.display());
+                    return broken(message, 500);
+                }
+                return broken(
+                    format!("cannot read {} for {module_url}: {error}", path.display()),
+                    500,
                 );
             }
         };
@@ -250,7 +314,7 @@ impl Prerenderer for FilePrerenderer {
                 });
             }
             Location::Refused => PrerenderResponse::missing(&module_url),
-            Location::File(path) => self.render(&module_url, &path).await,
+            Location::File { root, path } => self.render(&module_url, &root, &path).await,
         };
         tracing::info!(module = %module_url, status = ?response.status, "prerendered (source read)");
         // The wait comes after the read on purpose: an edit made during it is not in this
@@ -293,6 +357,64 @@ fn random_seed() -> u64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(std::process::id());
     hasher.finish()
+}
+
+/// Resolves `path`'s symbolic links and checks that it stays inside the realm directory
+/// `root` (resolved too), then what it is. Anything outside is [`Target::Missing`], exactly
+/// like nothing at all, so links cannot be used to learn what exists outside the realm.
+async fn contained(root: &Path, path: &Path) -> Target {
+    let Ok(root) = tokio::fs::canonicalize(root).await else { return Target::Missing };
+    let Ok(real) = tokio::fs::canonicalize(path).await else { return Target::Missing };
+    if !real.starts_with(&root) {
+        tracing::debug!(path = %path.display(), "refused: it resolves outside its realm directory");
+        return Target::Missing;
+    }
+    match tokio::fs::metadata(&real).await {
+        Ok(meta) if meta.is_file() => Target::File(real),
+        Ok(meta) if meta.is_dir() => Target::Missing,
+        Ok(meta) => Target::NotRegular(file_kind(&meta)),
+        Err(_) => Target::Missing,
+    }
+}
+
+/// What a non-regular, non-directory file is, in words.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let kind = meta.file_type();
+    if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
+/// Reads a regular file, at most `max` bytes: `Ok(None)` when it is larger. Opened without
+/// blocking and checked again on the open handle, so a file swapped for a FIFO or a device
+/// after [`contained`] looked cannot hang or flood the render.
+async fn read_capped(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt as _;
+    let file =
+        tokio::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).await?;
+    let meta = file.metadata().await?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.len() > max {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // One byte past the limit tells a file that grew since the check.
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes).await?;
+    if bytes.len() as u64 > max {
+        return Ok(None);
+    }
+    Ok(Some(bytes))
 }
 
 /// Whether a failed read means "there is no module here": nothing at the path, a directory,
@@ -657,6 +779,74 @@ mod tests {
         fixture.write("consumer.gts", "import './..%2Fsecret.gts';\n");
         let response = fixture.render(&url("consumer.gts")).await;
         assert_eq!(response.error.expect("an error").error.status, 404);
+    }
+
+    #[tokio::test]
+    async fn links_out_of_the_realm_read_nothing_and_reveal_nothing() {
+        let fixture = Fixture::new();
+        let outside = fixture.root.path().join("outside");
+        std::fs::create_dir(&outside).expect("outside directory");
+        std::fs::write(outside.join("secret.gts"), "export const secret = 1;\n").expect("write");
+        let realm = fixture.root.path().join("realm");
+        let link = |name: &str, target: &Path| {
+            std::os::unix::fs::symlink(target, realm.join(name)).expect("symlink");
+        };
+        link("link.gts", &outside.join("secret.gts"));
+        link("dangling.gts", &outside.join("nothing-here.gts"));
+        link("etc", Path::new("/etc"));
+        link("out", &outside);
+        // Inside the realm, a link to a sibling is fine.
+        fixture.write("real.gts", "export const real = 1;\n");
+        link("alias.gts", &realm.join("real.gts"));
+
+        // A link to an existing file outside answers exactly like one to nothing.
+        for escape in ["link.gts", "dangling.gts", "etc/passwd", "out/secret.gts"] {
+            let target = url(escape);
+            assert_eq!(fixture.render(&target).await, PrerenderResponse::missing(&target));
+        }
+        let alias = fixture.render(&url("alias.gts")).await;
+        assert_eq!(alias.status, PrerenderStatus::Ready, "{alias:?}");
+        // Dependencies are probed by the same rules: an import of the link is missing too.
+        fixture.write("consumer.gts", "import { secret } from './link.gts';\n");
+        let response = fixture.render(&url("consumer.gts")).await;
+        assert_eq!(response.error.expect("an error").error.status, 404);
+    }
+
+    #[tokio::test]
+    async fn special_files_are_refused_and_large_ones_capped() {
+        let fixture = Fixture::new();
+        let realm = fixture.root.path().join("realm");
+        let fifo = realm.join("fifo.gts");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
+        assert!(made.success());
+        std::os::unix::fs::symlink("/dev/zero", realm.join("zero.gts")).expect("symlink");
+        // Neither hangs nor reads without bound: bounded here so a regression fails.
+        let answer = |name: &'static str| {
+            let fixture = &fixture;
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), fixture.render(&url(name)))
+                    .await
+                    .expect("answered promptly")
+            }
+        };
+        let response = answer("fifo.gts").await;
+        let error = &response.error.as_ref().expect("an error").error;
+        assert_eq!(error.status, 500);
+        assert!(error.message.contains("a FIFO, not a regular file"), "{}", error.message);
+        // /dev/zero is outside the realm: missing. A device inside would be refused like the
+        // FIFO; the link shows the read never happens.
+        assert_eq!(answer("zero.gts").await, PrerenderResponse::missing(&url("zero.gts")));
+
+        let capped =
+            FilePrerenderer::new(vec![(REALM.to_owned(), realm)]).with_max_module_bytes(64);
+        fixture.write("big.gts", format!("export const big = 1;\n{}", "// x\n".repeat(20)));
+        let response = capped.prerender(&request(&url("big.gts"))).await.expect("answers");
+        let error = &response.error.as_ref().expect("an error").error;
+        assert_eq!(error.status, 413);
+        assert!(error.message.contains("64-byte limit"), "{}", error.message);
+        fixture.write("small.gts", "export const small = 1;\n");
+        let response = capped.prerender(&request(&url("small.gts"))).await.expect("answers");
+        assert_eq!(response.status, PrerenderStatus::Ready);
     }
 
     #[tokio::test]

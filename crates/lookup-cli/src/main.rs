@@ -72,6 +72,11 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 0)]
     prerender_delay_ms: u64,
 
+    /// The largest module source the file prerenderer reads, in bytes; a larger module is a
+    /// module error.
+    #[arg(long, value_name = "BYTES", default_value_t = files::DEFAULT_MAX_MODULE_BYTES)]
+    max_module_bytes: u64,
+
     /// Coalesce cold loads across processes (Postgres): of all the processes missing the
     /// same module at once, one prerenders it and the others wait for its row.
     #[arg(long)]
@@ -371,7 +376,8 @@ fn build_lookup<D: DbAdapter, C: PopulateCoordinator>(
     cli: &Cli,
     coordinator: Option<C>,
 ) -> Result<CliLookup<D, C>> {
-    let mut prerenderer = FilePrerenderer::new(cli.realms.clone());
+    let mut prerenderer =
+        FilePrerenderer::new(cli.realms.clone()).with_max_module_bytes(cli.max_module_bytes);
     if cli.prerender_delay_ms > 0 {
         prerenderer = prerenderer.with_delay(Duration::from_millis(cli.prerender_delay_ms));
     }
