@@ -693,6 +693,57 @@ pub async fn bad_urls_are_clear_errors<D: DbAdapter>(db: D) {
     assert!(message.contains("https://unknown.test/x.gts"), "the error names the URL: {message}");
 }
 
+/// A realm nested in another's URL space owns its modules whatever the order of
+/// registration: their rows are filed under it, and clearing it clears them. The same realm
+/// cannot be registered twice.
+pub async fn the_longest_registered_realm_owns_a_url<D: DbAdapter>(db: D) {
+    let h = Harness::new(db);
+    let nested = format!("{REALM}sub/");
+    h.lookup
+        .register_realm(Realm { url: nested.clone(), owner: OWNER.into(), public: true })
+        .expect("a nested realm");
+    let module = format!("{nested}card.gts");
+    h.renderer.set(&module, FakeModule::ready(&["Card"], &[]));
+    h.lookup.lookup_definition(&CodeRef::new(&module, "Card"), None).await.expect("lookup");
+    let row = h
+        .lookup
+        .db()
+        .read_rows(&public_scope(&nested), &module, &lookup_core::urls::file_alias(&module))
+        .await
+        .expect("read");
+    assert_eq!(row.len(), 1, "the row is filed under the nested realm");
+    assert_eq!(h.lookup.clear_realm(&nested).await.expect("clear"), 1, "and cleared with it");
+    let again =
+        h.lookup.register_realm(Realm { url: nested.clone(), owner: OWNER.into(), public: false });
+    assert!(matches!(again, Err(LookupError::RealmAlreadyRegistered { .. })), "{again:?}");
+    // A spelling of the same URL is the same realm.
+    let spelled = h.lookup.register_realm(Realm {
+        url: format!("{REALM}%73ub//"),
+        owner: OWNER.into(),
+        public: true,
+    });
+    assert!(matches!(spelled, Err(LookupError::RealmAlreadyRegistered { .. })), "{spelled:?}");
+}
+
+/// Every spelling of a module URL is one row, and invalidating any spelling reaches it.
+pub async fn every_spelling_of_a_module_is_one_row<D: DbAdapter>(db: D) {
+    let h = Harness::new(db);
+    h.renderer.set(&u("person.gts"), FakeModule::ready(&["Person"], &[]));
+    let spellings = [u("person.gts"), u("%70erson.gts"), format!("{REALM}/person.gts")];
+    for spelling in &spellings {
+        let found = h.lookup.lookup_definition(&CodeRef::new(spelling, "Person"), None).await;
+        assert_eq!(found.expect("lookup"), fake_definition(&u("person.gts"), "Person", 1));
+    }
+    assert_eq!(h.renderer.total_calls(), 1, "one row for every spelling");
+    h.renderer.set(&u("person.gts"), FakeModule::ready(&["Person"], &[]).version(2));
+    let list = h.lookup.invalidate(&u("%70erson")).await.expect("invalidate");
+    assert!(list.contains(&u("person.gts")), "{list:?}");
+    for spelling in &spellings {
+        let found = h.lookup.lookup_definition(&CodeRef::new(spelling, "Person"), None).await;
+        assert_eq!(found.expect("lookup"), fake_definition(&u("person.gts"), "Person", 2));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The in-process tier (L1).
 // ---------------------------------------------------------------------------------------------

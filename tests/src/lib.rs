@@ -307,6 +307,8 @@ macro_rules! behaviour_suite {
             cached_reads_never_prerender_and_choose_deterministically,
             batch_read_returns_entries_by_url_and_alias,
             bad_urls_are_clear_errors,
+            the_longest_registered_realm_owns_a_url,
+            every_spelling_of_a_module_is_one_row,
             l1_serves_repeat_lookups,
             l1_never_serves_past_the_max_age,
             l1_follows_every_invalidation,

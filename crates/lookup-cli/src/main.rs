@@ -139,8 +139,11 @@ enum Command {
 }
 
 fn parse_realm(text: &str) -> Result<(String, PathBuf), String> {
+    // The URL ends with `/`, so the first `/=` ends it: a URL may itself contain `=`.
     let (url, dir) =
-        text.split_once('=').ok_or_else(|| format!("expected URL=DIR, got {text:?}"))?;
+        text.find("/=").map(|at| (&text[..=at], &text[at + 2..])).ok_or_else(|| {
+            format!("expected URL=DIR, where the URL must end with '/', got {text:?}")
+        })?;
     if url.is_empty() || dir.is_empty() {
         return Err(format!("expected URL=DIR with both parts, got {text:?}"));
     }

@@ -727,3 +727,70 @@ fn a_closed_stdout_ends_quietly_and_a_full_one_is_a_clear_error() {
         assert_fails_with(&output, "cannot write to stdout");
     }
 }
+
+#[test]
+fn nested_realms_belong_to_the_longest_prefix_in_either_flag_order() {
+    let f = Fixture::new();
+    let outer = f.dir.path().join("realm");
+    let inner = f.dir.path().join("inner");
+    std::fs::create_dir(&inner).expect("inner realm");
+    std::fs::write(inner.join("card.gts"), "export class Card {}\n").expect("write");
+    let db = format!("sqlite://{}", f.db().display());
+    let sub = format!("{REALM}sub/");
+    let outer_flag = format!("{REALM}={}", outer.display());
+    let inner_flag = format!("{sub}={}", inner.display());
+    for (first, second) in [(&outer_flag, &inner_flag), (&inner_flag, &outer_flag)] {
+        let run = |args: &[&str]| {
+            let output =
+                deflookup(&[&["--db", &db, "--realm", first, "--realm", second], args].concat());
+            assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+            serde_json::from_slice::<Value>(&output.stdout).expect("JSON")
+        };
+        let card = format!("{sub}card.gts");
+        assert_eq!(run(&["lookup", &card, "Card"])["prerendered"], true);
+        assert_eq!(run(&["lookup", &card, "Card"])["prerendered"], false);
+        // The row is the nested realm's: clearing it clears the row.
+        assert_eq!(run(&["clear-realm", &sub])["deleted"], 1);
+        assert_eq!(run(&["lookup", &card, "Card"])["prerendered"], true);
+        run(&["clear-all"]);
+    }
+    // The same realm twice is an error, not "last one wins".
+    let twice = deflookup(&[
+        "--db",
+        &db,
+        "--realm",
+        &outer_flag,
+        "--realm",
+        &format!("{REALM}={}", inner.display()),
+        "clear-all",
+    ]);
+    assert_fails_with(&twice, "already registered");
+    // A realm URL may contain `=`: it ends at its `/`.
+    let with_equals = format!("http://localhost:4201/a=b/={}", outer.display());
+    let output =
+        deflookup(&["--db", &db, "--realm", &with_equals, "lookup", "person.gts", "Person"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(answer["module"], "http://localhost:4201/a=b/person.gts");
+}
+
+#[test]
+fn every_spelling_of_a_file_is_one_row_and_one_invalidation_reaches_it() {
+    let f = Fixture::new();
+    let spellings = [
+        format!("{REALM}person.gts"),
+        format!("{REALM}%70erson.gts"),
+        format!("{REALM}/person.gts"),
+    ];
+    assert_eq!(f.json(&["lookup", &spellings[0], "Person"])["prerendered"], true);
+    for spelling in &spellings {
+        let answer = f.json(&["lookup", spelling, "Person"]);
+        assert_eq!(answer["prerendered"], false, "{spelling} is the same row");
+        assert_eq!(answer["module"], spellings[0].as_str());
+    }
+    f.write("person.gts", "export class Person {}\nexport class Employee {}\n");
+    f.json(&["invalidate", "person.gts"]);
+    for spelling in &spellings {
+        assert_eq!(f.json(&["lookup", spelling, "Employee"])["definition"]["name"], "Employee");
+    }
+}

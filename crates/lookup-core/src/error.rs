@@ -20,6 +20,13 @@ pub enum LookupError {
         /// Why it was refused.
         reason: String,
     },
+    /// A realm with this URL is already registered: registering it again would silently
+    /// change which directory, owner or visibility serves its modules.
+    #[error("realm {url} is already registered")]
+    RealmAlreadyRegistered {
+        /// The realm's canonical URL.
+        url: String,
+    },
     /// No registered realm owns the module and no remote probe claimed it.
     #[error("cannot determine realm for {url}")]
     NoRealm {

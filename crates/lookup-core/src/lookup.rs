@@ -239,8 +239,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         self.inner.slots().values().map(|slot| slot.result.receiver_count()).sum()
     }
 
-    /// Registers a local realm. Its URL must be absolute and end with `/`; registering the
-    /// same URL again replaces the previous registration.
+    /// Registers a local realm. Its URL must be absolute and end with `/`, and not be
+    /// registered already ([`LookupError::RealmAlreadyRegistered`]). Realms may nest: a URL
+    /// belongs to the realm with the longest URL that is a prefix of it, whatever the order
+    /// of registration.
     pub fn register_realm(&self, realm: Realm) -> Result<(), LookupError> {
         let url = absolute_url(&realm.url)?;
         if !url.ends_with('/') {
@@ -250,7 +252,9 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
             });
         }
         let mut realms = self.inner.realms.write().unwrap_or_else(|p| p.into_inner());
-        realms.retain(|r| r.url != url);
+        if realms.iter().any(|r| r.url == url) {
+            return Err(LookupError::RealmAlreadyRegistered { url });
+        }
         realms.push(Realm { url, ..realm });
         Ok(())
     }
@@ -576,9 +580,12 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The registered realm that owns `url`: the one with the longest URL prefix, so a realm
+    /// nested in another's URL space owns its own modules (and its rows are filed under it,
+    /// where clearing it finds them).
     fn local_realm(&self, url: &str) -> Option<Realm> {
         let realms = self.realms.read().unwrap_or_else(|p| p.into_inner());
-        realms.iter().find(|r| urls::is_under(url, &r.url)).cloned()
+        realms.iter().filter(|r| urls::is_under(url, &r.url)).max_by_key(|r| r.url.len()).cloned()
     }
 
     /// SPEC §3.2: a local realm decides; otherwise, for a caller acting for a local realm, the

@@ -9,13 +9,26 @@ pub const EXECUTABLE_EXTENSIONS: [&str; 4] = [".js", ".gjs", ".ts", ".gts"];
 /// Extensions tried, in this order, when an extensionless module is populated.
 const CANDIDATE_EXTENSIONS: [&str; 4] = [".gts", ".ts", ".gjs", ".js"];
 
-/// The canonical form of a module URL: parsed, without query and fragment. A string that does
-/// not parse as a URL is cut at its first `#`, then at its first `?`, and otherwise kept.
+/// The canonical form of a module URL: parsed (which resolves `.` and `..` segments and
+/// lower-cases the scheme and host), without query and fragment, and with one spelling per
+/// path: percent-escapes of unreserved characters decoded (`%70erson` is `person`), the other
+/// escapes in upper case, and runs of `/` collapsed into one (`a//b` is `a/b`). Every spelling
+/// that reaches the same file is the same canonical URL, so one module has one row, and an
+/// invalidation of any spelling reaches it.
+///
+/// A string that does not parse as a URL is cut at its first `#`, then at its first `?`, and
+/// otherwise kept.
 pub fn canonical_url(raw: &str) -> String {
     match Url::parse(raw) {
         Ok(mut url) => {
             url.set_query(None);
             url.set_fragment(None);
+            if !url.cannot_be_a_base() {
+                let path = normalise_path(url.path());
+                if path != url.path() {
+                    url.set_path(&path);
+                }
+            }
             url.into()
         }
         Err(_) => {
@@ -23,6 +36,54 @@ pub fn canonical_url(raw: &str) -> String {
             cut.split('?').next().unwrap_or(cut).to_owned()
         }
     }
+}
+
+/// A parsed URL's path in one spelling (see [`canonical_url`]).
+fn normalise_path(path: &str) -> String {
+    if path.is_empty() {
+        return String::new();
+    }
+    let segments: Vec<String> = path
+        .split('/')
+        .filter(|segment| !segment.is_empty())
+        .map(|segment| {
+            let decoded = normalise_escapes(segment);
+            // A segment that would now read as `.` or `..` keeps its escapes: it names a file.
+            if decoded == "." || decoded == ".." { segment.to_ascii_uppercase() } else { decoded }
+        })
+        .collect();
+    let mut out = format!("/{}", segments.join("/"));
+    if path.ends_with('/') && !segments.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// Decodes the percent-escapes of unreserved characters and upper-cases the others.
+fn normalise_escapes(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = String::with_capacity(segment.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let byte = (high * 16 + low) as u8;
+                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                    out.push(char::from(byte));
+                } else {
+                    out.push('%');
+                    out.push_str(&segment[i + 1..i + 3].to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        let c = segment[i..].chars().next().expect("in bounds");
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
 }
 
 /// Whether `url` ends in an executable extension. `x.d.ts` is a declaration file, not an
@@ -102,6 +163,30 @@ mod tests {
         assert_eq!(canonical_url("https://r.test/a/b.gts?x=1#frag"), "https://r.test/a/b.gts");
         assert_eq!(canonical_url("not a url#frag?q"), "not a url");
         assert_eq!(canonical_url("not a url?q#f"), "not a url");
+    }
+
+    #[test]
+    fn every_spelling_of_a_path_is_one_canonical_url() {
+        let canonical = "http://r.test/app/person.gts";
+        for spelling in [
+            "http://r.test/app/person.gts",
+            "http://r.test/app/%70erson.gts",
+            "http://r.test/app/%70%65rson%2Egts",
+            "http://r.test//app//person.gts",
+            "HTTP://R.TEST/app/./x/../person.gts",
+            "http://r.test/app/person.gts?v=1#top",
+        ] {
+            assert_eq!(canonical_url(spelling), canonical, "{spelling}");
+        }
+        // Escapes of reserved and non-ASCII characters stay escapes, in one case.
+        assert_eq!(canonical_url("http://r.test/a%2fb%c3%a9"), "http://r.test/a%2Fb%C3%A9");
+        assert_eq!(canonical_url("http://r.test/my%20card.gts"), "http://r.test/my%20card.gts");
+        // A realm keeps its trailing slash; the root stays the root.
+        assert_eq!(canonical_url("http://r.test/app//"), "http://r.test/app/");
+        assert_eq!(canonical_url("http://r.test"), "http://r.test/");
+        // An escaped dot segment names a file: it is not resolved away.
+        assert_eq!(canonical_url("http://r.test/a/%2E%2E%2Fx"), "http://r.test/a/..%2Fx");
+        assert_eq!(normalise_path("/a/%2e%2e/b"), "/a/%2E%2E/b");
     }
 
     #[test]
