@@ -151,7 +151,7 @@ impl SqliteAdapter {
         })
         .await;
         match joined {
-            Ok(result) => result.map_err(|e| SqliteError::query(op, e)),
+            Ok(result) => result.map_err(|e| SqliteError::query(&self.path, op, e)),
             Err(e) => Err(SqliteError::Worker { operation: op, source: Box::new(e) }),
         }
     }

@@ -60,8 +60,11 @@ pub enum SqliteError {
         supported: i64,
     },
     /// A statement failed.
-    #[error("SQLite {operation} failed: {source}")]
+    #[error("SQLite {operation} on {} failed: {source}", .path.display())]
     Query {
+        /// The file (`:memory:` for an in-memory database), so that an error met long after
+        /// opening (a corrupt page, a full disk) still names it.
+        path: PathBuf,
         /// What was being done (`"upsert"`, `"read_rows"`, …).
         operation: &'static str,
         /// What SQLite reported.
@@ -104,8 +107,12 @@ pub enum SqliteError {
 }
 
 impl SqliteError {
-    pub(crate) fn query(operation: &'static str, source: rusqlite::Error) -> Self {
-        SqliteError::Query { operation, source: Box::new(source) }
+    pub(crate) fn query(
+        path: &std::path::Path,
+        operation: &'static str,
+        source: rusqlite::Error,
+    ) -> Self {
+        SqliteError::Query { path: path.to_path_buf(), operation, source: Box::new(source) }
     }
 
     /// Whether retrying the same call may succeed: SQLite reported the database busy or locked

@@ -428,7 +428,8 @@ fn busy_and_locked_are_transient_in_the_lookup_error() {
         None,
     );
     for (source, transient) in [(busy, true), (locked, true), (constraint, false)] {
-        let error: LookupError = SqliteError::query("upsert", source).into();
+        let error: LookupError =
+            SqliteError::query(std::path::Path::new("cache.sqlite3"), "upsert", source).into();
         assert!(matches!(error, LookupError::Database { operation: "upsert", .. }), "{error:?}");
         assert_eq!(error.is_transient(), transient, "{error}");
     }

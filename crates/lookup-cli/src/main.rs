@@ -196,10 +196,14 @@ fn init_logging() {
         .unwrap_or_else(|| {
             tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN)
         });
+    use std::io::IsTerminal as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    // Colours only for a person at a terminal who has not asked for none (`NO_COLOR`).
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let _ = tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour))
         .with(filter)
         .try_init();
 }
@@ -454,6 +458,11 @@ async fn execute<D: DbAdapter, C: PopulateCoordinator>(
         }
         Command::Invalidate { module } => {
             let url = module_url(cli, module)?;
+            // The library invalidates nothing for a URL no local realm owns (peers may own
+            // it); on the command line that is a mistake to report, as `lookup` does.
+            if lookup.owning_realm(&url).is_none() {
+                bail!("cannot determine realm for {url}: no --realm owns it");
+            }
             let list = lookup.invalidate(&url).await.map_err(explain)?;
             print_json(&json!(list))
         }

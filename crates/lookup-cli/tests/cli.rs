@@ -794,3 +794,38 @@ fn every_spelling_of_a_file_is_one_row_and_one_invalidation_reaches_it() {
         assert_eq!(f.json(&["lookup", spelling, "Employee"])["definition"]["name"], "Employee");
     }
 }
+
+#[test]
+fn small_edges_are_clear_errors_or_expected_behaviour() {
+    let f = Fixture::new();
+    // Logs to a pipe carry no colour codes.
+    let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
+    let db = format!("sqlite://{}", f.db().display());
+    let logged = Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args(["--db", &db, "--realm", &realm, "lookup", "pet.gts", "Pet"])
+        .env("RUST_LOG", "debug")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("runs");
+    assert!(logged.status.success());
+    let log = stderr(&logged);
+    assert!(log.contains("prerendered"), "debug logs are shown: {log}");
+    assert!(!log.contains('\u{1b}'), "no ANSI escapes in a piped log: {log:?}");
+
+    // An invalidation of a URL no realm owns is an error, as a lookup of it is.
+    let foreign = "https://elsewhere.test/x.gts";
+    assert_fails_with(&f.run(&["invalidate", foreign]), "cannot determine realm");
+    assert_fails_with(&f.run(&["lookup", foreign, "X"]), "cannot determine realm");
+
+    // A database file corrupted after it was opened fine: every error names the file.
+    f.json(&["lookup", "person.gts", "Person"]);
+    let mut bytes = std::fs::read(f.db()).expect("read the database");
+    for byte in bytes.iter_mut().skip(2 * 4096 + 100) {
+        *byte = byte.wrapping_mul(7).wrapping_add(13);
+    }
+    std::fs::write(f.db(), bytes).expect("corrupt the database");
+    let path = f.db().display().to_string();
+    for args in [&["lookup", "pet.gts", "Pet"][..], &["invalidate", "person.gts"], &["clear-all"]] {
+        assert_fails_with(&f.run(args), &path);
+    }
+}

@@ -259,6 +259,12 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         Ok(())
     }
 
+    /// The registered local realm that owns `url` (the longest registered prefix of its
+    /// canonical form), if any.
+    pub fn owning_realm(&self, url: &str) -> Option<Realm> {
+        self.inner.local_realm(&urls::canonical_url(url))
+    }
+
     /// The registered local realms, in registration order.
     pub fn realms(&self) -> Vec<Realm> {
         self.inner.realms.read().unwrap_or_else(|p| p.into_inner()).clone()
