@@ -46,6 +46,13 @@ pub struct PgPopulateStats {
     pub lease_limit: usize,
 }
 
+/// Cleanups of abandoned leases still running (see [`PgPopulateCoordinator::settle`]).
+#[derive(Debug, Default)]
+struct Cleanups {
+    running: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     attempts: AtomicU64,
@@ -71,6 +78,7 @@ pub struct PgPopulateCoordinator {
     settings: PopulateSettings,
     leases: Arc<Semaphore>,
     counters: Arc<Counters>,
+    cleanups: Arc<Cleanups>,
 }
 
 impl PgPopulateCoordinator {
@@ -103,7 +111,33 @@ impl PgPopulateCoordinator {
             settings,
             leases: Arc::new(Semaphore::new(config.pool_max() - 1)),
             counters: Arc::default(),
+            cleanups: Arc::default(),
         })
+    }
+
+    /// Waits until every lease dropped without a release (a cancelled load: say the process
+    /// was asked to stop mid-render) has rolled back, released its lock and announced its key,
+    /// at most the operation timeout. A process that stops should call it after cancelling
+    /// its work and before exiting, so that its peers' waiters take over at once.
+    pub async fn settle(&self) {
+        let limit = self.adapter.config().operation_timeout_duration();
+        let settled = async {
+            loop {
+                let done = self.cleanups.done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                if self.cleanups.running.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        };
+        if tokio::time::timeout(limit, settled).await.is_err() {
+            tracing::warn!(
+                ?limit,
+                "abandoned populate leases did not finish their cleanup in time"
+            );
+        }
     }
 
     /// Releases every parked waiter (their loads fail with `PopulateFailed`) and refuses new
@@ -211,6 +245,7 @@ impl PopulateCoordinator for PgPopulateCoordinator {
             guarded: self.adapter.config().guards_persists(),
             adapter: self.adapter.clone(),
             counters: Arc::clone(&self.counters),
+            cleanups: Arc::clone(&self.cleanups),
             _permit: permit,
         }))
     }
@@ -228,6 +263,7 @@ pub struct PgLease {
     guarded: bool,
     adapter: PgAdapter,
     counters: Arc<Counters>,
+    cleanups: Arc<Cleanups>,
     /// One of the coordinator's `pool size − 1` leases, given back with the lease.
     _permit: OwnedSemaphorePermit,
 }
@@ -394,11 +430,16 @@ impl Drop for PgLease {
         let announce = std::mem::take(&mut self.announce);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let limit = self.adapter.config().operation_timeout_duration();
+            let cleanups = Arc::clone(&self.cleanups);
+            cleanups.running.fetch_add(1, Ordering::SeqCst);
             runtime.spawn(async move {
                 // Announced outside the rolled-back transaction; the connection closes after.
                 let text = format!("ROLLBACK; {announce}");
                 let cleanup = client.simple_query(&text);
                 let _ = tokio::time::timeout(limit, cleanup).await;
+                drop(client);
+                cleanups.running.fetch_sub(1, Ordering::SeqCst);
+                cleanups.done.notify_waiters();
             });
         }
     }

@@ -63,7 +63,11 @@ mod coordinated {
 
         fn settings(&self) -> PopulateSettings {
             // Far beyond the test's bound: only a kept wake-up lets the lookup finish.
-            PopulateSettings { wait_timeout: Duration::from_secs(600), max_rounds: 4 }
+            PopulateSettings {
+                wait_timeout: Duration::from_secs(600),
+                probe_interval: Duration::from_secs(600),
+                ..PopulateSettings::default()
+            }
         }
 
         async fn try_acquire(&self, key: &PopulateKey) -> Result<Option<NoLease>, LookupError> {

@@ -964,6 +964,12 @@ struct Populator {
     events: broadcast::Receiver<ListenerEvent>,
 }
 
+/// The default settings without probes (every 600 s instead of 1 s): these tests check that
+/// announcements alone wake waiters, and count lock attempts and waits exactly.
+fn announced_only() -> PopulateSettings {
+    PopulateSettings { probe_interval: Duration::from_secs(600), ..PopulateSettings::default() }
+}
+
 async fn populator(config: &PgConfig, settings: PopulateSettings) -> Populator {
     let db = bounded("connect", PgAdapter::connect(config.clone())).await.expect("adapter");
     let renderer = FakeRenderer::default();
@@ -1030,8 +1036,8 @@ fn spawn_load(
 async fn populate_an_uncontended_acquire_runs_and_wakes_a_peer() {
     let Some(db) = TestDb::from_env("populate_uncontended") else { return };
     let config = populate_config(&db, "populate_uncontended");
-    let a = populator(&config, PopulateSettings::default()).await;
-    let mut b = populator(&config, PopulateSettings::default()).await;
+    let a = populator(&config, announced_only()).await;
+    let mut b = populator(&config, announced_only()).await;
     let url = format!("{REALM}card.gts");
     a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
     let mut ticket = b.signals.register(&key_of(&a.coordinator, &url));
@@ -1057,8 +1063,8 @@ async fn populate_an_uncontended_acquire_runs_and_wakes_a_peer() {
 async fn populate_two_instances_one_prerender_and_the_loser_never_renders() {
     let Some(db) = TestDb::from_env("populate_contended") else { return };
     let config = populate_config(&db, "populate_contended");
-    let a = populator(&config, PopulateSettings::default()).await;
-    let b = populator(&config, PopulateSettings::default()).await;
+    let a = populator(&config, announced_only()).await;
+    let b = populator(&config, announced_only()).await;
     let url = format!("{REALM}card.gts");
     a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
     b.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
@@ -1086,7 +1092,7 @@ async fn populate_two_instances_one_prerender_and_the_loser_never_renders() {
 async fn populate_a_wait_resolves_on_its_keys_notify_not_another_keys_and_on_timeout() {
     let Some(db) = TestDb::from_env("populate_wait") else { return };
     let config = populate_config(&db, "populate_wait");
-    let mut a = populator(&config, PopulateSettings::default()).await;
+    let mut a = populator(&config, announced_only()).await;
     let (mine, theirs) = (
         key_of(&a.coordinator, &format!("{REALM}a.gts")),
         key_of(&a.coordinator, &format!("{REALM}b.gts")),
@@ -1112,8 +1118,8 @@ async fn populate_a_wait_resolves_on_its_keys_notify_not_another_keys_and_on_tim
 async fn populate_an_announcement_between_the_failed_try_and_the_wait_is_not_lost() {
     let Some(db) = TestDb::from_env("populate_lost_wakeup") else { return };
     let config = populate_config(&db, "populate_lost_wakeup");
-    let a = populator(&config, PopulateSettings::default()).await;
-    let mut b = populator(&config, PopulateSettings::default()).await;
+    let a = populator(&config, announced_only()).await;
+    let mut b = populator(&config, announced_only()).await;
     let key = key_of(&a.coordinator, &format!("{REALM}card.gts"));
     let lease = a.coordinator.try_acquire(&key).await.expect("try").expect("A wins");
     // B, as the lookup does it: register, then try.
@@ -1138,8 +1144,8 @@ async fn populate_an_announcement_between_the_failed_try_and_the_wait_is_not_los
 async fn populate_shutdown_releases_parked_waiters() {
     let Some(db) = TestDb::from_env("populate_shutdown") else { return };
     let config = populate_config(&db, "populate_shutdown");
-    let a = populator(&config, PopulateSettings::default()).await;
-    let b = populator(&config, PopulateSettings::default()).await;
+    let a = populator(&config, announced_only()).await;
+    let b = populator(&config, announced_only()).await;
     let url = format!("{REALM}card.gts");
     a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
     let gate = a.renderer.gate(&url);
@@ -1162,8 +1168,8 @@ async fn populate_shutdown_releases_parked_waiters() {
 async fn populate_a_cache_hit_never_touches_the_lock() {
     let Some(db) = TestDb::from_env("populate_hit") else { return };
     let config = populate_config(&db, "populate_hit");
-    let a = populator(&config, PopulateSettings::default()).await;
-    let b = populator(&config, PopulateSettings::default()).await;
+    let a = populator(&config, announced_only()).await;
+    let b = populator(&config, announced_only()).await;
     let url = format!("{REALM}card.gts");
     a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
     bounded("the seed", a.lookup.get_module_entry(&url, None)).await.expect("seed");
@@ -1188,7 +1194,7 @@ async fn populate_a_cache_hit_never_touches_the_lock() {
 async fn populate_winners_leave_a_connection_for_an_invalidation() {
     let Some(db) = TestDb::from_env("populate_pool") else { return };
     let config = populate_config(&db, "populate_pool").pool_size(2);
-    let a = populator(&config, PopulateSettings::default()).await;
+    let a = populator(&config, announced_only()).await;
     let urls: Vec<String> = (0..5).map(|i| format!("{REALM}m{i}.gts")).collect();
     let gates: Vec<_> = urls
         .iter()
@@ -1257,7 +1263,7 @@ fn populate_a_lease_dropped_with_its_runtime_releases_the_lock() {
         .expect("runtime");
     let config = populate_config(&db, "populate_runtime_drop");
     let (a, key, observer) = main.block_on(async {
-        let a = populator(&config, PopulateSettings::default()).await;
+        let a = populator(&config, announced_only()).await;
         let key = key_of(&a.coordinator, &format!("{REALM}card.gts"));
         // Warm the pool on this runtime, so its connections are driven here.
         let (x, y) = tokio::join!(a.lookup.db().row_count(), a.lookup.db().row_count());
@@ -1304,7 +1310,7 @@ async fn populate_a_failing_or_panicking_winner_wakes_the_losers_at_once() {
     let Some(db) = TestDb::from_env("populate_failing") else { return };
     let config = populate_config(&db, "populate_failing");
     // Far beyond the test's bound: a loser that waited out its timeout would fail the test.
-    let patient = PopulateSettings { wait_timeout: Duration::from_secs(600), max_rounds: 4 };
+    let patient = PopulateSettings { wait_timeout: Duration::from_secs(600), ..announced_only() };
     let a = populator(&config, patient).await;
     let b = populator(&config, patient).await;
     for (round, module) in
@@ -1338,7 +1344,7 @@ async fn populate_a_failing_or_panicking_winner_wakes_the_losers_at_once() {
 async fn populate_a_listener_resync_wakes_every_waiter() {
     let Some(db) = TestDb::from_env("populate_resync") else { return };
     let config = populate_config(&db, "populate_resync");
-    let mut a = populator(&config, PopulateSettings::default()).await;
+    let mut a = populator(&config, announced_only()).await;
     let mut ticket = a.signals.register(&key_of(&a.coordinator, &format!("{REALM}card.gts")));
     let pid = a.listener.backend_pid().expect("pid");
     let client = db.client().await;
@@ -1361,8 +1367,9 @@ async fn populate_a_listener_resync_wakes_every_waiter() {
 async fn populate_gives_up_after_four_rounds_with_an_error_naming_the_key() {
     let Some(db) = TestDb::from_env("populate_rounds") else { return };
     let config = populate_config(&db, "populate_rounds");
-    let a = populator(&config, PopulateSettings::default()).await;
-    let impatient = PopulateSettings { wait_timeout: Duration::from_millis(20), max_rounds: 4 };
+    let a = populator(&config, announced_only()).await;
+    let impatient =
+        PopulateSettings { wait_timeout: Duration::from_millis(20), ..PopulateSettings::default() };
     let b = populator(&config, impatient).await;
     let url = format!("{REALM}card.gts");
     b.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
@@ -1423,6 +1430,48 @@ async fn l1_follows_a_peers_invalidation_and_is_bypassed_while_disconnected() {
     expect_event(&mut b.events, ListenerEvent::Resync).await;
     let stats = b.lookup.l1_stats().expect("on");
     assert!(!stats.suspended && stats.entries == 0, "{stats:?}");
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_a_winner_that_dies_without_announcing_is_taken_over_within_a_probe() {
+    let Some(db) = TestDb::from_env("populate_dead_winner") else { return };
+    let config = populate_config(&db, "populate_dead_winner");
+    let a = populator(&config, announced_only()).await;
+    let b = populator(&config, PopulateSettings::default()).await;
+    let url = format!("{REALM}card.gts");
+    b.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    let key = key_of(&a.coordinator, &url);
+    let lease = a.coordinator.try_acquire(&key).await.expect("try").expect("A wins");
+    let waiting = spawn_load(&b.lookup, &url);
+    until("B to park", || b.coordinator.stats().contended == 1 && b.signals.waiting() == 1).await;
+    // The session holding the key ends without a word, as under a SIGKILL: its lock goes
+    // with it, and no announcement is sent. (A one-key advisory lock is listed with the
+    // key's high and low 32 bits as classid and objid.)
+    let client = db.client().await;
+    let (high, low) = (key.hash() >> 32 & 0xffff_ffff, key.hash() & 0xffff_ffff);
+    let ended = client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+             AND granted AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
+             AND objsubid = 1",
+            &[&high, &low],
+        )
+        .await
+        .expect("terminate the holder");
+    assert_eq!(ended, 1, "A's lease held the key");
+    let started = Instant::now();
+    let entry = bounded("B takes over (without probes it would wait 180 s)", waiting)
+        .await
+        .expect("task")
+        .expect("B's own render");
+    let took = started.elapsed();
+    assert_eq!(entry.url, url);
+    assert_eq!(b.renderer.calls(&url), 1, "B rendered it itself");
+    assert!(took < Duration::from_secs(5), "within a probe or so of the death: {took:?}");
+    assert_eq!(b.signals.stats().waits_timed_out, 0, "probes are not timed-out waits");
+    drop(lease);
     a.listener.shutdown().await;
     b.listener.shutdown().await;
 }

@@ -304,11 +304,24 @@ async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
     } else {
         None
     };
-    let result = match &cli.command {
-        Command::SoakWorker(args) => soak_worker::run(&lookup, &cli.realms, args).await,
-        _ => execute(&lookup, &cli).await,
+    let work = async {
+        match &cli.command {
+            Command::SoakWorker(args) => soak_worker::run(&lookup, &cli.realms, args).await,
+            _ => execute(&lookup, &cli).await,
+        }
+    };
+    // Asked to stop (a deploy's SIGTERM, Ctrl-C): the work is dropped here, which cancels a
+    // render in progress; a populate lock it held is then released and its key announced
+    // (`settle` below), so the peers waiting for it take over at once.
+    let result = tokio::select! {
+        result = work => result,
+        signal = stop_requested() => {
+            lookup.cancel_loads().await;
+            Err(anyhow::anyhow!("interrupted by {signal}"))
+        }
     };
     if let Some(coordinator) = &coordinator {
+        coordinator.settle().await;
         let stats = coordinator.stats();
         tracing::info!(
             acquired = stats.acquired,
@@ -320,6 +333,22 @@ async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
         listener.shutdown().await;
     }
     result
+}
+
+/// Resolves with the signal's name once the process is asked to stop (SIGINT or SIGTERM).
+async fn stop_requested() -> &'static str {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(terminate) => terminate,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM");
+                return std::future::pending().await;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
 }
 
 /// `deflookup listen`: prints listener events as JSON lines until Ctrl-C or SIGTERM.

@@ -829,3 +829,68 @@ fn small_edges_are_clear_errors_or_expected_behaviour() {
         assert_fails_with(&f.run(args), &path);
     }
 }
+
+/// Starts a coordinated `lookup` of `module` with `RUST_LOG` set to `log`, its stderr piped.
+fn coordinated_lookup(
+    f: &Fixture,
+    db: &str,
+    module: &str,
+    delay_ms: &str,
+    log: &str,
+) -> std::process::Child {
+    let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
+    Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args(["--db", db, "--realm", &realm, "--coordinate", "--prerender-delay-ms", delay_ms])
+        .args(["lookup", module, "Pet"])
+        .env("RUST_LOG", log)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lookup starts")
+}
+
+#[test]
+fn a_waiter_takes_over_promptly_when_the_coordinated_winner_is_killed_or_stopped() {
+    let Some(db) = fresh_pg_database("killed_winner") else { return };
+    let f = Fixture::new();
+    f.json_on(&db, &["clear-all"]);
+    for (signal, bound) in [("KILL", Duration::from_secs(5)), ("TERM", Duration::from_secs(3))] {
+        let module = format!("winner-{signal}.gts").to_lowercase();
+        f.write(&module, "export class Pet {}\n");
+        // A wins the lock and renders for a long time.
+        let mut a = coordinated_lookup(&f, &db, &module, "60000", "adapter_pg=debug");
+        let mut a_err = std::io::BufReader::new(a.stderr.take().expect("stderr"));
+        wait_for_line(&mut a_err, "won the populate lock");
+        // B loses and waits (180 s by default).
+        let mut b = coordinated_lookup(&f, &db, &module, "0", "lookup_core=debug");
+        let mut b_err = std::io::BufReader::new(b.stderr.take().expect("stderr"));
+        wait_for_line(&mut b_err, "another process is populating this module");
+        let died = Instant::now();
+        let _ = Command::new("kill").args([&format!("-{signal}"), &a.id().to_string()]).status();
+        let a_status = a.wait().expect("A exits");
+        let mut b_out = String::new();
+        std::io::Read::read_to_string(&mut b.stdout.take().expect("stdout"), &mut b_out)
+            .expect("B's answer");
+        let b_status = b.wait().expect("B exits");
+        let took = died.elapsed();
+        eprintln!("SIG{signal}: the waiter answered {took:?} after the winner was signalled");
+        assert!(b_status.success(), "B answers itself");
+        let answer: Value = serde_json::from_str(&b_out).expect("JSON");
+        assert_eq!(answer["prerendered"], true, "B rendered in A's place");
+        assert!(took < bound, "SIG{signal}: B answered {took:?} after, not its 180 s timeout");
+        let mut b_log = String::new();
+        std::io::Read::read_to_string(&mut b_err, &mut b_log).expect("B's stderr");
+        let probed = b_log.contains("went away without announcing");
+        if signal == "TERM" {
+            // Asked to stop, A lets go of its lock and announces it, says so, and exits
+            // non-zero: B is woken by the announcement, not by a probe.
+            assert!(!a_status.success());
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut a_err, &mut rest).expect("A's stderr");
+            assert!(rest.contains("interrupted by SIGTERM"), "{rest}");
+            assert!(!probed, "B heard A's announcement: {b_log}");
+        } else {
+            assert!(probed, "a killed winner says nothing; B's probe took over: {b_log}");
+        }
+    }
+}

@@ -78,6 +78,8 @@ struct Slot {
     id: u64,
     /// Shared with the load's task, which sends the result; joiners subscribe.
     result: Arc<watch::Sender<Option<SharedResult>>>,
+    /// Cancels the load's task ([`CachingLookup::cancel_loads`]).
+    task: tokio::task::AbortHandle,
 }
 
 /// Runs a closure when dropped, including during unwinding.
@@ -229,6 +231,25 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         &self.inner.generations
     }
 
+    /// Cancels every load in flight and returns once their tasks have ended: renders in
+    /// progress are dropped, and whatever a load held is let go of (a populate lease rolls
+    /// back and announces its key). Their callers get [`LookupError::LoadAborted`]. For a
+    /// process that was asked to stop.
+    pub async fn cancel_loads(&self) {
+        let ending: Vec<_> = {
+            let slots = self.inner.slots();
+            slots.values().map(|slot| (slot.task.clone(), slot.result.subscribe())).collect()
+        };
+        for (task, _) in &ending {
+            task.abort();
+        }
+        for (_, mut result) in ending {
+            // Closed once the task is gone (it holds a sender, and so does its slot until
+            // the task's end releases it).
+            while result.changed().await.is_ok() {}
+        }
+    }
+
     /// Number of loads currently in flight (coalescing slots).
     pub fn in_flight_count(&self) -> usize {
         self.inner.slots().len()
@@ -370,12 +391,15 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
                     let id = self.inner.next_slot.fetch_add(1, Ordering::Relaxed);
                     let (tx, rx) = watch::channel(None);
                     let tx = Arc::new(tx);
-                    slots.insert(key.clone(), Slot { id, result: Arc::clone(&tx) });
+                    let result = Arc::clone(&tx);
                     let inner = Arc::clone(&self.inner);
                     let url = url.clone();
+                    let slot_key = key.clone();
                     // The load runs as its own task: a caller that gives up must not cancel
-                    // the load every other caller of the same key is waiting on.
-                    tokio::spawn(async move {
+                    // the load every other caller of the same key is waiting on. (The task
+                    // cannot release its slot before it is inserted below: that takes the
+                    // lock held here.)
+                    let task = tokio::spawn(async move {
                         // Released however the load ends: if it panics (a faulty renderer),
                         // unwinding drops this guard, the slot goes, the last sender goes
                         // with it, and waiters get `LoadAborted` instead of hanging, while
@@ -393,6 +417,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
                         // Nobody waiting is fine: the row is persisted either way.
                         tx.send_replace(Some(outcome));
                     });
+                    slots.insert(slot_key, Slot { id, result, task: task.abort_handle() });
                     rx
                 }
             }
@@ -742,7 +767,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
     /// SPEC §9: a cold load coalesced across processes. Each round registers a wait for the
     /// key *before* trying its lock (so the winner's announcement cannot slip in between),
     /// then either runs the load on the lease's connection and releases it (which announces
-    /// the key, also after a failure), or waits, re-reads, and goes again.
+    /// the key, also after a failure), or waits, re-reads, and goes again. While it waits
+    /// without hearing anything, it probes every `probe_interval`: re-reads the row and tries
+    /// the lock, so a winner that died without announcing is taken over within about one
+    /// interval of its death.
     async fn run_coordinated(
         &self,
         coordinator: &C,
@@ -753,6 +781,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         let key = coordinator.key(&context.scope, url);
         let settings = coordinator.settings();
         let rounds = settings.max_rounds.max(1);
+        let probe = settings.probe_interval.max(Duration::from_millis(1));
         let mut first = Some(first);
         let mut last_wait = Woken::Signalled;
         // `rounds` waits, each after a lost try, and one last try after the last wait: a
@@ -762,29 +791,45 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
             let mut ticket = coordinator.signals().register(&key);
             if let Some(lease) = coordinator.try_acquire(&key).await? {
                 drop(ticket);
-                // A snapshot taken now still precedes every read of this load.
-                let snapshot = first.take().unwrap_or_else(|| self.generations.snapshot());
-                let outcome = self.run_load(&lease, context, url, snapshot, true).await;
-                if let Err(error) = lease.release().await {
-                    // The load's writes were in the lease's transaction and are gone with it;
-                    // the result itself is right, so it is still served.
-                    tracing::warn!(%key, %error, "releasing the populate lock failed; the result is served but not cached");
-                    return outcome.map(|loaded| Loaded { stored: false, ..loaded });
-                }
-                return outcome;
+                return self.run_as_winner(lease, &key, context, url, first.take()).await;
             }
             if round > rounds {
                 break;
             }
             tracing::debug!(%key, round, "another process is populating this module; waiting");
-            last_wait = ticket.wait(settings.wait_timeout).await;
-            if last_wait == Woken::ShutDown {
-                return Err(LookupError::PopulateFailed {
-                    key: key.to_string(),
-                    reason: format!(
-                        "the populate coordinator was shut down while round {round} waited"
-                    ),
-                });
+            let deadline = tokio::time::Instant::now() + settings.wait_timeout;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                last_wait = ticket.wait_part(probe.min(left)).await;
+                match last_wait {
+                    Woken::Signalled => ticket.count(last_wait),
+                    Woken::TimedOut if left <= probe => ticket.count(last_wait),
+                    _ => {}
+                }
+                match last_wait {
+                    Woken::ShutDown => {
+                        return Err(LookupError::PopulateFailed {
+                            key: key.to_string(),
+                            reason: format!(
+                                "the populate coordinator was shut down while round {round} waited"
+                            ),
+                        });
+                    }
+                    Woken::Signalled => break,
+                    Woken::TimedOut if left <= probe => break,
+                    Woken::TimedOut => {}
+                }
+                // Nothing heard for a whole interval: the winner may have died without a word.
+                if let Some(entry) = self.read_cached(&self.db, &context.scope, url).await?
+                    && !self.is_expired(&entry)
+                {
+                    return Ok(Loaded::stored(Arc::new(entry)));
+                }
+                if let Some(lease) = coordinator.try_acquire(&key).await? {
+                    tracing::info!(%key, "took over a populate whose holder went away without announcing");
+                    drop(ticket);
+                    return self.run_as_winner(lease, &key, context, url, first.take()).await;
+                }
             }
             if let Some(entry) = self.read_cached(&self.db, &context.scope, url).await?
                 && !self.is_expired(&entry)
@@ -802,6 +847,28 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
             key: key.to_string(),
             reason: format!("another process held its lock through {rounds} rounds; {last}"),
         })
+    }
+
+    /// Runs the load as the holder of `key`'s lock, on the lease's connection, and releases
+    /// the lease (which announces the key) whatever the outcome.
+    async fn run_as_winner(
+        &self,
+        lease: C::Lease,
+        key: &crate::populate::PopulateKey,
+        context: &Context,
+        url: &str,
+        first: Option<Snapshot>,
+    ) -> SharedResult {
+        // A snapshot taken now still precedes every read of this load.
+        let snapshot = first.unwrap_or_else(|| self.generations.snapshot());
+        let outcome = self.run_load(&lease, context, url, snapshot, true).await;
+        if let Err(error) = lease.release().await {
+            // The load's writes were in the lease's transaction and are gone with it; the
+            // result itself is right, so it is still served.
+            tracing::warn!(%key, %error, "releasing the populate lock failed; the result is served but not cached");
+            return outcome.map(|loaded| Loaded { stored: false, ..loaded });
+        }
+        outcome
     }
 
     /// One pass of SPEC §3.5 steps 2–4. The caller already read the cache before the first

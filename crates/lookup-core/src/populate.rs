@@ -85,11 +85,20 @@ pub struct PopulateSettings {
     pub wait_timeout: Duration,
     /// Rounds of "try the lock, else wait" before the load fails (default 4).
     pub max_rounds: u32,
+    /// While waiting, how often a loser that heard nothing re-reads the row and tries the lock
+    /// again (default 1 s). A winner that died without announcing (killed, its connection
+    /// cut) releases its lock with its session, and the next probe takes over: waiters
+    /// answer within about this interval of the death instead of sitting out `wait_timeout`.
+    pub probe_interval: Duration,
 }
 
 impl Default for PopulateSettings {
     fn default() -> Self {
-        PopulateSettings { wait_timeout: Duration::from_secs(180), max_rounds: 4 }
+        PopulateSettings {
+            wait_timeout: Duration::from_secs(180),
+            max_rounds: 4,
+            probe_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -361,10 +370,19 @@ impl PopulateTicket {
     /// Waits for a signal sent since registration (or since the previous wait ended), at
     /// most `timeout`.
     pub async fn wait(&mut self, timeout: Duration) -> Woken {
+        let woken = self.wait_part(timeout).await;
+        self.count(woken);
+        woken
+    }
+
+    /// Waits like [`wait`](Self::wait), at most `slice`, as one part of a longer wait: a
+    /// timeout is not counted in the stats (the caller probes, then waits on, and calls
+    /// [`count`](Self::count) once the whole wait has ended).
+    pub async fn wait_part(&mut self, slice: Duration) -> Woken {
         if self.shut_down_at_registration || self.signals.is_shut_down() {
             return Woken::ShutDown;
         }
-        let woken = match tokio::time::timeout(timeout, self.signal.changed()).await {
+        let woken = match tokio::time::timeout(slice, self.signal.changed()).await {
             // The sender lives in the registry as long as this ticket does.
             Ok(_) => Woken::Signalled,
             Err(_) => Woken::TimedOut,
@@ -372,12 +390,17 @@ impl PopulateTicket {
         if self.signals.is_shut_down() {
             return Woken::ShutDown;
         }
+        woken
+    }
+
+    /// Counts how a whole wait ended in the stats (`waits_signalled`, `waits_timed_out`).
+    pub fn count(&self, woken: Woken) {
         let counter = match woken {
             Woken::TimedOut => &self.signals.counters.waits_timed_out,
-            _ => &self.signals.counters.waits_signalled,
+            Woken::Signalled => &self.signals.counters.waits_signalled,
+            Woken::ShutDown => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        woken
     }
 }
 
