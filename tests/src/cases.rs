@@ -725,6 +725,33 @@ pub async fn the_longest_registered_realm_owns_a_url<D: DbAdapter>(db: D) {
     assert!(matches!(spelled, Err(LookupError::RealmAlreadyRegistered { .. })), "{spelled:?}");
 }
 
+/// URLs far past an index entry's size (about 3 KB; a btree entry holds at most 2704 bytes)
+/// are cached, read, and invalidated with their consumers like any other.
+pub async fn long_urls_are_cached_and_invalidated<D: DbAdapter>(db: D) {
+    let h = Harness::new(db);
+    // Hex of a multiplicative hash: text that does not compress (Postgres compresses long
+    // index entries, so a repetitive URL would slip under the limit).
+    let noise: String = (0..400u64)
+        .map(|i| format!("{:08x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32))
+        .collect();
+    let long = |name: &str| u(&format!("{noise}/{name}"));
+    let (leaf, card) = (long("leaf.gts"), long("card.gts"));
+    assert!(leaf.len() > 3000);
+    h.renderer.set(&leaf, FakeModule::ready(&["Leaf"], &[]));
+    h.renderer.set(&card, FakeModule::ready(&["Card"], &[&lookup_core::urls::file_alias(&leaf)]));
+    for (url, name) in [(&leaf, "Leaf"), (&card, "Card")] {
+        let found = h.lookup.lookup_definition(&CodeRef::new(url, name), None).await;
+        assert_eq!(found.expect("cached"), fake_definition(url, name, 1));
+    }
+    assert!(h.row(&card).await.is_some(), "the long consumer is stored");
+    h.renderer.set(&leaf, FakeModule::ready(&["Leaf"], &[]).version(2));
+    let list = h.lookup.invalidate(&leaf).await.expect("invalidating a long URL");
+    assert!(list.contains(&card), "its long consumer is invalidated too");
+    assert!(h.row(&card).await.is_none() && h.row(&leaf).await.is_none());
+    let found = h.lookup.lookup_definition(&CodeRef::new(&leaf, "Leaf"), None).await;
+    assert_eq!(found.expect("re-rendered"), fake_definition(&leaf, "Leaf", 2));
+}
+
 /// Every spelling of a module URL is one row, and invalidating any spelling reaches it.
 pub async fn every_spelling_of_a_module_is_one_row<D: DbAdapter>(db: D) {
     let h = Harness::new(db);

@@ -309,6 +309,7 @@ macro_rules! behaviour_suite {
             bad_urls_are_clear_errors,
             the_longest_registered_realm_owns_a_url,
             every_spelling_of_a_module_is_one_row,
+            long_urls_are_cached_and_invalidated,
             l1_serves_repeat_lookups,
             l1_never_serves_past_the_max_age,
             l1_follows_every_invalidation,

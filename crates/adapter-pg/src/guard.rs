@@ -48,35 +48,43 @@ pub(crate) const LOCK_REALM_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1, 
 /// A global clear excludes every persist and every realm invalidation.
 pub(crate) const LOCK_GLOBAL_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1, 0)";
 
+// Rows are found by `md5(realm)` and `md5(url)` (the unique indexes of schema version 4), so
+// that URLs of any length Postgres can store fit an index; the plain comparison next to each
+// hash keeps the answer exact.
+
 /// The stamp of a load in realm `$1`.
-pub(crate) const STAMP: &str =
-    "SELECT coalesce(max(latest), 0) FROM _S_modules_guard_realm WHERE realm = $1 OR realm = ''";
+pub(crate) const STAMP: &str = "SELECT coalesce(max(latest), 0) FROM _S_modules_guard_realm \
+     WHERE md5(realm) IN (md5($1), md5('')) AND realm IN ($1, '')";
 
 /// Records a module fan-out: `$1` realm, `$2` URLs. Returns the sequence taken.
 pub(crate) const RECORD_MODULES: &str = "WITH s AS (SELECT nextval('_S_modules_guard_seq') AS seq), \
      r AS (INSERT INTO _S_modules_guard_realm (realm, latest) SELECT $1, seq FROM s \
-           ON CONFLICT (realm) DO UPDATE SET latest = EXCLUDED.latest), \
+           ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest), \
      u AS (INSERT INTO _S_modules_guard (realm, url, seq) \
            SELECT $1, x.url, s.seq FROM s, (SELECT DISTINCT unnest($2::text[]) AS url) AS x \
-           ON CONFLICT (realm, url) DO UPDATE SET seq = EXCLUDED.seq, at = now()) \
+           ON CONFLICT ((md5(realm)), (md5(url))) DO UPDATE SET seq = EXCLUDED.seq, at = now()) \
      SELECT seq FROM s";
 
 /// Records a whole-realm (or, with `''`, global) clear: `$1` realm.
 pub(crate) const RECORD_CLEAR: &str = "WITH s AS (SELECT nextval('_S_modules_guard_seq') AS seq) \
      INSERT INTO _S_modules_guard_realm (realm, latest, cleared) SELECT $1, seq, seq FROM s \
-     ON CONFLICT (realm) DO UPDATE SET latest = EXCLUDED.latest, cleared = EXCLUDED.cleared \
+     ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest, cleared = EXCLUDED.cleared \
      RETURNING latest";
 
 /// Forgets URL records of realm `$1` older than `$2` seconds, remembering the newest forgotten.
 pub(crate) const PRUNE: &str = "WITH gone AS (DELETE FROM _S_modules_guard \
-         WHERE realm = $1 AND at < now() - make_interval(secs => $2) RETURNING seq) \
+         WHERE md5(realm) = md5($1) AND realm = $1 AND at < now() - make_interval(secs => $2) \
+         RETURNING seq) \
      UPDATE _S_modules_guard_realm SET pruned_through = greatest(pruned_through, \
          (SELECT max(seq) FROM gone)) \
-     WHERE realm = $1 AND EXISTS (SELECT 1 FROM gone)";
+     WHERE md5(realm) = md5($1) AND realm = $1 AND EXISTS (SELECT 1 FROM gone)";
 
 /// The condition under which a persist of a row in realm `$4`, checking URLs `$11` with stamp
 /// `$12`, is still fresh.
 pub(crate) const FRESH: &str = "NOT EXISTS (SELECT 1 FROM _S_modules_guard \
-         WHERE realm = $4 AND url = ANY ($11::text[]) AND seq > $12) \
+         WHERE md5(realm) = md5($4) AND realm = $4 \
+         AND md5(url) = ANY (SELECT md5(c) FROM unnest($11::text[]) AS c) \
+         AND url = ANY ($11::text[]) AND seq > $12) \
      AND NOT EXISTS (SELECT 1 FROM _S_modules_guard_realm WHERE \
-         (realm = $4 AND (cleared > $12 OR pruned_through > $12)) OR (realm = '' AND cleared > $12))";
+         (md5(realm) = md5($4) AND realm = $4 AND (cleared > $12 OR pruned_through > $12)) \
+         OR (md5(realm) = md5('') AND realm = '' AND cleared > $12))";

@@ -61,6 +61,22 @@ const MIGRATIONS: &[&str] = &[
     // written since the last VACUUM (measured: 0.6 ms per probe instead of 2 µs after a
     // burst of 10 000 inserts), which a busy realm would pay on every invalidation.
     "ALTER INDEX _S_modules_deps_index SET (fastupdate = off);",
+    // 4: URLs of any length. A btree index entry must fit in a third of a page (2704 bytes),
+    // so a long URL (or realm URL) made its row, or its invalidation's guard record,
+    // unwritable. Lookups by `file_alias` and `resolved_realm_url` are equalities: hash
+    // indexes serve them and store a hash whatever the length (the file_alias index takes
+    // the name the reference system gives its own). The guard tables are keyed by the md5
+    // of their URLs instead of the URLs.
+    "DROP INDEX _S_modules_file_alias_index;
+    CREATE INDEX modules_resolved_realm_url_file_alias_index ON _S_modules USING hash (file_alias);
+    DROP INDEX _S_modules_resolved_realm_url_index;
+    CREATE INDEX modules_resolved_realm_url_index ON _S_modules USING hash (resolved_realm_url);
+    ALTER TABLE _S_modules_guard DROP CONSTRAINT modules_guard_pkey;
+    CREATE UNIQUE INDEX modules_guard_key ON _S_modules_guard (md5(realm), md5(url));
+    DROP INDEX _S_modules_guard_age_index;
+    CREATE INDEX modules_guard_age_index ON _S_modules_guard (md5(realm), at);
+    ALTER TABLE _S_modules_guard_realm DROP CONSTRAINT modules_guard_realm_pkey;
+    CREATE UNIQUE INDEX modules_guard_realm_key ON _S_modules_guard_realm (md5(realm));",
 ];
 
 /// The newest schema version this build knows.

@@ -100,7 +100,7 @@ async fn the_table_matches_the_spec_and_creation_is_idempotent_under_concurrency
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3], "each migration recorded once");
+    assert_eq!(versions, [1, 2, 3, 4], "each migration recorded once");
     let columns: Vec<(String, String)> = client
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -832,4 +832,59 @@ async fn a_read_only_role_serves_hits_and_is_told_clearly_it_cannot_write() {
     assert!(err.to_string().contains("lacks the privilege"), "{err}");
     drop(reader);
     admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_schema_is_upgraded_to_take_urls_of_any_length() {
+    let Some(config) = config("upgrade to 4") else { return };
+    PgAdapter::connect(config.clone()).await.expect("a current schema");
+    // Back to version 3's indexes and keys, as a database created before version 4 has them.
+    let client = raw_client(&config).await;
+    client
+        .batch_execute(
+            "DROP INDEX modules_resolved_realm_url_file_alias_index;
+             CREATE INDEX modules_file_alias_index ON modules (file_alias);
+             DROP INDEX modules_resolved_realm_url_index;
+             CREATE INDEX modules_resolved_realm_url_index ON modules (resolved_realm_url);
+             DROP INDEX modules_guard_key;
+             ALTER TABLE modules_guard ADD PRIMARY KEY (realm, url);
+             DROP INDEX modules_guard_age_index;
+             CREATE INDEX modules_guard_age_index ON modules_guard (realm, at);
+             DROP INDEX modules_guard_realm_key;
+             ALTER TABLE modules_guard_realm ADD PRIMARY KEY (realm);
+             DELETE FROM deflookup_schema_version WHERE version = 4;",
+        )
+        .await
+        .expect("downgrade to version 3");
+    let db = PgAdapter::connect(config.clone()).await.expect("upgrade to version 4");
+    let kinds: Vec<(String, String)> = client
+        .query(
+            "SELECT c.relname::text, a.amname::text FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam \
+             JOIN pg_class t ON t.oid = i.indrelid \
+             WHERE t.relname = 'modules' AND t.relnamespace = $1::text::regnamespace ORDER BY 1",
+            &[&config.schema_name().unwrap()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let kinds: Vec<(&str, &str)> = kinds.iter().map(|(n, k)| (n.as_str(), k.as_str())).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("modules_deps_index", "gin"),
+            ("modules_pkey", "btree"),
+            ("modules_resolved_realm_url_file_alias_index", "hash"),
+            ("modules_resolved_realm_url_index", "hash"),
+        ]
+    );
+    // A 3 KB URL that does not compress, and its invalidation's guard record, now fit.
+    let noise: String = (0..400u64)
+        .map(|i| format!("{:08x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32))
+        .collect();
+    let long = format!("{noise}/x.gts");
+    db.upsert(&entry(REALM, &long, &[]), LoadStamp::UNGUARDED).await.expect("a long row");
+    assert_eq!(db.apply_invalidation(&modules(&[&long])).await.expect("its invalidation"), 1);
 }
