@@ -246,6 +246,9 @@ impl PopulateCoordinator for PgPopulateCoordinator {
             adapter: self.adapter.clone(),
             counters: Arc::clone(&self.counters),
             cleanups: Arc::clone(&self.cleanups),
+            fell_back: Default::default(),
+            broken: Default::default(),
+            wrote_on_lease: Default::default(),
             _permit: permit,
         }))
     }
@@ -264,6 +267,12 @@ pub struct PgLease {
     adapter: PgAdapter,
     counters: Arc<Counters>,
     cleanups: Arc<Cleanups>,
+    /// The lease's connection was found gone and the load went on on the pool.
+    fell_back: std::sync::atomic::AtomicBool,
+    /// An operation on the lease failed at the connection level.
+    broken: std::sync::atomic::AtomicBool,
+    /// A row was written inside the lease's transaction (so it needs the commit).
+    wrote_on_lease: std::sync::atomic::AtomicBool,
     /// One of the coordinator's `pool size − 1` leases, given back with the lease.
     _permit: OwnedSemaphorePermit,
 }
@@ -301,44 +310,41 @@ async fn roll_back_and_announce(client: Object, announce: &str, limit: Duration)
     }
 }
 
-impl RowStore for PgLease {
-    async fn read_rows(
-        &self,
-        scope: &EntryScope,
-        url: &str,
-        alias: &str,
-    ) -> Result<Vec<CacheEntry>, LookupError> {
-        let sql = self.adapter.sql();
-        let read = async { store::read_rows(sql, self.client()?, scope, url, alias).await };
-        Ok(self.adapter.bounded("read row", read).await?)
+impl PgLease {
+    /// Whether the lease's connection is gone (a terminated backend, a failover, a cut
+    /// network): its transaction and its lock went with it.
+    fn lease_gone(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+            || self.client.as_ref().is_none_or(|client| client.is_closed())
     }
 
-    async fn read_rows_batch(
-        &self,
-        scope: &EntryScope,
-        names: &[String],
-    ) -> Result<Vec<CacheEntry>, LookupError> {
-        if names.is_empty() {
-            return Ok(Vec::new());
+    /// Notes a failed operation on the lease: a connection-level failure (the server ended
+    /// the session, the connection broke or timed out) means the lease is gone, even if the
+    /// driver has not noticed the closed socket yet.
+    fn note_failure(&self, error: &LookupError) {
+        if error.is_transient() {
+            self.broken.store(true, Ordering::Relaxed);
         }
-        let sql = self.adapter.sql();
-        let read = async { store::read_rows_batch(sql, self.client()?, scope, names).await };
-        Ok(self.adapter.bounded("read rows", read).await?)
     }
 
-    async fn begin_load(&self, realm_url: &str, _url: &str) -> Result<LoadStamp, LookupError> {
-        if !self.guarded {
-            return Ok(LoadStamp::UNGUARDED);
+    /// Once the lease's connection is gone, the rest of the load runs on pooled connections:
+    /// a write there is checked by the durable guard like any other, so nothing stale can
+    /// land, and a long render is not thrown away because its lock's session ended.
+    fn fall_back(&self, operation: &str) -> bool {
+        if !self.lease_gone() {
+            return false;
         }
-        let stamp = async { store::stamp(self.adapter.sql(), self.client()?, realm_url).await };
-        Ok(self.adapter.bounded("stamp load", stamp).await?)
+        if !self.fell_back.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                operation,
+                "the populate lease's connection is gone; finishing the load on the pool"
+            );
+        }
+        true
     }
 
-    /// Writes inside the lease's transaction (visible at release). Guarded, the write runs in
-    /// a savepoint: when the guard refuses it, rolling back to the savepoint also gives back
-    /// the realm's shared lock, so invalidations need not wait for the load's re-run. A
-    /// written row keeps the lock until the commit, as the guard requires.
-    async fn upsert(
+    /// [`RowStore::upsert`] on the lease's connection.
+    async fn upsert_on_lease(
         &self,
         entry: &CacheEntry,
         stamp: LoadStamp,
@@ -368,11 +374,120 @@ impl RowStore for PgLease {
     }
 }
 
+impl RowStore for PgLease {
+    async fn read_rows(
+        &self,
+        scope: &EntryScope,
+        url: &str,
+        alias: &str,
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        if !self.fall_back("read row") {
+            let sql = self.adapter.sql();
+            let read = async { store::read_rows(sql, self.client()?, scope, url, alias).await };
+            let result = self.adapter.bounded("read row", read).await.map_err(LookupError::from);
+            if let Err(error) = &result {
+                self.note_failure(error);
+            }
+            if result.is_ok() || !self.fall_back("read row") {
+                return result;
+            }
+        }
+        self.adapter.read_rows(scope, url, alias).await
+    }
+
+    async fn read_rows_batch(
+        &self,
+        scope: &EntryScope,
+        names: &[String],
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.fall_back("read rows") {
+            let sql = self.adapter.sql();
+            let read = async { store::read_rows_batch(sql, self.client()?, scope, names).await };
+            let result = self.adapter.bounded("read rows", read).await.map_err(LookupError::from);
+            if let Err(error) = &result {
+                self.note_failure(error);
+            }
+            if result.is_ok() || !self.fall_back("read rows") {
+                return result;
+            }
+        }
+        self.adapter.read_rows_batch(scope, names).await
+    }
+
+    async fn begin_load(&self, realm_url: &str, url: &str) -> Result<LoadStamp, LookupError> {
+        if !self.guarded {
+            return Ok(LoadStamp::UNGUARDED);
+        }
+        if !self.fall_back("stamp load") {
+            let stamp = async { store::stamp(self.adapter.sql(), self.client()?, realm_url).await };
+            let result = self.adapter.bounded("stamp load", stamp).await.map_err(LookupError::from);
+            if let Err(error) = &result {
+                self.note_failure(error);
+            }
+            if result.is_ok() || !self.fall_back("stamp load") {
+                return result;
+            }
+        }
+        self.adapter.begin_load(realm_url, url).await
+    }
+
+    /// Writes inside the lease's transaction (visible at release). Guarded, the write runs in
+    /// a savepoint: when the guard refuses it, rolling back to the savepoint also gives back
+    /// the realm's shared lock, so invalidations need not wait for the load's re-run. A
+    /// written row keeps the lock until the commit, as the guard requires. If the lease's
+    /// connection is gone, the write is made once on a pooled connection instead.
+    async fn upsert(
+        &self,
+        entry: &CacheEntry,
+        stamp: LoadStamp,
+    ) -> Result<PersistOutcome, LookupError> {
+        if !self.fall_back("upsert") {
+            match self.upsert_on_lease(entry, stamp).await {
+                Ok(outcome) => {
+                    if outcome == PersistOutcome::Written {
+                        self.wrote_on_lease.store(true, Ordering::Relaxed);
+                    }
+                    return Ok(outcome);
+                }
+                Err(error) => {
+                    self.note_failure(&error);
+                    if !self.fall_back("upsert") {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        self.adapter.upsert(entry, stamp).await
+    }
+}
+
 impl PopulateLease for PgLease {
     async fn release(mut self) -> Result<(), LookupError> {
+        let gone = self.lease_gone();
         let Some(client) = self.client.take() else {
             return Ok(());
         };
+        if gone {
+            // Its transaction (and lock) failed or went with the session: nothing to commit,
+            // but the waiters must still hear of the key. A write made on the lease before it
+            // went is lost; one made on the pool since (see `fall_back`) is not.
+            self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
+            let limit = self.adapter.config().operation_timeout_duration();
+            if client.is_closed() || !roll_back_and_announce(client, &self.announce, limit).await {
+                self.announce_on_pool().await;
+            }
+            if self.wrote_on_lease.load(Ordering::Relaxed) {
+                return Err(PgError::Query {
+                    operation: "populate release",
+                    source: "the lease's connection was lost before its write committed".into(),
+                }
+                .into());
+            }
+            return Ok(());
+        }
         // One round trip: the announcement is delivered at the commit, with the row.
         let limit = self.adapter.config().operation_timeout_duration();
         let text = format!("{}; COMMIT", self.announce);
@@ -393,26 +508,29 @@ impl PopulateLease for PgLease {
                 // connection broke. Either way nothing was written; wake the losers anyway.
                 self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
                 if !roll_back_and_announce(client, &self.announce, limit).await {
-                    let announce = async {
-                        let other = Checkout::new(self.adapter.client("populate announce").await?);
-                        other
-                            .client()
-                            .simple_query(&self.announce)
-                            .await
-                            .map_err(query_error("populate announce"))?;
-                        other.finish();
-                        Ok(())
-                    };
-                    let announced =
-                        self.adapter.bounded("populate announce", announce).await.is_ok();
-                    if !announced {
-                        tracing::warn!(
-                            "cannot announce a failed populate; its waiters will time out"
-                        );
-                    }
+                    self.announce_on_pool().await;
                 }
                 Err(error.into())
             }
+        }
+    }
+}
+
+impl PgLease {
+    /// Announces the key on a pooled connection (the lease's own being unusable).
+    async fn announce_on_pool(&self) {
+        let announce = async {
+            let other = Checkout::new(self.adapter.client("populate announce").await?);
+            other
+                .client()
+                .simple_query(&self.announce)
+                .await
+                .map_err(query_error("populate announce"))?;
+            other.finish();
+            Ok(())
+        };
+        if self.adapter.bounded("populate announce", announce).await.is_err() {
+            tracing::warn!("cannot announce a populate; its waiters will find out by probing");
         }
     }
 }

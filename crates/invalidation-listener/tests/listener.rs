@@ -1447,20 +1447,8 @@ async fn populate_a_winner_that_dies_without_announcing_is_taken_over_within_a_p
     let waiting = spawn_load(&b.lookup, &url);
     until("B to park", || b.coordinator.stats().contended == 1 && b.signals.waiting() == 1).await;
     // The session holding the key ends without a word, as under a SIGKILL: its lock goes
-    // with it, and no announcement is sent. (A one-key advisory lock is listed with the
-    // key's high and low 32 bits as classid and objid.)
-    let client = db.client().await;
-    let (high, low) = (key.hash() >> 32 & 0xffff_ffff, key.hash() & 0xffff_ffff);
-    let ended = client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
-             AND granted AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
-             AND objsubid = 1",
-            &[&high, &low],
-        )
-        .await
-        .expect("terminate the holder");
-    assert_eq!(ended, 1, "A's lease held the key");
+    // with it, and no announcement is sent.
+    assert_eq!(terminate_lock_holder(&db, &key).await, 1, "A's lease held the key");
     let started = Instant::now();
     let entry = bounded("B takes over (without probes it would wait 180 s)", waiting)
         .await
@@ -1474,4 +1462,43 @@ async fn populate_a_winner_that_dies_without_announcing_is_taken_over_within_a_p
     drop(lease);
     a.listener.shutdown().await;
     b.listener.shutdown().await;
+}
+
+/// Ends the session that holds `key`'s populate lock, as a failover or a terminated backend
+/// would; returns how many sessions it ended.
+async fn terminate_lock_holder(db: &TestDb, key: &PopulateKey) -> u64 {
+    let client = db.client().await;
+    // A one-key advisory lock is listed with the key's high and low 32 bits.
+    let (high, low) = (key.hash() >> 32 & 0xffff_ffff, key.hash() & 0xffff_ffff);
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+             AND granted AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
+             AND objsubid = 1",
+            &[&high, &low],
+        )
+        .await
+        .expect("terminate the holder")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_a_winner_whose_connection_ends_mid_render_still_stores_its_row() {
+    let Some(db) = TestDb::from_env("populate_lost_lease") else { return };
+    let config = populate_config(&db, "populate_lost_lease");
+    let a = populator(&config, announced_only()).await;
+    let url = format!("{REALM}card.gts");
+    a.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    let gate = a.renderer.gate(&url);
+    let a_load = spawn_load(&a.lookup, &url);
+    gate.entered().await; // A holds the lock on its lease's connection and renders
+    let key = key_of(&a.coordinator, &url);
+    assert_eq!(terminate_lock_holder(&db, &key).await, 1, "the lease's session ends");
+    gate.open();
+    let entry = bounded("A's load", a_load).await.expect("task").expect("A's render is kept");
+    assert_eq!(entry.url, url);
+    // The row was written on a pooled connection instead, and is there for everyone.
+    let stored = a.lookup.get_cached_entry(&url, None).await.expect("read");
+    assert!(stored.is_some(), "the render was stored despite the lost lease");
+    assert_eq!(a.renderer.calls(&url), 1, "rendered once");
+    a.listener.shutdown().await;
 }
