@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lookup_core::wire::{INVALIDATION_CHANNEL, POPULATE_CHANNEL};
+use lookup_core::wire::{INVALIDATION_CHANNEL, POPULATE_CHANNEL, POPULATE_OUTCOME_CHANNEL};
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Connection, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -46,6 +46,7 @@ pub struct PgConfig {
     schema: Option<String>,
     channel: String,
     populate_channel: String,
+    populate_outcome_channel: String,
     pool_size: usize,
     connect_timeout: Duration,
     operation_timeout: Duration,
@@ -65,6 +66,7 @@ impl std::fmt::Debug for PgConfig {
             .field("schema", &self.schema)
             .field("channel", &self.channel)
             .field("populate_channel", &self.populate_channel)
+            .field("populate_outcome_channel", &self.populate_outcome_channel)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .field("operation_timeout", &self.operation_timeout)
@@ -91,6 +93,7 @@ impl PgConfig {
             schema: None,
             channel: INVALIDATION_CHANNEL.to_owned(),
             populate_channel: POPULATE_CHANNEL.to_owned(),
+            populate_outcome_channel: POPULATE_OUTCOME_CHANNEL.to_owned(),
             pool_size: 8,
             connect_timeout: Duration::from_secs(10),
             operation_timeout: Duration::from_secs(15),
@@ -160,6 +163,13 @@ impl PgConfig {
     /// `module_cache_populated`. Peers must agree on it.
     pub fn populate_channel(mut self, channel: impl Into<String>) -> Self {
         self.populate_channel = channel.into();
+        self
+    }
+
+    /// Tells populate waiters why a winner left no row on this channel instead of
+    /// `module_cache_populate_outcome`. Peers must agree on it.
+    pub fn populate_outcome_channel(mut self, channel: impl Into<String>) -> Self {
+        self.populate_outcome_channel = channel.into();
         self
     }
 
@@ -250,6 +260,11 @@ impl PgConfig {
     /// The populate announcement channel.
     pub fn populate_channel_name(&self) -> &str {
         &self.populate_channel
+    }
+
+    /// The populate outcome channel.
+    pub fn populate_outcome_channel_name(&self) -> &str {
+        &self.populate_outcome_channel
     }
 
     /// The pool size.
@@ -364,6 +379,7 @@ impl PgConfig {
         }
         validate_channel(&self.channel, &self.redacted_url())?;
         validate_channel(&self.populate_channel, &self.redacted_url())?;
+        validate_channel(&self.populate_outcome_channel, &self.redacted_url())?;
         Ok(config)
     }
 

@@ -37,9 +37,10 @@ pub use populate::{PgLease, PgPopulateCoordinator, PgPopulateStats};
 pub use tls::SslMode;
 
 pub use lookup_core::wire::{
-    INVALIDATION_CHANNEL, POPULATE_CHANNEL, ParsedPayload, encode_payloads, parse_payload,
+    INVALIDATION_CHANNEL, POPULATE_CHANNEL, POPULATE_OUTCOME_CHANNEL, ParsedPayload,
+    encode_outcome, encode_payloads, parse_outcome, parse_payload,
 };
 pub use lookup_core::{
-    Invalidation, InvalidationSink, PopulateSettings, PopulateSignals, PopulateSink,
+    Invalidation, InvalidationSink, NoRow, PopulateSettings, PopulateSignals, PopulateSink,
 };
 pub use tokio_postgres;

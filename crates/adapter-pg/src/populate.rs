@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Object;
+use lookup_core::wire::encode_outcome;
 use lookup_core::{
-    CacheEntry, EntryScope, LoadStamp, LookupError, PersistOutcome, PopulateCoordinator,
+    CacheEntry, EntryScope, LoadStamp, LookupError, NoRow, PersistOutcome, PopulateCoordinator,
     PopulateKey, PopulateLease, PopulateSettings, PopulateSignals, RowStore,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -237,6 +238,7 @@ impl PopulateCoordinator for PgPopulateCoordinator {
         tracing::debug!(%key, "won the populate lock");
         Ok(Some(PgLease {
             client: Some(client),
+            key_hash: key.hash(),
             announce: format!(
                 "SELECT pg_notify('{}', '{}')",
                 self.adapter.config().populate_channel_name(),
@@ -263,6 +265,8 @@ pub struct PgLease {
     client: Option<Object>,
     /// `SELECT pg_notify('<channel>', '<hash>')`; the channel name is validated by `PgConfig`.
     announce: String,
+    /// The key's hash, for the outcome of a load that left no row.
+    key_hash: i64,
     guarded: bool,
     adapter: PgAdapter,
     counters: Arc<Counters>,
@@ -465,6 +469,29 @@ impl RowStore for PgLease {
 }
 
 impl PopulateLease for PgLease {
+    /// Says why the load left no row on the outcome channel, inside the lease's transaction
+    /// (so it is delivered at the commit, just before the key's announcement), then releases.
+    /// If the outcome cannot be sent, the release goes on without it.
+    async fn release_without_row(self, outcome: &NoRow) -> Result<(), LookupError> {
+        if let (Some(client), Some(payload)) =
+            (self.client.as_ref(), encode_outcome(self.key_hash, outcome))
+        {
+            if !self.lease_gone() {
+                let sql = self.adapter.sql();
+                let channel = self.adapter.config().populate_outcome_channel_name();
+                let told = async {
+                    sql.query(client, &sql.notify, &[&channel, &payload])
+                        .await
+                        .map_err(query_error("populate outcome"))
+                };
+                if let Err(error) = self.adapter.bounded("populate outcome", told).await {
+                    tracing::warn!(%error, "cannot tell populate waiters why no row was left");
+                }
+            }
+        }
+        self.release().await
+    }
+
     async fn release(mut self) -> Result<(), LookupError> {
         let gone = self.lease_gone();
         let Some(client) = self.client.take() else {

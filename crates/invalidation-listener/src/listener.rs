@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use adapter_pg::tokio_postgres::{AsyncMessage, Client, Notification, SimpleQueryMessage};
 use adapter_pg::{
     Invalidation, InvalidationSink, PgConfig, PgConnection, PgError, PopulateSink, error_chain,
-    parse_payload,
+    parse_outcome, parse_payload,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -106,6 +106,7 @@ impl PgInvalidationListener {
         let shared = Arc::new(Shared {
             sink,
             populate,
+            populate_outcome: config.populate_outcome_channel_name().to_owned(),
             origin,
             channel: config.channel_name().to_owned(),
             redacted_url: pg.redacted_url(),
@@ -172,6 +173,8 @@ struct Shared {
     sink: Arc<dyn InvalidationSink>,
     /// The populate channel and the waiters its announcements wake, when asked for.
     populate: Option<(String, Arc<dyn PopulateSink>)>,
+    /// The channel on which winners that left no row say why (LISTENed with `populate`).
+    populate_outcome: String,
     origin: Option<String>,
     channel: String,
     redacted_url: String,
@@ -255,6 +258,15 @@ impl Shared {
         match &self.populate {
             Some((channel, populate)) if note.channel() == channel => {
                 self.populated(channel, populate.as_ref(), note.payload(), warnings)
+            }
+            Some((_, populate)) if note.channel() == self.populate_outcome => {
+                match parse_outcome(note.payload()) {
+                    Ok((key, outcome)) => populate.key_outcome(key, outcome),
+                    Err(error) => {
+                        self.stats().malformed_payloads += 1;
+                        warnings.note(&self.populate_outcome, note.payload(), &error);
+                    }
+                }
             }
             _ => self.replay(note.payload(), warnings),
         }
@@ -375,6 +387,7 @@ async fn open_session(
     let mut channels = vec![shared.channel.as_str()];
     if let Some((populate, _)) = &shared.populate {
         channels.push(populate);
+        channels.push(&shared.populate_outcome);
     }
     match tokio::time::timeout(limit, Session::open(pg, &channels)).await {
         Ok(opened) => opened,

@@ -1306,7 +1306,7 @@ fn populate_a_lease_dropped_with_its_runtime_releases_the_lock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn populate_a_failing_or_panicking_winner_wakes_the_losers_at_once() {
+async fn populate_a_failing_winner_shares_its_failure_and_a_panicking_one_wakes_the_losers() {
     let Some(db) = TestDb::from_env("populate_failing") else { return };
     let config = populate_config(&db, "populate_failing");
     // Far beyond the test's bound: a loser that waited out its timeout would fail the test.
@@ -1330,8 +1330,17 @@ async fn populate_a_failing_or_panicking_winner_wakes_the_losers_at_once() {
         gate.open();
         let a_result = bounded("A's load", a_load).await;
         assert!(!matches!(a_result, Ok(Ok(_))), "A's render failed: {a_result:?}");
-        bounded("B's load", b_load).await.expect("task").expect("B renders it itself");
-        assert_eq!(b.renderer.calls(&url), 1, "{url}");
+        let b_result = bounded("B's load", b_load).await.expect("task");
+        if round == 0 {
+            // The renderer's failure is the answer for everyone: B does not render again.
+            let error = b_result.expect_err("A's failure, told to B");
+            assert!(error.to_string().contains("renderer down"), "{error}");
+            assert_eq!(b.renderer.calls(&url), 0, "{url}");
+        } else {
+            // A panic is A's own trouble: B, woken at once, renders it itself.
+            b_result.expect("B renders it itself");
+            assert_eq!(b.renderer.calls(&url), 1, "{url}");
+        }
     }
     assert_eq!(b.signals.stats().waits_timed_out, 0, "woken, not timed out");
     let a_stats = a.coordinator.stats();

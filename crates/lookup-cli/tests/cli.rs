@@ -894,3 +894,34 @@ fn a_waiter_takes_over_promptly_when_the_coordinated_winner_is_killed_or_stopped
         }
     }
 }
+
+#[test]
+fn a_coordinated_herd_on_a_missing_module_all_get_not_found() {
+    let Some(db) = fresh_pg_database("missing_herd") else { return };
+    let f = Fixture::new();
+    f.json_on(&db, &["clear-all"]);
+    let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
+    let started = Instant::now();
+    let children: Vec<_> = (0..12)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_deflookup"))
+                .args(["--db", &db, "--realm", &realm, "--coordinate"])
+                // Each render (a look for the file) takes a while, so the herd overlaps.
+                .args(["--prerender-delay-ms", "300", "--populate-timeout-secs", "15"])
+                .args(["lookup", "ghost.gts", "Ghost"])
+                .env_remove("RUST_LOG")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("lookup starts")
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().expect("lookup ends");
+        // Every process gets the true answer; none gives up on the lock.
+        assert_fails_with(&output, "not found");
+    }
+    let took = started.elapsed();
+    eprintln!("12 coordinated lookups of a missing module answered in {took:?}");
+    assert!(took < Duration::from_secs(30), "promptly: {took:?}");
+}

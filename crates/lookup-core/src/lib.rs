@@ -28,7 +28,7 @@ pub use generations::{Generations, Snapshot};
 pub use l1::{L1Config, L1Stats};
 pub use lookup::{CachingLookup, LookupConfig, fan_out};
 pub use populate::{
-    NoLease, PopulateCoordinator, PopulateKey, PopulateLease, PopulateSettings,
+    NoLease, NoRow, PopulateCoordinator, PopulateKey, PopulateLease, PopulateSettings,
     PopulateSignalStats, PopulateSignals, PopulateSink, PopulateTicket, Uncoordinated, Woken,
     populate_key_hash,
 };

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::error::LookupError;
 use crate::generations::{Generations, Snapshot};
 use crate::l1::{L1, L1Config, L1Stats};
-use crate::populate::{PopulateCoordinator, PopulateLease, Uncoordinated, Woken};
+use crate::populate::{NoRow, PopulateCoordinator, PopulateLease, Uncoordinated, Woken};
 use crate::traits::{
     DbAdapter, InvalidationSink, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe, RowStore,
 };
@@ -836,6 +836,11 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
             {
                 return Ok(Loaded::stored(Arc::new(entry)));
             }
+            // The winner left no row and said why (not found, its renderer failed): that is
+            // this process's answer too, rather than a render of its own.
+            if let Some(outcome) = ticket.outcome() {
+                return Err(outcome.to_error());
+            }
         }
         let last = match last_wait {
             Woken::TimedOut => format!("the last wait timed out after {:?}", settings.wait_timeout),
@@ -862,7 +867,11 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         // A snapshot taken now still precedes every read of this load.
         let snapshot = first.unwrap_or_else(|| self.generations.snapshot());
         let outcome = self.run_load(&lease, context, url, snapshot, true).await;
-        if let Err(error) = lease.release().await {
+        let released = match outcome.as_ref().err().and_then(NoRow::from_error) {
+            Some(no_row) => lease.release_without_row(&no_row).await,
+            None => lease.release().await,
+        };
+        if let Err(error) = released {
             // The load's writes were in the lease's transaction and are gone with it; the
             // result itself is right, so it is still served.
             tracing::warn!(%key, %error, "releasing the populate lock failed; the result is served but not cached");

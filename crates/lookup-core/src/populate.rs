@@ -102,6 +102,51 @@ impl Default for PopulateSettings {
     }
 }
 
+/// How a winner's load ended when it left no row to read: what its waiters in every process
+/// answer instead of rendering again, one after another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRow {
+    /// No candidate of the module exists ([`LookupError::ModuleNotFound`]).
+    NotFound {
+        /// The module URL.
+        url: String,
+    },
+    /// The prerenderer itself failed ([`LookupError::Prerender`]), with its message.
+    RenderFailed {
+        /// The candidate URL.
+        url: String,
+        /// What the prerenderer reported.
+        message: String,
+    },
+}
+
+impl NoRow {
+    /// The outcome a load's error stands for, when it is one that leaves no row and means the
+    /// same for every process (a database error does not: it is this process's).
+    pub fn from_error(error: &LookupError) -> Option<NoRow> {
+        match error {
+            LookupError::ModuleNotFound { url } => Some(NoRow::NotFound { url: url.clone() }),
+            LookupError::Prerender { url, source } => {
+                Some(NoRow::RenderFailed { url: url.clone(), message: source.to_string() })
+            }
+            _ => None,
+        }
+    }
+
+    /// The error a waiter answers with.
+    pub fn to_error(&self) -> LookupError {
+        match self {
+            NoRow::NotFound { url } => LookupError::ModuleNotFound { url: url.clone() },
+            NoRow::RenderFailed { url, message } => LookupError::Prerender {
+                url: url.clone(),
+                source: crate::BoxError::from(Box::<dyn std::error::Error + Send + Sync>::from(
+                    format!("(rendered by another process) {message}"),
+                )),
+            },
+        }
+    }
+}
+
 /// The row operations of a load, on the connection that holds a won populate lock, and the
 /// release of that lock.
 pub trait PopulateLease: RowStore {
@@ -110,6 +155,20 @@ pub trait PopulateLease: RowStore {
     /// must not sit out a timeout. An implementation must also announce and release when the
     /// lease is dropped without this call (a panicking or cancelled load).
     fn release(self) -> impl Future<Output = Result<(), LookupError>> + Send;
+
+    /// [`release`](Self::release) for a load that left no row, telling the waiters how it
+    /// ended ([`PopulateSink::key_outcome`]) so that they answer the same instead of each
+    /// rendering again. The default only releases.
+    fn release_without_row(
+        self,
+        outcome: &NoRow,
+    ) -> impl Future<Output = Result<(), LookupError>> + Send
+    where
+        Self: Sized,
+    {
+        let _ = outcome;
+        self.release()
+    }
 }
 
 /// A cross-process lock per cold key, and the waiters of the keys this process lost.
@@ -144,6 +203,11 @@ pub trait PopulateSink: Send + Sync + 'static {
     fn key_populated(&self, key_hash: i64);
     /// Announcements may have been missed (a reconnect): every waiter should re-read now.
     fn wake_all(&self);
+    /// The winner of `key_hash` left no row, for this reason; its announcement follows. The
+    /// default ignores it (waiters then try for themselves).
+    fn key_outcome(&self, key_hash: i64, outcome: NoRow) {
+        let _ = (key_hash, outcome);
+    }
 }
 
 /// The lookup's coordinator type when it has none; it cannot be constructed.
@@ -234,6 +298,8 @@ struct KeyWaiters {
     tickets: usize,
     /// Bumped on every signal for the key; a ticket waits for a change after registering.
     signal: watch::Sender<u64>,
+    /// The last winner's outcome when it left no row, with the signal count it was told at.
+    outcome: Option<(u64, NoRow)>,
 }
 
 #[derive(Debug, Default)]
@@ -274,16 +340,19 @@ impl PopulateSignals {
     pub fn register(self: &Arc<Self>, key: &PopulateKey) -> PopulateTicket {
         let mut state = self.state();
         let shut_down = state.shut_down;
-        let waiters = state
-            .keys
-            .entry(key.hash())
-            .or_insert_with(|| KeyWaiters { tickets: 0, signal: watch::channel(0).0 });
+        let waiters = state.keys.entry(key.hash()).or_insert_with(|| KeyWaiters {
+            tickets: 0,
+            signal: watch::channel(0).0,
+            outcome: None,
+        });
         waiters.tickets += 1;
         let signal = waiters.signal.subscribe();
+        let registered_at = *signal.borrow();
         PopulateTicket {
             signals: Arc::clone(self),
             key: key.clone(),
             signal,
+            registered_at,
             shut_down_at_registration: shut_down,
         }
     }
@@ -350,6 +419,17 @@ impl PopulateSink for PopulateSignals {
             waiters.signal.send_modify(|n| *n += 1);
         }
     }
+
+    fn key_outcome(&self, key_hash: i64, outcome: NoRow) {
+        if let Some(waiters) = self.state().keys.get_mut(&key_hash) {
+            let mut told_at = 0;
+            waiters.signal.send_modify(|n| {
+                *n += 1;
+                told_at = *n;
+            });
+            waiters.outcome = Some((told_at, outcome));
+        }
+    }
 }
 
 /// One registered wait for a key. Dropping it unregisters.
@@ -358,6 +438,8 @@ pub struct PopulateTicket {
     signals: Arc<PopulateSignals>,
     key: PopulateKey,
     signal: watch::Receiver<u64>,
+    /// The signal count when the ticket was registered: outcomes told later are for it.
+    registered_at: u64,
     shut_down_at_registration: bool,
 }
 
@@ -391,6 +473,14 @@ impl PopulateTicket {
             return Woken::ShutDown;
         }
         woken
+    }
+
+    /// How the winner's load ended, when a winner left no row after this ticket was
+    /// registered and said why.
+    pub fn outcome(&self) -> Option<NoRow> {
+        let state = self.signals.state();
+        let (told_at, outcome) = state.keys.get(&self.key.hash())?.outcome.as_ref()?;
+        (*told_at > self.registered_at).then(|| outcome.clone())
     }
 
     /// Counts how a whole wait ended in the stats (`waits_signalled`, `waits_timed_out`).

@@ -17,6 +17,56 @@ pub const POPULATE_CHANNEL: &str = "module_cache_populated";
 /// Every encoded payload is strictly shorter than this many bytes (Postgres refuses 8000).
 pub const PAYLOAD_BUDGET_BYTES: usize = 7000;
 
+/// Channel on which a populate winner that left no row says why, just before it announces
+/// its key on [`POPULATE_CHANNEL`] (a deflookup addition: the reference's peers do not listen
+/// to it, so its announcements stay exactly theirs).
+pub const POPULATE_OUTCOME_CHANNEL: &str = "module_cache_populate_outcome";
+
+/// The payload of a populate outcome: `{"h":<key hash>,"k":"not-found"|"render-failed",
+/// "u":<url>,"m":<message>}`, within [`PAYLOAD_BUDGET_BYTES`] (a long message is cut); `None`
+/// when even the URL does not fit (waiters then find out for themselves).
+pub fn encode_outcome(key_hash: i64, outcome: &crate::NoRow) -> Option<String> {
+    let (kind, url, message) = match outcome {
+        crate::NoRow::NotFound { url } => ("not-found", url, ""),
+        crate::NoRow::RenderFailed { url, message } => ("render-failed", url, message.as_str()),
+    };
+    let encode = |message: &str| {
+        serde_json::json!({"h": key_hash, "k": kind, "u": url, "m": message}).to_string()
+    };
+    let full = encode(message);
+    if full.len() <= PAYLOAD_BUDGET_BYTES {
+        return Some(full);
+    }
+    let mut cut =
+        PAYLOAD_BUDGET_BYTES.saturating_sub(full.len() - message.len()).min(message.len());
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // Escapes may make the cut message longer than its bytes: check again.
+    let shorter = encode(&message[..cut]);
+    (shorter.len() <= PAYLOAD_BUDGET_BYTES).then_some(shorter)
+}
+
+/// Reads a populate outcome payload (see [`encode_outcome`]).
+pub fn parse_outcome(payload: &str) -> Result<(i64, crate::NoRow), LookupError> {
+    let malformed = |reason: &str| LookupError::MalformedPayload { reason: reason.to_owned() };
+    let value: Value = serde_json::from_str(payload).map_err(|_| malformed("not JSON"))?;
+    let hash = value.get("h").and_then(Value::as_i64).ok_or_else(|| malformed("no key hash"))?;
+    let url = value
+        .get("u")
+        .and_then(Value::as_str)
+        .filter(|url| !url.is_empty())
+        .ok_or_else(|| malformed("no url"))?
+        .to_owned();
+    let message = value.get("m").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let outcome = match value.get("k").and_then(Value::as_str) {
+        Some("not-found") => crate::NoRow::NotFound { url },
+        Some("render-failed") => crate::NoRow::RenderFailed { url, message },
+        _ => return Err(malformed("unknown outcome kind")),
+    };
+    Ok((hash, outcome))
+}
+
 /// One invalidation, as applied locally and as carried on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
@@ -321,6 +371,27 @@ mod tests {
             } else {
                 prop_assert_eq!(union, urls);
             }
+        }
+    }
+
+    #[test]
+    fn populate_outcomes_round_trip_within_the_budget() {
+        let not_found = crate::NoRow::NotFound { url: "https://r.test/x.gts".into() };
+        let payload = encode_outcome(-7, &not_found).expect("fits");
+        assert_eq!(parse_outcome(&payload).expect("parses"), (-7, not_found));
+        let long_message = "é\"".repeat(5000);
+        let failed =
+            crate::NoRow::RenderFailed { url: "https://r.test/y".into(), message: long_message };
+        let payload = encode_outcome(3, &failed).expect("the message is cut to fit");
+        assert!(payload.len() <= PAYLOAD_BUDGET_BYTES);
+        let (hash, parsed) = parse_outcome(&payload).expect("parses");
+        assert!(hash == 3 && matches!(parsed, crate::NoRow::RenderFailed { .. }));
+        let huge = crate::NoRow::NotFound { url: "x".repeat(PAYLOAD_BUDGET_BYTES) };
+        assert_eq!(encode_outcome(1, &huge), None, "a URL that cannot fit is not sent");
+        for bad in
+            ["", "{}", r#"{"h":1,"k":"other","u":"u"}"#, r#"{"h":"1","k":"not-found","u":"u"}"#]
+        {
+            assert!(parse_outcome(bad).is_err(), "{bad}");
         }
     }
 }
