@@ -925,3 +925,31 @@ fn a_coordinated_herd_on_a_missing_module_all_get_not_found() {
     eprintln!("12 coordinated lookups of a missing module answered in {took:?}");
     assert!(took < Duration::from_secs(30), "promptly: {took:?}");
 }
+
+#[test]
+fn links_out_of_a_realm_and_special_files_are_never_read() {
+    let f = Fixture::new();
+    let outside = f.dir.path().join("outside");
+    std::fs::create_dir(&outside).expect("outside");
+    std::fs::write(outside.join("secret.gts"), "export const secret = 1;\n").expect("write");
+    let realm = f.dir.path().join("realm");
+    std::os::unix::fs::symlink(outside.join("secret.gts"), realm.join("link.gts")).expect("link");
+    std::os::unix::fs::symlink("/etc", realm.join("etc")).expect("link");
+    // What exists outside and what does not answer alike: nothing is read or revealed.
+    let existing = f.run(&["lookup", "link.gts", "secret"]);
+    assert_fails_with(&existing, "not found");
+    assert!(!stderr(&existing).contains("secret ="), "{}", stderr(&existing));
+    assert_fails_with(&f.run(&["entry", "etc/passwd.gts"]), "not found");
+    // A FIFO would hang a read: it is refused at once.
+    let made = Command::new("mkfifo").arg(realm.join("fifo.gts")).status().expect("mkfifo");
+    assert!(made.success());
+    let started = Instant::now();
+    assert_fails_with(&f.run(&["lookup", "fifo.gts", "X"]), "not a regular file");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A module past the size limit is a clear module error.
+    f.write("big.gts", &format!("export const big = 1;\n{}", "// padding\n".repeat(100)));
+    assert_fails_with(
+        &f.run(&["--max-module-bytes", "100", "lookup", "big.gts", "big"]),
+        "100-byte limit",
+    );
+}
