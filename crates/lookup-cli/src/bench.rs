@@ -835,7 +835,7 @@ async fn connect_p50(config: &PgConfig, count: usize) -> Result<f64> {
 /// time of one scan, best of a few, and the ratio of the two export sizes (2 for a linear
 /// scan, 4 for a quadratic one).
 fn measure_scanner(sizes: &Sizes, summary: &mut Summary) {
-    let rounds = if sizes.hit_samples >= 20_000 { 5 } else { 2 };
+    let rounds = if sizes.hit_samples >= 20_000 { 9 } else { 5 };
     let best_ms = |source: &str| {
         (0..rounds)
             .map(|_| {
