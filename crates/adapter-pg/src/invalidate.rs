@@ -80,8 +80,7 @@ pub(crate) fn consumer_rows(rows: &[Row]) -> Result<Vec<ConsumerRow>, PgError> {
     rows.iter()
         .map(|row| {
             let url: String = row.get(0);
-            let deps: Vec<String> =
-                store::decode_json(&url, "deps", row.get(2))?.unwrap_or_default();
+            let deps = store::string_list(row.get(2));
             let alias: Option<String> = row.get(1);
             Ok(ConsumerRow {
                 file_alias: alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),

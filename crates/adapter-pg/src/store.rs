@@ -224,9 +224,13 @@ fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {
         column: "cache_scope",
         source: format!("unknown scope {scope_text:?}").into(),
     })?;
-    let definitions: Map<String, Value> =
-        decode_json(&url, "definitions", row.get("definitions"))?.unwrap_or_default();
-    let deps: Vec<String> = decode_json(&url, "deps", row.get("deps"))?.unwrap_or_default();
+    // Lenient with rows another writer stored (the reference system shares the table): a
+    // `null` or odd `definitions` reads as none, `deps` keeps its strings.
+    let definitions: Map<String, Value> = match row.get::<_, Option<Value>>("definitions") {
+        Some(Value::Object(map)) => map,
+        _ => Map::new(),
+    };
+    let deps = string_list(row.get("deps"));
     let error: Option<ErrorDoc> = decode_json(&url, "error_doc", row.get("error_doc"))?;
     let file_alias: Option<String> = row.get("file_alias");
     Ok(CacheEntry {
@@ -241,6 +245,17 @@ fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {
         created_at: row.get("created_at"),
         diagnostics: row.get::<_, Option<Value>>("diagnostics").filter(|v| !v.is_null()),
     })
+}
+
+/// The strings of a stored JSON list (`deps`), skipping anything else; `null` or a non-list
+/// is no list.
+pub(crate) fn string_list(value: Option<Value>) -> Vec<String> {
+    match value {
+        Some(Value::Array(items)) => {
+            items.into_iter().filter_map(|item| item.as_str().map(str::to_owned)).collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 fn entries(rows: Vec<Row>) -> Result<Vec<CacheEntry>, PgError> {

@@ -888,3 +888,52 @@ async fn a_version_3_schema_is_upgraded_to_take_urls_of_any_length() {
     db.upsert(&entry(REALM, &long, &[]), LoadStamp::UNGUARDED).await.expect("a long row");
     assert_eq!(db.apply_invalidation(&modules(&[&long])).await.expect("its invalidation"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_reference_system_writes_are_read_and_its_error_rows_give_the_module_error() {
+    let Some(config) = config("reference rows") else { return };
+    let db = PgAdapter::connect(config.clone()).await.expect("connect");
+    let client = raw_client(&config).await;
+    let now = i64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
+    )
+    .unwrap();
+    // As the reference writes them: `additionalErrors: null`, fields deflookup does not know,
+    // and a consumer whose deps hold something else than strings.
+    client
+        .execute(
+            "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, \
+             definitions, deps, error_doc, created_at, file_alias) VALUES \
+             ($1, 'public', '', $2, '{}', '[]', $3, $4, $5), \
+             ($6, 'public', '', $2, NULL, $7, NULL, $4, $8)",
+            &[
+                &format!("{REALM}broken.gts"),
+                &REALM,
+                &serde_json::json!({"type": "module-error", "error": {
+                    "message": "boom", "status": 500, "additionalErrors": null,
+                    "deps": null, "stack": "at render", "isCardError": true}}),
+                &now,
+                &format!("{REALM}broken"),
+                &format!("{REALM}user.gts"),
+                &serde_json::json!([format!("{REALM}broken"), null, 7]),
+                &format!("{REALM}user"),
+            ],
+        )
+        .await
+        .expect("reference rows");
+    let lookup = CachingLookup::new(db.clone(), behaviour_suite::FakeRenderer::default());
+    lookup
+        .register_realm(Realm { url: REALM.into(), owner: "@o:test".into(), public: true })
+        .unwrap();
+    let err = lookup
+        .lookup_definition(&lookup_core::CodeRef::new(format!("{REALM}broken.gts"), "X"), None)
+        .await
+        .expect_err("the module's error");
+    let detail = err.module_error().expect("a module error, not a database error");
+    assert_eq!((detail.message.as_str(), detail.status), ("boom", 500));
+    assert_eq!(lookup.prerenderer().total_calls(), 0, "served from the reference's row");
+    // Its invalidation finds the reference's consumer through its deps.
+    let list = lookup.invalidate(&format!("{REALM}broken.gts")).await.expect("invalidate");
+    assert!(list.contains(&format!("{REALM}user.gts")), "{list:?}");
+    assert_eq!(db.row_count().await.unwrap(), 0);
+}

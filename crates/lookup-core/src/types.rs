@@ -83,11 +83,54 @@ pub struct EntryScope {
     pub user: String,
 }
 
-/// The error document of a module that failed to prerender (`error_doc`).
+/// Reads `null` (or a missing field) as the type's default: the reference system writes
+/// `null` where there is nothing (`"additionalErrors": null`), and a row it wrote must read.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// A status as a number, a numeric string, or (anything else, `null` included) 500.
+fn lenient_status<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    let status = match &value {
+        Value::Number(number) => number.as_u64().and_then(|n| u16::try_from(n).ok()),
+        Value::String(text) => text.trim().parse().ok(),
+        _ => None,
+    };
+    Ok(status.unwrap_or(500))
+}
+
+fn default_status() -> u16 {
+    500
+}
+
+fn default_error_kind() -> String {
+    "module-error".to_owned()
+}
+
+/// The strings of a JSON list, skipping anything else (`null`, a number): lenient on
+/// rows another writer stored.
+fn string_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    let value = Option::<Value>::deserialize(deserializer)?;
+    Ok(match value {
+        Some(Value::Array(items)) => {
+            items.into_iter().filter_map(|item| item.as_str().map(str::to_owned)).collect()
+        }
+        _ => Vec::new(),
+    })
+}
+
+/// The error document of a module that failed to prerender (`error_doc`). Reading is lenient
+/// with rows other writers stored: `null` lists read as empty, a missing or odd `status` as
+/// 500, unknown fields are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorDoc {
     /// Always `"module-error"` for module errors.
-    #[serde(rename = "type")]
+    #[serde(rename = "type", default = "default_error_kind", deserialize_with = "null_as_default")]
     pub kind: String,
     /// What went wrong.
     pub error: ErrorDetail,
@@ -117,14 +160,21 @@ pub struct ErrorDetail {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// A human-readable message.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub message: String,
     /// An HTTP-like status; 404 means something was missing.
+    #[serde(default = "default_status", deserialize_with = "lenient_status")]
     pub status: u16,
     /// Dependency URLs involved in the failure.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "string_list")]
     pub deps: Vec<String>,
     /// Errors of dependency rows, appended when the error is persisted.
-    #[serde(default, rename = "additionalErrors", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "additionalErrors",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub additional_errors: Vec<ErrorDetail>,
     /// Fields this crate does not interpret, kept as they came.
     #[serde(flatten)]
@@ -257,4 +307,44 @@ pub struct ProbeResult {
     pub is_public: bool,
     /// The remote realm URL that owns the module.
     pub resolved_realm_url: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_rows_written_by_the_reference_system_read() {
+        let stored = serde_json::json!({
+            "type": "module-error",
+            "error": {
+                "message": "Cannot find module",
+                "status": 404,
+                "deps": ["https://r.test/a", null, 3],
+                "additionalErrors": null,
+                "stack": "at x",
+                "title": null
+            }
+        });
+        let doc: ErrorDoc = serde_json::from_value(stored).expect("reads");
+        assert_eq!(doc.kind, "module-error");
+        assert_eq!(doc.error.message, "Cannot find module");
+        assert_eq!(doc.error.status, 404);
+        assert_eq!(doc.error.deps, ["https://r.test/a"]);
+        assert!(doc.error.additional_errors.is_empty());
+        assert_eq!(doc.error.extra.get("stack"), Some(&Value::from("at x")));
+        // Odd or missing values read as defaults rather than failing the row.
+        let odd = serde_json::json!({"error": {"message": null, "status": "503", "deps": null}});
+        let doc: ErrorDoc = serde_json::from_value(odd).expect("reads");
+        assert_eq!(
+            (doc.kind.as_str(), doc.error.message.as_str(), doc.error.status),
+            ("module-error", "", 503)
+        );
+        let bare = serde_json::json!({"type": "module-error", "error": {"message": "m"}});
+        assert_eq!(serde_json::from_value::<ErrorDoc>(bare).expect("reads").error.status, 500);
+        // What deflookup writes reads back unchanged.
+        let ours = ErrorDoc::module_error("m", 404, vec!["https://r.test/x".into()]);
+        let again: ErrorDoc = serde_json::from_value(serde_json::to_value(&ours).unwrap()).unwrap();
+        assert_eq!(again, ours);
+    }
 }
