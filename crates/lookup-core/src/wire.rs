@@ -183,45 +183,140 @@ fn malformed(reason: impl Into<String>) -> LookupError {
     LookupError::MalformedPayload { reason: reason.into() }
 }
 
-fn non_empty_str<'a>(object: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a str> {
-    object.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+/// A JSON string as bytes: lone UTF-16 surrogate escapes (`\ud800`), which JavaScript's
+/// `JSON.parse` accepts, are kept instead of failing the whole payload; such a string is
+/// not valid UTF-8 and is handled by widening (see [`parse_payload`]).
+struct JsonBytes(Vec<u8>);
+
+impl<'de> serde::Deserialize<'de> for JsonBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = JsonBytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_bytes<E>(self, bytes: &[u8]) -> Result<JsonBytes, E> {
+                Ok(JsonBytes(bytes.to_vec()))
+            }
+            fn visit_str<E>(self, text: &str) -> Result<JsonBytes, E> {
+                Ok(JsonBytes(text.as_bytes().to_vec()))
+            }
+        }
+        deserializer.deserialize_bytes(Bytes)
+    }
 }
 
-/// Parses one payload. Extra keys are ignored; anything SPEC §7 rejects is an error and the
-/// whole payload is rejected. Never panics, whatever the input.
+/// The keys of a payload this crate reads, as they came.
+#[derive(Default)]
+struct Fields {
+    k: Option<JsonBytes>,
+    r: Option<JsonBytes>,
+    m: Option<Vec<JsonBytes>>,
+    o: Option<JsonBytes>,
+}
+
+/// Reads a payload's top-level object. Unknown keys are skipped whatever they hold (serde's
+/// `IgnoredAny` walks nesting iteratively and never converts numbers, so a value 200 levels
+/// deep or `1e400` is skipped as `JSON.parse` would read it). With `origin` the `"o"` key is
+/// read and every other skipped; without it `"o"` is skipped (the reference does not know
+/// it, so an odd `"o"` must not reject what the reference acts on). A repeated key keeps its
+/// last value, as in JavaScript.
+struct FieldsSeed {
+    origin: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldsSeed {
+    type Value = Fields;
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Fields, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldsSeed {
+    type Value = Fields;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        use serde::de::IgnoredAny;
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<JsonBytes>()? {
+            match (key.0.as_slice(), self.origin) {
+                (b"k", false) => fields.k = Some(map.next_value()?),
+                (b"r", false) => fields.r = Some(map.next_value()?),
+                (b"m", false) => fields.m = Some(map.next_value()?),
+                (b"o", true) => fields.o = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(fields)
+    }
+}
+
+fn read_fields(payload: &str, origin: bool) -> Result<Fields, serde_json::Error> {
+    use serde::de::DeserializeSeed as _;
+    let mut deserializer = serde_json::Deserializer::from_str(payload);
+    let fields = FieldsSeed { origin }.deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(fields)
+}
+
+/// A non-empty text: `Some(Ok)` for UTF-8, `Some(Err(()))` for one holding a lone surrogate.
+fn text(bytes: Option<&JsonBytes>) -> Option<Result<String, ()>> {
+    let bytes = bytes?;
+    if bytes.0.is_empty() {
+        return None;
+    }
+    Some(String::from_utf8(bytes.0.clone()).map_err(|_| ()))
+}
+
+/// Parses one payload as the reference's peers do (JavaScript's `JSON.parse`, unknown keys
+/// ignored), never narrower: every payload they act on, this acts on with the same or a wider
+/// invalidation. A URL this crate cannot represent (a lone UTF-16 surrogate) widens its module
+/// payload to the realm; a realm it cannot represent widens to everything. What SPEC §7
+/// rejects (not JSON, not an object, unknown or missing `k`, a bad `r` or `m`) is an error and
+/// the whole payload is rejected. Never panics, whatever the input.
 pub fn parse_payload(payload: &str) -> Result<ParsedPayload, LookupError> {
-    let value: Value =
-        serde_json::from_str(payload).map_err(|e| malformed(format!("not JSON: {e}")))?;
-    let Value::Object(object) = value else {
-        return Err(malformed("not a JSON object"));
-    };
-    let origin = object.get("o").and_then(Value::as_str).map(str::to_owned);
-    let invalidation = match object.get("k").and_then(Value::as_str) {
-        Some("module") => {
-            let realm_url = non_empty_str(&object, "r")
-                .ok_or_else(|| malformed("module payload without a non-empty \"r\""))?;
-            let Some(Value::Array(items)) = object.get("m") else {
+    let fields = read_fields(payload, false).map_err(|e| malformed(format!("not JSON: {e}")))?;
+    // The origin is ours; one that cannot be read is no origin.
+    let origin = read_fields(payload, true)
+        .ok()
+        .and_then(|fields| fields.o)
+        .and_then(|o| String::from_utf8(o.0).ok());
+    let kind = fields.k.as_ref().map(|k| k.0.as_slice());
+    let realm = text(fields.r.as_ref());
+    let invalidation = match kind {
+        Some(b"module") => {
+            let realm_url =
+                realm.ok_or_else(|| malformed("module payload without a non-empty \"r\""))?;
+            let Some(items) = fields.m else {
                 return Err(malformed("module payload without an \"m\" array"));
             };
             if items.is_empty() {
                 return Err(malformed("module payload with an empty \"m\""));
             }
-            let urls = items
-                .iter()
-                .map(|item| item.as_str().filter(|s| !s.is_empty()).map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    malformed("module payload with a URL that is not a non-empty string")
-                })?;
-            Invalidation::Modules { realm_url: realm_url.to_owned(), urls }
+            let urls =
+                items.iter().map(|item| text(Some(item))).collect::<Option<Vec<_>>>().ok_or_else(
+                    || malformed("module payload with a URL that is not a non-empty string"),
+                )?;
+            match (realm_url, urls.into_iter().collect::<Result<Vec<_>, ()>>()) {
+                (Ok(realm_url), Ok(urls)) => Invalidation::Modules { realm_url, urls },
+                (Ok(realm_url), Err(())) => Invalidation::Realm { realm_url },
+                (Err(()), _) => Invalidation::Global,
+            }
         }
-        Some("realm") => {
-            let realm_url = non_empty_str(&object, "r")
-                .ok_or_else(|| malformed("realm payload without a non-empty \"r\""))?;
-            Invalidation::Realm { realm_url: realm_url.to_owned() }
+        Some(b"realm") => match realm {
+            Some(Ok(realm_url)) => Invalidation::Realm { realm_url },
+            Some(Err(())) => Invalidation::Global,
+            None => return Err(malformed("realm payload without a non-empty \"r\"")),
+        },
+        Some(b"global") => Invalidation::Global,
+        Some(other) => {
+            return Err(malformed(format!("unknown kind {:?}", String::from_utf8_lossy(other))));
         }
-        Some("global") => Invalidation::Global,
-        Some(other) => return Err(malformed(format!("unknown kind {other:?}"))),
         None => return Err(malformed("missing kind \"k\"")),
     };
     Ok(ParsedPayload { invalidation, origin })
@@ -392,6 +487,56 @@ mod tests {
             ["", "{}", r#"{"h":1,"k":"other","u":"u"}"#, r#"{"h":"1","k":"not-found","u":"u"}"#]
         {
             assert!(parse_outcome(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn payloads_the_reference_acts_on_are_acted_on_never_narrower() {
+        let parsed = |payload: &str| parse_payload(payload).expect(payload).invalidation;
+        let realm = "https://r.test/";
+        // A URL with a lone UTF-16 surrogate: the fan-out widens to its realm.
+        assert_eq!(
+            parsed(
+                r#"{"k":"module","r":"https://r.test/","m":["https://r.test/a","https://r.test/\ud800x"]}"#
+            ),
+            Invalidation::Realm { realm_url: realm.into() }
+        );
+        // A realm it cannot represent: everything.
+        assert_eq!(parsed(r#"{"k":"realm","r":"https://r.test/\udc00"}"#), Invalidation::Global);
+        assert_eq!(parsed(r#"{"k":"module","r":"\ud800","m":["x"]}"#), Invalidation::Global);
+        // Unknown keys are skipped whatever they hold: deep nesting, huge numbers.
+        let deep =
+            format!(r#"{{"k":"realm","r":"{realm}","x":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(parsed(&deep), Invalidation::Realm { realm_url: realm.into() });
+        assert_eq!(
+            parsed(r#"{"k":"global","big":1e400,"neg":-1e400,"o":7}"#),
+            Invalidation::Global
+        );
+        assert_eq!(parse_payload(r#"{"k":"global","o":7}"#).unwrap().origin, None);
+        // A repeated key keeps its last value, as in JavaScript.
+        assert_eq!(
+            parsed(r#"{"k":"global","k":"realm","r":"https://r.test/"}"#),
+            Invalidation::Realm { realm_url: realm.into() }
+        );
+        // Well-formed surrogate pairs are ordinary text.
+        assert_eq!(
+            parsed(r#"{"k":"module","r":"https://r.test/","m":["https://r.test/\ud83d\ude00"]}"#),
+            Invalidation::Modules {
+                realm_url: realm.into(),
+                urls: vec!["https://r.test/😀".into()]
+            }
+        );
+        // What the reference rejects stays rejected.
+        for rejected in [
+            r#"{"k":"global""#,
+            r#"{"k":"global"} x"#,
+            r#"{"k":"module","r":"https://r.test/","m":["a",]}"#,
+            r#"{"k":"module","r":"https://r.test/","m":[1]}"#,
+            r#"{"k":"realm","r":2}"#,
+            r#"{"k":"unknown"}"#,
+            r#"["k","global"]"#,
+        ] {
+            assert!(parse_payload(rejected).is_err(), "{rejected}");
         }
     }
 }
