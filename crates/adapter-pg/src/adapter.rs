@@ -102,18 +102,33 @@ impl PgAdapter {
                 reason: "cannot build the connection pool".to_owned(),
                 source: Some(Box::new(e)),
             })?;
-        let sql = Arc::new(Sql::new(config.schema_name(), resolved.pooler));
+        // The statements name the diagnostics column, which start-up learns from the table.
+        let pooler = resolved.pooler;
+        let bootstrap = Arc::new(Sql::new(config.schema_name(), pooler, "diagnostics"));
         let origin: Arc<str> = new_origin().into();
-        let adapter =
-            PgAdapter { pool, config: Arc::new(config), sql, origin, counters: Arc::default() };
-        adapter
+        let mut adapter = PgAdapter {
+            pool,
+            config: Arc::new(config),
+            sql: bootstrap,
+            origin,
+            counters: Arc::default(),
+        };
+        let table = adapter
             .bounded("prepare the modules table", async {
                 let client = Checkout::new(adapter.client("prepare the modules table").await?);
-                schema::ensure(&adapter.sql, client.client(), adapter.config.schema_name()).await?;
+                let config = &adapter.config;
+                let info = schema::ensure(
+                    &adapter.sql,
+                    client.client(),
+                    config.schema_name(),
+                    config.adds_shared_indexes(),
+                )
+                .await?;
                 client.finish();
-                Ok(())
+                Ok(info)
             })
             .await?;
+        adapter.sql = Arc::new(Sql::new(adapter.config.schema_name(), pooler, table.diagnostics));
         tracing::debug!(
             url = %adapter.config.redacted_url(),
             origin = %adapter.origin,

@@ -52,6 +52,7 @@ pub struct PgConfig {
     operation_timeout: Duration,
     transaction_pooler: Option<bool>,
     application_name: String,
+    shared_indexes: bool,
     broadcast: bool,
     durable_guard: bool,
     guard_horizon: Duration,
@@ -99,6 +100,7 @@ impl PgConfig {
             operation_timeout: Duration::from_secs(15),
             transaction_pooler: None,
             application_name: "deflookup".to_owned(),
+            shared_indexes: true,
             broadcast: true,
             durable_guard: true,
             guard_horizon: Duration::from_secs(600),
@@ -209,6 +211,21 @@ impl PgConfig {
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
         self
+    }
+
+    /// When deflookup adopts a `modules` table another system created (the reference's), it
+    /// adds next to it the one index it needs that such a table lacks: a GIN index on `deps`
+    /// for the consumer closure (named `deflookup_modules_deps_index`). `false` adds nothing to
+    /// the shared table (invalidations then scan the realm's rows to find consumers).
+    pub fn shared_table_indexes(mut self, on: bool) -> Self {
+        self.shared_indexes = on;
+        self
+    }
+
+    /// Whether an adopted table gets deflookup's index (see
+    /// [`shared_table_indexes`](Self::shared_table_indexes)).
+    pub fn adds_shared_indexes(&self) -> bool {
+        self.shared_indexes
     }
 
     /// Turns the NOTIFY broadcast of invalidations off. **Unsafe**: peers' in-flight loads no

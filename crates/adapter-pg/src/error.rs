@@ -90,6 +90,14 @@ pub enum PgError {
         #[source]
         source: BoxError,
     },
+    /// A `modules` table exists that deflookup cannot share.
+    #[error("the existing table {table} cannot be shared with deflookup: {differences}")]
+    IncompatibleTable {
+        /// The table.
+        table: String,
+        /// What differs from what deflookup needs.
+        differences: String,
+    },
     /// The database schema is newer than this code.
     #[error(
         "the modules schema is at version {found}, newer than this build supports ({supported})"

@@ -55,11 +55,12 @@ pub(crate) struct Sql {
 
 impl Sql {
     /// `schema`: validated by `PgConfig`. `unnamed`: through a transaction pooler.
-    pub(crate) fn new(schema: Option<&str>, unnamed: bool) -> Sql {
+    /// `diagnostics`: the table's diagnostics column (see `schema::TableInfo`).
+    pub(crate) fn new(schema: Option<&str>, unnamed: bool, diagnostics: &str) -> Sql {
         use crate::{guard, invalidate, store};
         let prefix = schema.map(|s| format!("{s}.")).unwrap_or_default();
         let stmt = |text: &str, types: &[Type]| Stmt {
-            text: text.replace(SCHEMA, &prefix),
+            text: text.replace(SCHEMA, &prefix).replace("_D_", diagnostics),
             types: types.to_vec(),
         };
         Sql {

@@ -14,14 +14,20 @@ use crate::error::PgError;
 use crate::guard;
 use crate::sql::Sql;
 
+/// The columns read, `_D_` standing for the diagnostics column (`diagnostics`, or
+/// `timing_diagnostics` in a table of the reference's seed-era revision).
+const SELECT_COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, \
+                              deps, error_doc, created_at, file_alias, _D_ AS diagnostics";
+
+/// The columns written.
 const COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
-                       error_doc, created_at, file_alias, diagnostics";
+                       error_doc, created_at, file_alias, _D_";
 
 /// What an upsert does when the row exists: replace everything but the key.
 const UPSERT_TAIL: &str = "ON CONFLICT ON CONSTRAINT modules_pkey DO UPDATE SET \
      resolved_realm_url = EXCLUDED.resolved_realm_url, definitions = EXCLUDED.definitions, \
      deps = EXCLUDED.deps, error_doc = EXCLUDED.error_doc, created_at = EXCLUDED.created_at, \
-     file_alias = EXCLUDED.file_alias, diagnostics = EXCLUDED.diagnostics";
+     file_alias = EXCLUDED.file_alias, _D_ = EXCLUDED._D_";
 
 pub(crate) fn query_error(
     operation: &'static str,
@@ -33,17 +39,17 @@ pub(crate) fn query_error(
 /// primary key) or whose alias is `$5`.
 pub(crate) fn read_row_sql() -> String {
     format!(
-        "SELECT {COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
-         AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)"
+        "SELECT {SELECT_COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 \
+         AND cache_scope = $2 AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)"
     )
 }
 
 /// Rows of `$1..$3` whose url or alias is one of `$4`.
 pub(crate) fn read_batch_sql() -> String {
     format!(
-        "SELECT {COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 AND cache_scope = $2 \
-         AND auth_user_id = $3 AND (url_hash = ANY (SELECT md5(n) FROM unnest($4::text[]) AS n) \
-         OR file_alias = ANY ($4))"
+        "SELECT {SELECT_COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 \
+         AND cache_scope = $2 AND auth_user_id = $3 \
+         AND (url_hash = ANY (SELECT md5(n) FROM unnest($4::text[]) AS n) OR file_alias = ANY ($4))"
     )
 }
 

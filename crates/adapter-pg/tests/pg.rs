@@ -937,3 +937,132 @@ async fn rows_the_reference_system_writes_are_read_and_its_error_rows_give_the_m
     assert!(list.contains(&format!("{REALM}user.gts")), "{list:?}");
     assert_eq!(db.row_count().await.unwrap(), 0);
 }
+
+/// The reference system's `modules` table, from the facts of its migrations: `varchar` keys,
+/// `url_hash` generated from `md5(url::text)`, its own index names, and the diagnostics
+/// column under the name of its `revision` (`diagnostics`, or the seed's `timing_diagnostics`).
+fn reference_table_ddl(diagnostics: &str) -> String {
+    format!(
+        "CREATE UNLOGGED TABLE modules (
+            url varchar NOT NULL,
+            cache_scope varchar NOT NULL,
+            auth_user_id varchar NOT NULL,
+            resolved_realm_url varchar NOT NULL,
+            definitions jsonb,
+            deps jsonb,
+            error_doc jsonb,
+            created_at bigint,
+            file_alias text,
+            url_hash text NOT NULL GENERATED ALWAYS AS (md5(url::text)) STORED,
+            {diagnostics} jsonb,
+            CONSTRAINT modules_pkey PRIMARY KEY (url_hash, cache_scope, auth_user_id)
+        );
+        CREATE INDEX modules_resolved_realm_url_index ON modules (resolved_realm_url);
+        CREATE INDEX modules_resolved_realm_url_file_alias_index ON modules USING hash (file_alias);
+        CREATE TABLE pgmigrations (id serial PRIMARY KEY, name varchar NOT NULL, run_on timestamp NOT NULL);"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_table_of_either_revision_is_adopted_unaltered_and_shared() {
+    let Some(base) = config("adopt") else { return };
+    for diagnostics in ["diagnostics", "timing_diagnostics"] {
+        let config = base.clone().schema(unique_name("ref"));
+        let schema = config.schema_name().unwrap().to_owned();
+        let client = raw_client(&config.clone().schema("public")).await;
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA {schema}; SET search_path = {schema}; {}",
+                reference_table_ddl(diagnostics)
+            ))
+            .await
+            .expect("the reference's table");
+        let columns_before: Vec<String> = client
+            .query(
+                "SELECT column_name::text || ' ' || data_type::text FROM information_schema.columns \
+                 WHERE table_schema = $1 AND table_name = 'modules' ORDER BY ordinal_position",
+                &[&schema],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // The reference writes a row, as its upsert does.
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, \
+                     definitions, deps, error_doc, created_at, file_alias, {diagnostics}) \
+                     VALUES ($1, 'public', '', $2, '{{}}', '[]', NULL, 1, $3, '{{\"ms\": 5}}') \
+                     ON CONFLICT ON CONSTRAINT modules_pkey DO NOTHING"
+                ),
+                &[&format!("{REALM}theirs.gts"), &REALM, &format!("{REALM}theirs")],
+            )
+            .await
+            .expect("the reference's row");
+        let db = PgAdapter::connect(config.clone()).await.expect("adopts the table");
+        let scope = lookup_core::EntryScope {
+            realm_url: REALM.into(),
+            scope: CacheScope::Public,
+            user: String::new(),
+        };
+        let theirs = format!("{REALM}theirs.gts");
+        let rows = db.read_rows(&scope, &theirs, &format!("{REALM}theirs")).await.expect("read");
+        assert_eq!(rows.len(), 1, "{diagnostics}: deflookup reads the reference's row");
+        assert_eq!(rows[0].diagnostics, Some(serde_json::json!({"ms": 5})));
+        let mut ours = entry(REALM, "ours.gts", &["theirs"]);
+        ours.diagnostics = Some(serde_json::json!({"by": "deflookup"}));
+        db.upsert(&ours, LoadStamp::UNGUARDED).await.expect("write into the shared table");
+        let written: serde_json::Value = client
+            .query_one(&format!("SELECT {diagnostics} FROM modules WHERE url = $1"), &[&ours.url])
+            .await
+            .expect("the reference reads deflookup's row")
+            .get(0);
+        assert_eq!(written, serde_json::json!({"by": "deflookup"}));
+        // The reference's columns are as they were; deflookup's objects sit next to them.
+        let columns_after: Vec<String> = client
+            .query(
+                "SELECT column_name::text || ' ' || data_type::text FROM information_schema.columns \
+                 WHERE table_schema = $1 AND table_name = 'modules' ORDER BY ordinal_position",
+                &[&schema],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(columns_after, columns_before, "{diagnostics}: never altered");
+        // Invalidating the reference's module removes deflookup's consumer of it too.
+        let seeds = [format!("{REALM}theirs.gts"), format!("{REALM}theirs")];
+        let done = db.invalidate_modules(REALM, &seeds).await.unwrap();
+        assert!(done.urls.contains(&ours.url), "{done:?}");
+        assert_eq!(done.deleted, 2);
+        // A second process starts on the adopted table without touching it again.
+        PgAdapter::connect(config).await.expect("a second start");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_deflookup_cannot_share_is_a_clear_error_naming_what_differs() {
+    let Some(base) = config("incompatible") else { return };
+    let config = base.schema(unique_name("bad"));
+    let schema = config.schema_name().unwrap().to_owned();
+    let client = raw_client(&config.clone().schema("public")).await;
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.modules (url text PRIMARY KEY, deps text)"
+        ))
+        .await
+        .unwrap();
+    let err = PgAdapter::connect(config).await.expect_err("not shareable");
+    let message = err.to_string();
+    for needle in [
+        "cannot be shared",
+        "column cache_scope is missing",
+        "column deps is text, not jsonb",
+        "primary key",
+    ] {
+        assert!(message.contains(needle), "{needle}: {message}");
+    }
+}
