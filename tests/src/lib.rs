@@ -386,3 +386,28 @@ pub fn unique_name(prefix: &str) -> String {
         .collect();
     format!("{prefix}{suffix}")
 }
+
+/// The reference system's `modules` table, from the facts of its migrations: `varchar` keys,
+/// `url_hash` generated from `md5(url::text)`, its own index names, and the diagnostics
+/// column under the name of its `revision` (`diagnostics`, or the seed's `timing_diagnostics`).
+pub fn reference_table_ddl(diagnostics: &str) -> String {
+    format!(
+        "CREATE UNLOGGED TABLE modules (
+            url varchar NOT NULL,
+            cache_scope varchar NOT NULL,
+            auth_user_id varchar NOT NULL,
+            resolved_realm_url varchar NOT NULL,
+            definitions jsonb,
+            deps jsonb,
+            error_doc jsonb,
+            created_at bigint,
+            file_alias text,
+            url_hash text NOT NULL GENERATED ALWAYS AS (md5(url::text)) STORED,
+            {diagnostics} jsonb,
+            CONSTRAINT modules_pkey PRIMARY KEY (url_hash, cache_scope, auth_user_id)
+        );
+        CREATE INDEX modules_resolved_realm_url_index ON modules (resolved_realm_url);
+        CREATE INDEX modules_resolved_realm_url_file_alias_index ON modules USING hash (file_alias);
+        CREATE TABLE pgmigrations (id serial PRIMARY KEY, name varchar NOT NULL, run_on timestamp NOT NULL);"
+    )
+}

@@ -938,31 +938,6 @@ async fn rows_the_reference_system_writes_are_read_and_its_error_rows_give_the_m
     assert_eq!(db.row_count().await.unwrap(), 0);
 }
 
-/// The reference system's `modules` table, from the facts of its migrations: `varchar` keys,
-/// `url_hash` generated from `md5(url::text)`, its own index names, and the diagnostics
-/// column under the name of its `revision` (`diagnostics`, or the seed's `timing_diagnostics`).
-fn reference_table_ddl(diagnostics: &str) -> String {
-    format!(
-        "CREATE UNLOGGED TABLE modules (
-            url varchar NOT NULL,
-            cache_scope varchar NOT NULL,
-            auth_user_id varchar NOT NULL,
-            resolved_realm_url varchar NOT NULL,
-            definitions jsonb,
-            deps jsonb,
-            error_doc jsonb,
-            created_at bigint,
-            file_alias text,
-            url_hash text NOT NULL GENERATED ALWAYS AS (md5(url::text)) STORED,
-            {diagnostics} jsonb,
-            CONSTRAINT modules_pkey PRIMARY KEY (url_hash, cache_scope, auth_user_id)
-        );
-        CREATE INDEX modules_resolved_realm_url_index ON modules (resolved_realm_url);
-        CREATE INDEX modules_resolved_realm_url_file_alias_index ON modules USING hash (file_alias);
-        CREATE TABLE pgmigrations (id serial PRIMARY KEY, name varchar NOT NULL, run_on timestamp NOT NULL);"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reference_table_of_either_revision_is_adopted_unaltered_and_shared() {
     let Some(base) = config("adopt") else { return };
@@ -973,7 +948,7 @@ async fn a_reference_table_of_either_revision_is_adopted_unaltered_and_shared() 
         client
             .batch_execute(&format!(
                 "CREATE SCHEMA {schema}; SET search_path = {schema}; {}",
-                reference_table_ddl(diagnostics)
+                behaviour_suite::reference_table_ddl(diagnostics)
             ))
             .await
             .expect("the reference's table");
