@@ -938,6 +938,21 @@ async fn rows_the_reference_system_writes_are_read_and_its_error_rows_give_the_m
     assert_eq!(db.row_count().await.unwrap(), 0);
 }
 
+/// `name type` of each column of `schema.modules`, in order.
+async fn column_list(client: &tokio_postgres::Client, schema: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT column_name::text || ' ' || data_type::text FROM information_schema.columns \
+             WHERE table_schema = $1 AND table_name = 'modules' ORDER BY ordinal_position",
+            &[&schema],
+        )
+        .await
+        .expect("columns")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reference_table_of_either_revision_is_adopted_unaltered_and_shared() {
     let Some(base) = config("adopt") else { return };
@@ -952,17 +967,7 @@ async fn a_reference_table_of_either_revision_is_adopted_unaltered_and_shared() 
             ))
             .await
             .expect("the reference's table");
-        let columns_before: Vec<String> = client
-            .query(
-                "SELECT column_name::text || ' ' || data_type::text FROM information_schema.columns \
-                 WHERE table_schema = $1 AND table_name = 'modules' ORDER BY ordinal_position",
-                &[&schema],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let columns_before = column_list(&client, &schema).await;
         // The reference writes a row, as its upsert does.
         client
             .execute(
@@ -996,17 +1001,7 @@ async fn a_reference_table_of_either_revision_is_adopted_unaltered_and_shared() 
             .get(0);
         assert_eq!(written, serde_json::json!({"by": "deflookup"}));
         // The reference's columns are as they were; deflookup's objects sit next to them.
-        let columns_after: Vec<String> = client
-            .query(
-                "SELECT column_name::text || ' ' || data_type::text FROM information_schema.columns \
-                 WHERE table_schema = $1 AND table_name = 'modules' ORDER BY ordinal_position",
-                &[&schema],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let columns_after = column_list(&client, &schema).await;
         assert_eq!(columns_after, columns_before, "{diagnostics}: never altered");
         // Invalidating the reference's module removes deflookup's consumer of it too.
         let seeds = [format!("{REALM}theirs.gts"), format!("{REALM}theirs")];
