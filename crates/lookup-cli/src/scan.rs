@@ -791,7 +791,19 @@ mod tests {
     fn inputs_that_were_quadratic_scan_in_one_pass() {
         // Each of these took time quadratic in its size before the scan became linear (a
         // search per export, per import, per `/` and per `<`); at these sizes that would be
-        // minutes in a debug build. The timings are in `cargo xtask bench` (`scan_*`).
+        // minutes in a debug build, so the whole check is bounded and a regression fails
+        // instead of stalling. The timings are in `cargo xtask bench` (`scan_*`).
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            quadratic_inputs();
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("every input scanned within 60 s (a panic above is reported as well)");
+    }
+
+    fn quadratic_inputs() {
         for n in [2_000usize, 4_000] {
             let exports: String = (0..n).map(|i| format!("export const e{i} = 1;\n")).collect();
             assert_eq!(scan(&exports).exports.len(), n);

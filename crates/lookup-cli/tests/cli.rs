@@ -841,6 +841,8 @@ fn coordinated_lookup(
     let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
     Command::new(env!("CARGO_BIN_EXE_deflookup"))
         .args(["--db", db, "--realm", &realm, "--coordinate", "--prerender-delay-ms", delay_ms])
+        // A waiter that missed its take-over gives up after 4 × 15 s, not 4 × 180 s.
+        .args(["--populate-timeout-secs", "15"])
         .args(["lookup", module, "Pet"])
         .env("RUST_LOG", log)
         .stdout(std::process::Stdio::piped())
