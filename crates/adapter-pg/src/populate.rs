@@ -10,6 +10,7 @@
 //! exactly when the row becomes visible. A failed or abandoned load still announces the key,
 //! so losers re-read at once instead of sitting out their timeout.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -347,8 +348,76 @@ impl PgLease {
         true
     }
 
-    /// [`RowStore::upsert`] on the lease's connection.
-    async fn upsert_on_lease(
+    /// Runs `work` on the lease's connection, within the operation timeout, unless the lease
+    /// is gone. `None`: the lease is (or has just turned out to be) gone, and the caller goes
+    /// on on the pool instead (see [`fall_back`](Self::fall_back)).
+    async fn on_lease<T>(
+        &self,
+        operation: &'static str,
+        work: impl Future<Output = Result<T, PgError>>,
+    ) -> Option<Result<T, LookupError>> {
+        if self.fall_back(operation) {
+            return None;
+        }
+        let result = self.adapter.bounded(operation, work).await.map_err(LookupError::from);
+        if let Err(error) = &result {
+            self.note_failure(error);
+            if self.fall_back(operation) {
+                return None;
+            }
+        }
+        Some(result)
+    }
+}
+
+impl RowStore for PgLease {
+    async fn read_rows(
+        &self,
+        scope: &EntryScope,
+        url: &str,
+        alias: &str,
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        let sql = self.adapter.sql();
+        let read = async { store::read_rows(sql, self.client()?, scope, url, alias).await };
+        match self.on_lease("read row", read).await {
+            Some(result) => result,
+            None => self.adapter.read_rows(scope, url, alias).await,
+        }
+    }
+
+    async fn read_rows_batch(
+        &self,
+        scope: &EntryScope,
+        names: &[String],
+    ) -> Result<Vec<CacheEntry>, LookupError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = self.adapter.sql();
+        let read = async { store::read_rows_batch(sql, self.client()?, scope, names).await };
+        match self.on_lease("read rows", read).await {
+            Some(result) => result,
+            None => self.adapter.read_rows_batch(scope, names).await,
+        }
+    }
+
+    async fn begin_load(&self, realm_url: &str, url: &str) -> Result<LoadStamp, LookupError> {
+        if !self.guarded {
+            return Ok(LoadStamp::UNGUARDED);
+        }
+        let stamp = async { store::stamp(self.adapter.sql(), self.client()?, realm_url).await };
+        match self.on_lease("stamp load", stamp).await {
+            Some(result) => result,
+            None => self.adapter.begin_load(realm_url, url).await,
+        }
+    }
+
+    /// Writes inside the lease's transaction (visible at release). Guarded, the write runs in
+    /// a savepoint: when the guard refuses it, rolling back to the savepoint also gives back
+    /// the realm's shared lock, so invalidations need not wait for the load's re-run. A
+    /// written row keeps the lock until the commit, as the guard requires. If the lease's
+    /// connection is gone, the write is made once on a pooled connection instead.
+    async fn upsert(
         &self,
         entry: &CacheEntry,
         stamp: LoadStamp,
@@ -374,97 +443,14 @@ impl PgLease {
             }
             Ok(outcome)
         };
-        Ok(self.adapter.bounded("upsert", write).await?)
-    }
-}
-
-impl RowStore for PgLease {
-    async fn read_rows(
-        &self,
-        scope: &EntryScope,
-        url: &str,
-        alias: &str,
-    ) -> Result<Vec<CacheEntry>, LookupError> {
-        if !self.fall_back("read row") {
-            let sql = self.adapter.sql();
-            let read = async { store::read_rows(sql, self.client()?, scope, url, alias).await };
-            let result = self.adapter.bounded("read row", read).await.map_err(LookupError::from);
-            if let Err(error) = &result {
-                self.note_failure(error);
+        match self.on_lease("upsert", write).await {
+            Some(Ok(PersistOutcome::Written)) => {
+                self.wrote_on_lease.store(true, Ordering::Relaxed);
+                Ok(PersistOutcome::Written)
             }
-            if result.is_ok() || !self.fall_back("read row") {
-                return result;
-            }
+            Some(result) => result,
+            None => self.adapter.upsert(entry, stamp).await,
         }
-        self.adapter.read_rows(scope, url, alias).await
-    }
-
-    async fn read_rows_batch(
-        &self,
-        scope: &EntryScope,
-        names: &[String],
-    ) -> Result<Vec<CacheEntry>, LookupError> {
-        if names.is_empty() {
-            return Ok(Vec::new());
-        }
-        if !self.fall_back("read rows") {
-            let sql = self.adapter.sql();
-            let read = async { store::read_rows_batch(sql, self.client()?, scope, names).await };
-            let result = self.adapter.bounded("read rows", read).await.map_err(LookupError::from);
-            if let Err(error) = &result {
-                self.note_failure(error);
-            }
-            if result.is_ok() || !self.fall_back("read rows") {
-                return result;
-            }
-        }
-        self.adapter.read_rows_batch(scope, names).await
-    }
-
-    async fn begin_load(&self, realm_url: &str, url: &str) -> Result<LoadStamp, LookupError> {
-        if !self.guarded {
-            return Ok(LoadStamp::UNGUARDED);
-        }
-        if !self.fall_back("stamp load") {
-            let stamp = async { store::stamp(self.adapter.sql(), self.client()?, realm_url).await };
-            let result = self.adapter.bounded("stamp load", stamp).await.map_err(LookupError::from);
-            if let Err(error) = &result {
-                self.note_failure(error);
-            }
-            if result.is_ok() || !self.fall_back("stamp load") {
-                return result;
-            }
-        }
-        self.adapter.begin_load(realm_url, url).await
-    }
-
-    /// Writes inside the lease's transaction (visible at release). Guarded, the write runs in
-    /// a savepoint: when the guard refuses it, rolling back to the savepoint also gives back
-    /// the realm's shared lock, so invalidations need not wait for the load's re-run. A
-    /// written row keeps the lock until the commit, as the guard requires. If the lease's
-    /// connection is gone, the write is made once on a pooled connection instead.
-    async fn upsert(
-        &self,
-        entry: &CacheEntry,
-        stamp: LoadStamp,
-    ) -> Result<PersistOutcome, LookupError> {
-        if !self.fall_back("upsert") {
-            match self.upsert_on_lease(entry, stamp).await {
-                Ok(outcome) => {
-                    if outcome == PersistOutcome::Written {
-                        self.wrote_on_lease.store(true, Ordering::Relaxed);
-                    }
-                    return Ok(outcome);
-                }
-                Err(error) => {
-                    self.note_failure(&error);
-                    if !self.fall_back("upsert") {
-                        return Err(error);
-                    }
-                }
-            }
-        }
-        self.adapter.upsert(entry, stamp).await
     }
 }
 
