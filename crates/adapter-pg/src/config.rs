@@ -51,7 +51,8 @@ pub struct PgConfig {
     connect_timeout: Duration,
     operation_timeout: Duration,
     transaction_pooler: Option<bool>,
-    application_name: String,
+    /// Set by the caller; `None`: `deflookup`, or `deflookup-listener` for the listener.
+    application_name: Option<String>,
     shared_indexes: bool,
     broadcast: bool,
     durable_guard: bool,
@@ -99,7 +100,7 @@ impl PgConfig {
             connect_timeout: Duration::from_secs(10),
             operation_timeout: Duration::from_secs(15),
             transaction_pooler: None,
-            application_name: "deflookup".to_owned(),
+            application_name: None,
             shared_indexes: true,
             broadcast: true,
             durable_guard: true,
@@ -116,9 +117,16 @@ impl PgConfig {
     }
 
     /// The settings the listener connects with: these, on the [`listen_url`](Self::listen_url)
-    /// when one is set. Refused when the pool goes through a transaction pooler and no
-    /// listener URL is set: `LISTEN` through such a pooler is silently lost.
+    /// when one is set, named `deflookup-listener` unless the caller named them. Refused when
+    /// the pool goes through a transaction pooler and no listener URL is set: `LISTEN`
+    /// through such a pooler is silently lost.
     pub fn listener_config(&self) -> Result<PgConfig, PgError> {
+        let mut listener = self.listener_url_config()?;
+        listener.application_name.get_or_insert_with(|| "deflookup-listener".to_owned());
+        Ok(listener)
+    }
+
+    fn listener_url_config(&self) -> Result<PgConfig, PgError> {
         match &self.listen_url {
             Some(url) => {
                 let mut config = self.clone();
@@ -207,9 +215,9 @@ impl PgConfig {
     }
 
     /// The `application_name` operators see in `pg_stat_activity`, unless the URL sets one
-    /// (default `deflookup`).
+    /// (default `deflookup` for the pool, `deflookup-listener` for the listener).
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
-        self.application_name = name.into();
+        self.application_name = Some(name.into());
         self
     }
 
@@ -287,12 +295,6 @@ impl PgConfig {
     /// The pool size.
     pub fn pool_max(&self) -> usize {
         self.pool_size
-    }
-
-    /// The `application_name` set with [`application_name`](Self::application_name) (the URL's
-    /// own takes precedence on the connection).
-    pub fn application_name_setting(&self) -> &str {
-        &self.application_name
     }
 
     /// The bound on a connection's start-up: the URL's `connect_timeout` (seconds, as in
@@ -383,7 +385,7 @@ impl PgConfig {
             config.keepalives_retries(KEEPALIVE_RETRIES);
         }
         if config.get_application_name().is_none() {
-            config.application_name(&self.application_name);
+            config.application_name(self.application_name.as_deref().unwrap_or("deflookup"));
         }
         if let Some(schema) = &self.schema {
             validate_identifier(schema, &self.redacted_url())?;
@@ -582,5 +584,14 @@ mod tests {
         assert!(!listener.uses_transaction_pooler());
         let wrong = pooled.listen_url("postgres://bouncer/db?pgbouncer=true");
         assert!(wrong.listener_config().is_err());
+        // Named for operators: the listener apart from the pool, unless the caller named both.
+        let name = |config: &PgConfig| {
+            config.tokio_postgres_config().unwrap().get_application_name().map(str::to_owned)
+        };
+        let plain = PgConfig::new("postgres://db/db?sslmode=disable");
+        assert_eq!(name(&plain).as_deref(), Some("deflookup"));
+        assert_eq!(name(&plain.listener_config().unwrap()).as_deref(), Some("deflookup-listener"));
+        let named = plain.application_name("svc");
+        assert_eq!(name(&named.listener_config().unwrap()).as_deref(), Some("svc"));
     }
 }

@@ -93,13 +93,9 @@ impl PgInvalidationListener {
         options: ListenerOptions,
     ) -> Result<PgInvalidationListener, PgError> {
         // The listener's own URL when one is set (the pool's may go through a transaction
-        // pooler, which cannot carry LISTEN). Named so operators can tell it from the pool's
-        // connections in pg_stat_activity. Checked now, so a bad URL fails the start.
-        let mut pg = config.listener_config()?;
-        if pg.application_name_setting() == "deflookup" {
-            pg = pg.application_name("deflookup-listener");
-        }
-        pg.tokio_postgres_config()?;
+        // pooler, which cannot carry LISTEN); a bad URL fails the first connection, whose
+        // error `start` returns.
+        let pg = config.listener_config()?;
         let (events, first_events) = broadcast::channel(options.event_capacity);
         let populate =
             options.populate.clone().map(|sink| (config.populate_channel_name().to_owned(), sink));
