@@ -219,9 +219,9 @@ struct Fields {
 /// Reads a payload's top-level object. Unknown keys are skipped whatever they hold (serde's
 /// `IgnoredAny` walks nesting iteratively and never converts numbers, so a value 200 levels
 /// deep or `1e400` is skipped as `JSON.parse` would read it). With `origin` the `"o"` key is
-/// read and every other skipped; without it `"o"` is skipped (the reference does not know
-/// it, so an odd `"o"` must not reject what the reference acts on). A repeated key keeps its
-/// last value, as in JavaScript.
+/// read too; without it `"o"` is skipped (the reference does not know it, so an odd `"o"`
+/// must not reject what the reference acts on). A repeated key keeps its last value, as in
+/// JavaScript.
 struct FieldsSeed {
     origin: bool,
 }
@@ -243,9 +243,9 @@ impl<'de> serde::de::Visitor<'de> for FieldsSeed {
         let mut fields = Fields::default();
         while let Some(key) = map.next_key::<JsonBytes>()? {
             match (key.0.as_slice(), self.origin) {
-                (b"k", false) => fields.k = Some(map.next_value()?),
-                (b"r", false) => fields.r = Some(map.next_value()?),
-                (b"m", false) => fields.m = Some(map.next_value()?),
+                (b"k", _) => fields.k = Some(map.next_value()?),
+                (b"r", _) => fields.r = Some(map.next_value()?),
+                (b"m", _) => fields.m = Some(map.next_value()?),
                 (b"o", true) => fields.o = Some(map.next_value()?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -280,12 +280,13 @@ fn text(bytes: Option<&JsonBytes>) -> Option<Result<String, ()>> {
 /// rejects (not JSON, not an object, unknown or missing `k`, a bad `r` or `m`) is an error and
 /// the whole payload is rejected. Never panics, whatever the input.
 pub fn parse_payload(payload: &str) -> Result<ParsedPayload, LookupError> {
-    let fields = read_fields(payload, false).map_err(|e| malformed(format!("not JSON: {e}")))?;
-    // The origin is ours; one that cannot be read is no origin.
-    let origin = read_fields(payload, true)
-        .ok()
-        .and_then(|fields| fields.o)
-        .and_then(|o| String::from_utf8(o.0).ok());
+    // One pass; a second, skipping `"o"`, only when the first failed: the origin is ours, and
+    // one that is not a string is no origin rather than a reason to reject the payload.
+    let fields = match read_fields(payload, true) {
+        Ok(fields) => fields,
+        Err(_) => read_fields(payload, false).map_err(|e| malformed(format!("not JSON: {e}")))?,
+    };
+    let origin = fields.o.as_ref().and_then(|o| String::from_utf8(o.0.clone()).ok());
     let kind = fields.k.as_ref().map(|k| k.0.as_slice());
     let realm = text(fields.r.as_ref());
     let invalidation = match kind {
