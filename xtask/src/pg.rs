@@ -234,20 +234,7 @@ impl EphemeralPg {
 
     /// Waits until the server accepts TCP connections, which is how the tests connect.
     fn wait_for_tcp(&self) -> Result<()> {
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let deadline = Instant::now() + TCP_READY_TIMEOUT;
-        loop {
-            match TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
-                Ok(_) => return Ok(()),
-                Err(error) if Instant::now() >= deadline => {
-                    bail!("Postgres does not accept connections on {address}: {error}")
-                }
-                Err(_) => {
-                    check_interrupt()?;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
+        wait_for_tcp("Postgres", self.port, TCP_READY_TIMEOUT)
     }
 
     /// A Postgres tool, as the `postgres` user when needed, in its own process group.
@@ -330,8 +317,27 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
+/// Waits until `what` accepts TCP connections on loopback `port`, at most `limit`; gives up
+/// at once on Ctrl-C.
+pub fn wait_for_tcp(what: &str, port: u16, limit: Duration) -> Result<()> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + limit;
+    loop {
+        match TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
+            Ok(_) => return Ok(()),
+            Err(error) if Instant::now() >= deadline => {
+                bail!("{what} does not accept connections on {address}: {error}")
+            }
+            Err(_) => {
+                check_interrupt()?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 /// Runs a short command with its output captured; fails, quoting that output, if it fails.
-fn run_quietly(title: &str, command: &mut Command) -> Result<Output> {
+pub fn run_quietly(title: &str, command: &mut Command) -> Result<Output> {
     let output = command.output().with_context(|| format!("cannot run {command:?}"))?;
     if !output.status.success() {
         let mut message = format!("{title} failed ({})", output.status);

@@ -4,7 +4,6 @@
 //! Both are owned by guards that stop them and remove their files on drop, like
 //! [`EphemeralPg`].
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,7 +14,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 
-use crate::pg::{EphemeralPg, create_unique_dir, free_port, print_file_tail};
+use crate::pg::{
+    EphemeralPg, create_unique_dir, free_port, print_file_tail, run_quietly, wait_for_tcp,
+};
 
 /// PEM files for the TLS cluster: a CA, a server certificate it signed for `localhost` only,
 /// and a second CA that signed nothing (the "wrong CA" of the tests).
@@ -98,7 +99,7 @@ impl PgBouncer {
             if as_postgres {
                 let mut chown = Command::new("chown");
                 chown.arg("-R").arg("postgres:").arg(&bouncer.dir);
-                run("chown the PgBouncer directory", &mut chown)?;
+                run_quietly("chown the PgBouncer directory", &mut chown)?;
             }
             let mut start = if as_postgres {
                 let mut runuser = Command::new("runuser");
@@ -108,8 +109,8 @@ impl PgBouncer {
                 Command::new(&binary)
             };
             start.arg("-d").arg(&ini).current_dir(&bouncer.dir).process_group(0);
-            run("start PgBouncer", &mut start)?;
-            if bouncer.wait_for_tcp().is_ok() {
+            run_quietly("start PgBouncer", &mut start)?;
+            if wait_for_tcp("PgBouncer", bouncer.port, Duration::from_secs(10)).is_ok() {
                 eprintln!("xtask: PgBouncer (transaction mode) ready on port {}", bouncer.port);
                 return Ok(bouncer);
             }
@@ -132,18 +133,6 @@ impl PgBouncer {
         self.dir.join("pgbouncer.pid")
     }
 
-    fn wait_for_tcp(&self) -> Result<()> {
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&address, Duration::from_secs(1)).is_err() {
-            if Instant::now() >= deadline {
-                bail!("PgBouncer does not accept connections on {address}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-
     fn stop(&self) {
         let Some(pid) = std::fs::read_to_string(self.pid_file())
             .ok()
@@ -154,7 +143,7 @@ impl PgBouncer {
         // SIGTERM: PgBouncer shuts down at once (the tests are over).
         let mut kill = Command::new("kill");
         kill.args(["-TERM", &pid.to_string()]).process_group(0);
-        if let Err(error) = run("stop PgBouncer", &mut kill) {
+        if let Err(error) = run_quietly("stop PgBouncer", &mut kill) {
             eprintln!("xtask: warning: {error:#}");
             return;
         }
@@ -188,19 +177,6 @@ fn find_pgbouncer() -> Result<PathBuf> {
         "pgbouncer is not installed; the tests run part of the Postgres suite through it \
          (Debian: `apt-get install pgbouncer`)"
     )
-}
-
-fn run(title: &str, command: &mut Command) -> Result<()> {
-    let output = command.output().with_context(|| format!("cannot run {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{title} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout).trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// The extra servers of a run on clusters of our own, and their settings for the tests.
