@@ -352,12 +352,10 @@ mod tests {
         let settings = TlsSettings::new(Some("verify-full"), Some("/nonexistent/ca.pem")).unwrap();
         let err = settings.connector().err().expect("no such file");
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
-        let empty =
-            std::env::temp_dir().join(format!("deflookup-empty-{}.pem", std::process::id()));
-        std::fs::write(&empty, "not a certificate\n").unwrap();
-        let settings = TlsSettings::new(Some("verify-ca"), empty.to_str()).unwrap();
+        let empty = tempfile::NamedTempFile::new().expect("a temporary file");
+        std::fs::write(empty.path(), "not a certificate\n").unwrap();
+        let settings = TlsSettings::new(Some("verify-ca"), empty.path().to_str()).unwrap();
         let err = settings.connector().err().expect("no certificate");
-        std::fs::remove_file(&empty).unwrap();
         assert!(err.contains("no PEM certificate"), "{err}");
     }
 }

@@ -1036,3 +1036,13 @@ async fn a_table_deflookup_cannot_share_is_a_clear_error_naming_what_differs() {
         assert!(message.contains(needle), "{needle}: {message}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_opens_connections_only_when_an_operation_needs_one() {
+    let Some(config) = config("lazy pool") else { return };
+    let db = PgAdapter::connect(config.pool_size(8)).await.expect("connect");
+    assert_eq!(db.open_connections(), 1, "start-up checks the schema on one connection");
+    db.upsert(&entry(REALM, "a.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    db.row_count().await.unwrap();
+    assert_eq!(db.open_connections(), 1, "one operation at a time reuses that connection");
+}
