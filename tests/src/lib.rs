@@ -335,16 +335,7 @@ macro_rules! behaviour_suite {
 /// Without one, the test is skipped with a notice, except under `CI`, where it fails: a CI
 /// run that silently skipped the Postgres suite would prove nothing.
 pub fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{test}: DATABASE_URL is not set under CI; run `cargo xtask test-pg`")
-        }
-        _ => {
-            eprintln!("{test}: skipped, DATABASE_URL is not set (`cargo xtask test-pg` sets it)");
-            None
-        }
-    }
+    required_setting(test, "DATABASE_URL", std::env::var_os("CI").is_some())
 }
 
 /// A setting the Postgres tests get from `cargo xtask test-pg` besides `DATABASE_URL` (the
@@ -353,13 +344,17 @@ pub fn database_url(test: &str) -> Option<String> {
 /// Missing, the test is skipped with a notice, except under `CI` when xtask started the
 /// servers itself (no `DATABASE_URL` of the user's), where it fails.
 pub fn xtask_setting(test: &str, name: &str) -> Option<String> {
+    let required =
+        std::env::var_os("CI").is_some() && std::env::var_os("DEFLOOKUP_USER_DATABASE").is_none();
+    required_setting(test, name, required)
+}
+
+/// The non-empty value of the variable `name`; without one, a panic when `required`, else a
+/// skip notice for `test` and `None`.
+fn required_setting(test: &str, name: &str, required: bool) -> Option<String> {
     match std::env::var(name) {
         Ok(value) if !value.is_empty() => Some(value),
-        _ if std::env::var_os("CI").is_some()
-            && std::env::var_os("DEFLOOKUP_USER_DATABASE").is_none() =>
-        {
-            panic!("{test}: {name} is not set under CI; run `cargo xtask test-pg`")
-        }
+        _ if required => panic!("{test}: {name} is not set under CI; run `cargo xtask test-pg`"),
         _ => {
             eprintln!("{test}: skipped, {name} is not set (`cargo xtask test-pg` sets it)");
             None
