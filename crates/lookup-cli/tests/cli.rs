@@ -49,13 +49,16 @@ impl Fixture {
     }
 }
 
+/// The binary with `args`, its environment free of the settings that would change its
+/// defaults (`DATABASE_URL`, `RUST_LOG`).
+fn deflookup_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_deflookup"));
+    command.args(args).env_remove("DATABASE_URL").env_remove("RUST_LOG");
+    command
+}
+
 fn deflookup(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_deflookup"))
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("deflookup runs")
+    deflookup_command(args).output().expect("deflookup runs")
 }
 
 fn stderr(output: &Output) -> String {
@@ -328,32 +331,45 @@ fn a_peers_invalidation_during_a_slow_render_is_not_persisted_stale() {
 /// Starts `n` lookups of one cold module together, each its own process; returns their
 /// answers and the time from the first start to the last exit.
 fn herd(f: &Fixture, db: &str, n: usize, extra: &[&str], module: &str) -> (Vec<Value>, Duration) {
+    let (outputs, elapsed) = herd_outputs(f, db, n, "2000", extra, &["lookup", module, "Pet"]);
+    let answers = outputs
+        .iter()
+        .map(|output| {
+            assert!(output.status.success(), "a lookup failed: {}", stderr(output));
+            serde_json::from_slice(&output.stdout).expect("JSON")
+        })
+        .collect();
+    (answers, elapsed)
+}
+
+/// Runs `n` processes of `command` at once on the fixture's realm, each render taking
+/// `delay_ms`; returns their outputs and the time from the first start to the last exit.
+fn herd_outputs(
+    f: &Fixture,
+    db: &str,
+    n: usize,
+    delay_ms: &str,
+    extra: &[&str],
+    command: &[&str],
+) -> (Vec<Output>, Duration) {
     let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
     let started = Instant::now();
     let children: Vec<_> = (0..n)
         .map(|_| {
-            Command::new(env!("CARGO_BIN_EXE_deflookup"))
+            deflookup_command(&["--db", db, "--realm", &realm, "--prerender-delay-ms", delay_ms])
                 // A stuck waiter gives up after 4 × 15 s instead of 4 × 180 s.
-                .args(["--db", db, "--realm", &realm, "--prerender-delay-ms", "2000"])
                 .args(["--populate-timeout-secs", "15"])
                 .args(extra)
-                .args(["lookup", module, "Pet"])
-                .env_remove("RUST_LOG")
+                .args(command)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .expect("lookup starts")
         })
         .collect();
-    let answers = children
-        .into_iter()
-        .map(|child| {
-            let output = child.wait_with_output().expect("lookup ends");
-            assert!(output.status.success(), "a lookup failed: {}", stderr(&output));
-            serde_json::from_slice(&output.stdout).expect("JSON")
-        })
-        .collect();
-    (answers, started.elapsed())
+    let outputs =
+        children.into_iter().map(|child| child.wait_with_output().expect("ends")).collect();
+    (outputs, started.elapsed())
 }
 
 fn prerendered(answers: &[Value]) -> usize {
@@ -692,11 +708,8 @@ fn tls_problems_are_one_clear_line_and_a_verified_server_works() {
 fn run_with_stdout(f: &Fixture, stdout: std::process::Stdio, args: &[&str]) -> Output {
     let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
     let db = format!("sqlite://{}", f.db().display());
-    Command::new(env!("CARGO_BIN_EXE_deflookup"))
-        .args(["--db", &db, "--realm", &realm])
+    deflookup_command(&["--db", &db, "--realm", &realm])
         .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("RUST_LOG")
         .stdout(stdout)
         .stderr(std::process::Stdio::piped())
         .output()
@@ -839,8 +852,8 @@ fn coordinated_lookup(
     log: &str,
 ) -> std::process::Child {
     let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
-    Command::new(env!("CARGO_BIN_EXE_deflookup"))
-        .args(["--db", db, "--realm", &realm, "--coordinate", "--prerender-delay-ms", delay_ms])
+    deflookup_command(&["--db", db, "--realm", &realm, "--coordinate"])
+        .args(["--prerender-delay-ms", delay_ms])
         // A waiter that missed its take-over gives up after 4 × 15 s, not 4 × 180 s.
         .args(["--populate-timeout-secs", "15"])
         .args(["lookup", module, "Pet"])
@@ -902,28 +915,13 @@ fn a_coordinated_herd_on_a_missing_module_all_get_not_found() {
     let Some(db) = fresh_pg_database("missing_herd") else { return };
     let f = Fixture::new();
     f.json_on(&db, &["clear-all"]);
-    let realm = format!("{REALM}={}", f.dir.path().join("realm").display());
-    let started = Instant::now();
-    let children: Vec<_> = (0..12)
-        .map(|_| {
-            Command::new(env!("CARGO_BIN_EXE_deflookup"))
-                .args(["--db", &db, "--realm", &realm, "--coordinate"])
-                // Each render (a look for the file) takes a while, so the herd overlaps.
-                .args(["--prerender-delay-ms", "300", "--populate-timeout-secs", "15"])
-                .args(["lookup", "ghost.gts", "Ghost"])
-                .env_remove("RUST_LOG")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("lookup starts")
-        })
-        .collect();
-    for child in children {
-        let output = child.wait_with_output().expect("lookup ends");
+    // Each render (a look for the file) takes a while, so the herd overlaps.
+    let lookup = ["lookup", "ghost.gts", "Ghost"];
+    let (outputs, took) = herd_outputs(&f, &db, 12, "300", &["--coordinate"], &lookup);
+    for output in &outputs {
         // Every process gets the true answer; none gives up on the lock.
-        assert_fails_with(&output, "not found");
+        assert_fails_with(output, "not found");
     }
-    let took = started.elapsed();
     eprintln!("12 coordinated lookups of a missing module answered in {took:?}");
     assert!(took < Duration::from_secs(30), "promptly: {took:?}");
 }
