@@ -119,12 +119,24 @@ pub(crate) fn parse(text: &str) -> Result<ConnInfo, ConnInfoError> {
             return Err(ConnInfoError(format!("unknown connection setting {shown}")));
         }
     }
-    let own: Vec<&Range<usize>> =
-        settings.iter().filter(|s| OWN_KEYS.contains(&s.key.as_str())).map(|s| &s.span).collect();
+    let is_own = |setting: &&Setting| OWN_KEYS.contains(&setting.key.as_str());
+    let own: Vec<&Range<usize>> = settings.iter().filter(is_own).map(|s| &s.span).collect();
     let driver = if own.is_empty() {
         text.to_owned()
-    } else if url_body(text).is_some() {
-        without_url_settings(text, &own)
+    } else if let Some((scheme, body)) = url_body(text) {
+        // The URL up to its `?`, then the driver's parameters, as they were written.
+        let question =
+            scheme.len() + url_query_start(body).expect("settings were found after a `?`");
+        let kept: Vec<&str> = settings
+            .iter()
+            .filter(|setting| !is_own(setting))
+            .map(|setting| &text[setting.span.clone()])
+            .collect();
+        if kept.is_empty() {
+            text[..question].to_owned()
+        } else {
+            format!("{}?{}", &text[..question], kept.join("&"))
+        }
     } else {
         let mut out = String::new();
         let mut at = 0;
@@ -167,27 +179,6 @@ fn url_settings(body: &str, offset: usize) -> Result<Vec<Setting>, ConnInfoError
         });
     }
     Ok(settings)
-}
-
-/// The URL without the parameters at `spans` (and without a `?` left with nothing after it).
-fn without_url_settings(text: &str, spans: &[&Range<usize>]) -> String {
-    let (scheme, body) = url_body(text).expect("a URL");
-    let question = url_query_start(body).expect("settings were found after a `?`") + scheme.len();
-    let kept: Vec<&str> = text[question + 1..]
-        .split('&')
-        .scan(question + 1, |at, piece| {
-            let span = *at..*at + piece.len();
-            *at += piece.len() + 1;
-            Some((span, piece))
-        })
-        .filter(|(span, piece)| !piece.is_empty() && !spans.contains(&span))
-        .map(|(_, piece)| piece)
-        .collect();
-    if kept.is_empty() {
-        text[..question].to_owned()
-    } else {
-        format!("{}?{}", &text[..question], kept.join("&"))
-    }
 }
 
 /// The `key=value` words of libpq's other form: whitespace-separated, spaces allowed around
