@@ -54,7 +54,7 @@ pub struct L1Stats {
     pub refused_stale: u64,
     /// Entries dropped because they were older than `max_age`.
     pub expired: u64,
-    /// Times the tier was emptied whole (a global bump, a disconnect, a resync).
+    /// Times the tier was emptied whole (a global bump, a listener resync).
     pub flushes: u64,
     /// Whether the tier is bypassed (the listener is disconnected).
     pub suspended: bool,
@@ -166,20 +166,16 @@ impl L1 {
         state.stats.flushes += 1;
     }
 
-    /// Empties and bypasses the tier until [`resume`](Self::resume).
+    /// Bypasses the tier until [`resume`](Self::resume). What it holds is kept: the
+    /// invalidations missed meanwhile are replayed (or everything is flushed) before it
+    /// resumes.
     pub(crate) fn suspend(&self) {
-        let mut state = self.state();
-        state.map.clear();
-        state.stats.flushes += 1;
-        state.suspended = true;
+        self.state().suspended = true;
     }
 
-    /// Empties the tier and serves from it again.
+    /// Serves from the tier again.
     pub(crate) fn resume(&self) {
-        let mut state = self.state();
-        state.map.clear();
-        state.stats.flushes += 1;
-        state.suspended = false;
+        self.state().suspended = false;
     }
 
     pub(crate) fn stats(&self) -> L1Stats {

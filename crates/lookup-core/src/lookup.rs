@@ -806,6 +806,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
                     Woken::TimedOut if left <= probe => ticket.count(last_wait),
                     _ => {}
                 }
+                // A recheck (announcements may have been missed) is a probe now, in this round.
                 match last_wait {
                     Woken::ShutDown => {
                         return Err(LookupError::PopulateFailed {
@@ -817,7 +818,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
                     }
                     Woken::Signalled => break,
                     Woken::TimedOut if left <= probe => break,
-                    Woken::TimedOut => {}
+                    Woken::TimedOut | Woken::Recheck => {}
                 }
                 // Nothing heard for a whole interval: the winner may have died without a word.
                 if let Some(entry) = self.read_cached(&self.db, &context.scope, url).await?
@@ -1043,14 +1044,16 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Invali
         self.inner.bump_global();
     }
 
-    /// Invalidations can no longer be heard: the in-process tier is emptied and bypassed.
+    /// Invalidations can no longer be heard: the in-process tier is bypassed until the
+    /// listener is back (and has replayed what it missed, or resynced).
     fn connection_lost(&self) {
         if let Some(l1) = &self.inner.l1 {
             l1.suspend();
         }
     }
 
-    /// Listening again (after the resync's global bump): the tier serves again, empty.
+    /// Listening again, the missed invalidations replayed (or everything flushed by a resync):
+    /// the tier serves again.
     fn connection_restored(&self) {
         if let Some(l1) = &self.inner.l1 {
             l1.resume();

@@ -201,7 +201,8 @@ pub trait PopulateCoordinator: Send + Sync + 'static {
 pub trait PopulateSink: Send + Sync + 'static {
     /// A peer (or this process) announced `key_hash` populated.
     fn key_populated(&self, key_hash: i64);
-    /// Announcements may have been missed (a reconnect): every waiter should re-read now.
+    /// Announcements may have been missed (a reconnect): every waiter should re-read the row
+    /// and try the lock now, as its periodic probe does (without ending its round).
     fn wake_all(&self);
     /// The winner of `key_hash` left no row, for this reason; its announcement follows. The
     /// default ignores it (waiters then try for themselves).
@@ -270,8 +271,11 @@ impl PopulateCoordinator for Uncoordinated {
 /// How a wait on a [`PopulateTicket`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Woken {
-    /// The key was announced, or every waiter was woken (a listener resync): re-read.
+    /// The key was announced: re-read.
     Signalled,
+    /// Announcements may have been missed (the listener reconnected): probe now (re-read,
+    /// try the lock) and keep waiting if the key is still held.
+    Recheck,
     /// Nothing came within the timeout.
     TimedOut,
     /// The registry was shut down: stop waiting for good.
@@ -285,7 +289,7 @@ pub struct PopulateSignalStats {
     pub announcements: u64,
     /// Announcements that woke at least one ticket.
     pub announcements_matched: u64,
-    /// Times every waiter was woken at once (resyncs).
+    /// Times every waiter was asked to recheck at once (listener reconnects).
     pub wake_alls: u64,
     /// Waits that ended on a signal.
     pub waits_signalled: u64,
@@ -306,6 +310,8 @@ struct KeyWaiters {
 struct SignalsState {
     keys: HashMap<i64, KeyWaiters>,
     shut_down: bool,
+    /// Bumped by [`PopulateSink::wake_all`]: every ticket rechecks.
+    recheck: watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -348,10 +354,12 @@ impl PopulateSignals {
         waiters.tickets += 1;
         let signal = waiters.signal.subscribe();
         let registered_at = *signal.borrow();
+        let recheck = state.recheck.subscribe();
         PopulateTicket {
             signals: Arc::clone(self),
             key: key.clone(),
             signal,
+            recheck,
             registered_at,
             shut_down_at_registration: shut_down,
         }
@@ -415,9 +423,7 @@ impl PopulateSink for PopulateSignals {
 
     fn wake_all(&self) {
         self.counters.wake_alls.fetch_add(1, Ordering::Relaxed);
-        for waiters in self.state().keys.values() {
-            waiters.signal.send_modify(|n| *n += 1);
-        }
+        self.state().recheck.send_modify(|n| *n += 1);
     }
 
     fn key_outcome(&self, key_hash: i64, outcome: NoRow) {
@@ -438,6 +444,8 @@ pub struct PopulateTicket {
     signals: Arc<PopulateSignals>,
     key: PopulateKey,
     signal: watch::Receiver<u64>,
+    /// See [`SignalsState::recheck`].
+    recheck: watch::Receiver<u64>,
     /// The signal count when the ticket was registered: outcomes told later are for it.
     registered_at: u64,
     shut_down_at_registration: bool,
@@ -464,11 +472,20 @@ impl PopulateTicket {
         if self.shut_down_at_registration || self.signals.is_shut_down() {
             return Woken::ShutDown;
         }
-        let woken = match tokio::time::timeout(slice, self.signal.changed()).await {
-            // The sender lives in the registry as long as this ticket does.
-            Ok(_) => Woken::Signalled,
-            Err(_) => Woken::TimedOut,
-        };
+        // Both senders live in the registry as long as this ticket does. A key's signal wins
+        // over a recheck that came with it.
+        let mut signal = std::pin::pin!(self.signal.changed());
+        let mut recheck = std::pin::pin!(self.recheck.changed());
+        let either = std::future::poll_fn(|cx| {
+            if signal.as_mut().poll(cx).is_ready() {
+                std::task::Poll::Ready(Woken::Signalled)
+            } else if recheck.as_mut().poll(cx).is_ready() {
+                std::task::Poll::Ready(Woken::Recheck)
+            } else {
+                std::task::Poll::Pending
+            }
+        });
+        let woken = tokio::time::timeout(slice, either).await.unwrap_or(Woken::TimedOut);
         if self.signals.is_shut_down() {
             return Woken::ShutDown;
         }
@@ -488,7 +505,7 @@ impl PopulateTicket {
         let counter = match woken {
             Woken::TimedOut => &self.signals.counters.waits_timed_out,
             Woken::Signalled => &self.signals.counters.waits_signalled,
-            Woken::ShutDown => return,
+            Woken::Recheck | Woken::ShutDown => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -543,8 +560,8 @@ mod tests {
         let mut a = signals.register(&PopulateKey::from_text("a"));
         let mut b = signals.register(&PopulateKey::from_text("b"));
         signals.wake_all();
-        assert_eq!(a.wait(LONG).await, Woken::Signalled);
-        assert_eq!(b.wait(LONG).await, Woken::Signalled);
+        assert_eq!(a.wait(LONG).await, Woken::Recheck);
+        assert_eq!(b.wait(LONG).await, Woken::Recheck);
         let parked = tokio::spawn(async move { a.wait(LONG).await });
         signals.shutdown();
         assert_eq!(tokio::time::timeout(LONG, parked).await.unwrap().unwrap(), Woken::ShutDown);

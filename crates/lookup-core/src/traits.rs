@@ -176,11 +176,19 @@ pub trait InvalidationSink: Send + Sync + 'static {
     /// Bumps the global generation and drops every in-flight load.
     fn bump_global(&self);
 
-    /// The listener lost its connection: invalidations may now go unheard until it resyncs.
-    /// The default does nothing (in-flight loads are discarded by the resync's bump).
+    /// The listener lost its connection: invalidations may now go unheard until it is back.
+    /// The default does nothing (the invalidations missed are replayed when it is back, or
+    /// [`resync`](Self::resync) discards everything).
     fn connection_lost(&self) {}
 
-    /// The listener is listening again, after a reconnect and its resync (`bump_global`).
+    /// The listener could not prove it heard every invalidation (see the listener's catch-up):
+    /// everything in flight must be discarded. The default is [`bump_global`](Self::bump_global).
+    fn resync(&self) {
+        self.bump_global();
+    }
+
+    /// The listener is listening again, after a reconnect and after the invalidations it
+    /// missed were replayed (or after [`resync`](Self::resync)).
     fn connection_restored(&self) {}
 
     /// Replays one parsed invalidation.

@@ -93,6 +93,10 @@ pub struct ParsedPayload {
     pub invalidation: Invalidation,
     /// The sender's origin id (`"o"`), when it sent one.
     pub origin: Option<String>,
+    /// The sequence number the sender's invalidation took in the durable guard's log
+    /// (`"s"`), on the last payload of its transaction only: a listener that has read this
+    /// payload has read every payload of that transaction.
+    pub seq: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -102,6 +106,8 @@ struct ModulePayload<'a> {
     m: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     o: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    s: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -110,6 +116,8 @@ struct RealmPayload<'a> {
     r: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     o: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    s: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -117,6 +125,8 @@ struct GlobalPayload<'a> {
     k: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     o: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    s: Option<i64>,
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {
@@ -129,28 +139,37 @@ fn json_len(text: &str) -> usize {
 }
 
 /// Encodes an invalidation as one or more payloads, each strictly under
-/// [`PAYLOAD_BUDGET_BYTES`] bytes, with the origin id as `"o"` when given.
+/// [`PAYLOAD_BUDGET_BYTES`] bytes, with the origin id as `"o"` when given, and the
+/// invalidation's sequence number in the durable guard's log as `"s"` (on the last payload
+/// only) when given.
 ///
 /// A module fan-out is split into chunks whose union is the fan-out, in order. If any single
 /// URL cannot fit a payload on its own, the whole fan-out is sent as a realm payload instead
 /// (conservative: peers drop more than needed, never less). A realm payload that cannot fit
-/// becomes a global one for the same reason. An empty fan-out encodes to nothing.
-pub fn encode_payloads(invalidation: &Invalidation, origin: Option<&str>) -> Vec<String> {
+/// becomes a global one for the same reason, without `"s"`: the number belongs to the realm's
+/// log, and a listener would credit it to the global one. An empty fan-out encodes to nothing.
+pub fn encode_payloads(
+    invalidation: &Invalidation,
+    origin: Option<&str>,
+    seq: Option<i64>,
+) -> Vec<String> {
     match invalidation {
-        Invalidation::Global => vec![to_json(&GlobalPayload { k: "global", o: origin })],
+        Invalidation::Global => vec![to_json(&GlobalPayload { k: "global", o: origin, s: seq })],
         Invalidation::Realm { realm_url } => {
-            let payload = to_json(&RealmPayload { k: "realm", r: realm_url, o: origin });
+            let payload = to_json(&RealmPayload { k: "realm", r: realm_url, o: origin, s: seq });
             if payload.len() < PAYLOAD_BUDGET_BYTES {
                 vec![payload]
             } else {
-                encode_payloads(&Invalidation::Global, origin)
+                encode_payloads(&Invalidation::Global, origin, None)
             }
         }
         Invalidation::Modules { realm_url, urls } => {
             if urls.is_empty() {
                 return Vec::new();
             }
-            let empty = to_json(&ModulePayload { k: "module", r: realm_url, m: &[], o: origin });
+            // Sized with `"s"`, which only the last chunk carries: every chunk fits either way.
+            let empty =
+                to_json(&ModulePayload { k: "module", r: realm_url, m: &[], o: origin, s: seq });
             let mut chunks = Vec::new();
             let mut start = 0;
             let mut size = empty.len();
@@ -160,7 +179,7 @@ pub fn encode_payloads(invalidation: &Invalidation, origin: Option<&str>) -> Vec
                 let added = json_len(url) + usize::from(!first);
                 if empty.len() + json_len(url) >= PAYLOAD_BUDGET_BYTES {
                     let realm = Invalidation::Realm { realm_url: realm_url.clone() };
-                    return encode_payloads(&realm, origin);
+                    return encode_payloads(&realm, origin, seq);
                 }
                 if size + added >= PAYLOAD_BUDGET_BYTES {
                     chunks.push(&urls[start..i]);
@@ -171,9 +190,14 @@ pub fn encode_payloads(invalidation: &Invalidation, origin: Option<&str>) -> Vec
                 }
             }
             chunks.push(&urls[start..]);
+            let last = chunks.len() - 1;
             chunks
                 .into_iter()
-                .map(|m| to_json(&ModulePayload { k: "module", r: realm_url, m, o: origin }))
+                .enumerate()
+                .map(|(i, m)| {
+                    let s = if i == last { seq } else { None };
+                    to_json(&ModulePayload { k: "module", r: realm_url, m, o: origin, s })
+                })
                 .collect()
         }
     }
@@ -214,16 +238,17 @@ struct Fields {
     r: Option<JsonBytes>,
     m: Option<Vec<JsonBytes>>,
     o: Option<JsonBytes>,
+    s: Option<Value>,
 }
 
 /// Reads a payload's top-level object. Unknown keys are skipped whatever they hold (serde's
 /// `IgnoredAny` walks nesting iteratively and never converts numbers, so a value 200 levels
-/// deep or `1e400` is skipped as `JSON.parse` would read it). With `origin` the `"o"` key is
-/// read too; without it `"o"` is skipped (the reference does not know it, so an odd `"o"`
-/// must not reject what the reference acts on). A repeated key keeps its last value, as in
-/// JavaScript.
+/// deep or `1e400` is skipped as `JSON.parse` would read it). With `ours` the keys deflookup
+/// adds (`"o"`, `"s"`) are read too; without it they are skipped (the reference does not know
+/// them, so an odd `"o"` or `"s"` must not reject what the reference acts on). A repeated key
+/// keeps its last value, as in JavaScript.
 struct FieldsSeed {
-    origin: bool,
+    ours: bool,
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for FieldsSeed {
@@ -242,11 +267,12 @@ impl<'de> serde::de::Visitor<'de> for FieldsSeed {
         use serde::de::IgnoredAny;
         let mut fields = Fields::default();
         while let Some(key) = map.next_key::<JsonBytes>()? {
-            match (key.0.as_slice(), self.origin) {
+            match (key.0.as_slice(), self.ours) {
                 (b"k", _) => fields.k = Some(map.next_value()?),
                 (b"r", _) => fields.r = Some(map.next_value()?),
                 (b"m", _) => fields.m = Some(map.next_value()?),
                 (b"o", true) => fields.o = Some(map.next_value()?),
+                (b"s", true) => fields.s = Some(map.next_value()?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -256,10 +282,10 @@ impl<'de> serde::de::Visitor<'de> for FieldsSeed {
     }
 }
 
-fn read_fields(payload: &str, origin: bool) -> Result<Fields, serde_json::Error> {
+fn read_fields(payload: &str, ours: bool) -> Result<Fields, serde_json::Error> {
     use serde::de::DeserializeSeed as _;
     let mut deserializer = serde_json::Deserializer::from_str(payload);
-    let fields = FieldsSeed { origin }.deserialize(&mut deserializer)?;
+    let fields = FieldsSeed { ours }.deserialize(&mut deserializer)?;
     deserializer.end()?;
     Ok(fields)
 }
@@ -280,13 +306,14 @@ fn text(bytes: Option<&JsonBytes>) -> Option<Result<String, ()>> {
 /// rejects (not JSON, not an object, unknown or missing `k`, a bad `r` or `m`) is an error and
 /// the whole payload is rejected. Never panics, whatever the input.
 pub fn parse_payload(payload: &str) -> Result<ParsedPayload, LookupError> {
-    // One pass; a second, skipping `"o"`, only when the first failed: the origin is ours, and
-    // one that is not a string is no origin rather than a reason to reject the payload.
+    // One pass; a second, skipping `"o"` and `"s"`, only when the first failed: those keys are
+    // ours, and an odd one is no origin or number rather than a reason to reject the payload.
     let fields = match read_fields(payload, true) {
         Ok(fields) => fields,
         Err(_) => read_fields(payload, false).map_err(|e| malformed(format!("not JSON: {e}")))?,
     };
     let origin = fields.o.as_ref().and_then(|o| String::from_utf8(o.0.clone()).ok());
+    let seq = fields.s.as_ref().and_then(Value::as_i64).filter(|seq| *seq > 0);
     let kind = fields.k.as_ref().map(|k| k.0.as_slice());
     let realm = text(fields.r.as_ref());
     let invalidation = match kind {
@@ -306,12 +333,12 @@ pub fn parse_payload(payload: &str) -> Result<ParsedPayload, LookupError> {
             match (realm_url, urls.into_iter().collect::<Result<Vec<_>, ()>>()) {
                 (Ok(realm_url), Ok(urls)) => Invalidation::Modules { realm_url, urls },
                 (Ok(realm_url), Err(())) => Invalidation::Realm { realm_url },
-                (Err(()), _) => Invalidation::Global,
+                (Err(()), _) => return Ok(ParsedPayload::widened(origin)),
             }
         }
         Some(b"realm") => match realm {
             Some(Ok(realm_url)) => Invalidation::Realm { realm_url },
-            Some(Err(())) => Invalidation::Global,
+            Some(Err(())) => return Ok(ParsedPayload::widened(origin)),
             None => return Err(malformed("realm payload without a non-empty \"r\"")),
         },
         Some(b"global") => Invalidation::Global,
@@ -320,7 +347,25 @@ pub fn parse_payload(payload: &str) -> Result<ParsedPayload, LookupError> {
         }
         None => return Err(malformed("missing kind \"k\"")),
     };
-    Ok(ParsedPayload { invalidation, origin })
+    Ok(ParsedPayload { invalidation, origin, seq })
+}
+
+impl ParsedPayload {
+    /// A payload whose realm this crate cannot represent, widened to everything. Its `"s"`
+    /// is dropped: the number belongs to that realm's log, not to the global one.
+    fn widened(origin: Option<String>) -> ParsedPayload {
+        ParsedPayload { invalidation: Invalidation::Global, origin, seq: None }
+    }
+
+    /// The log the payload's `seq` belongs to: its realm, or `""` for everything.
+    pub fn log_realm(&self) -> &str {
+        match &self.invalidation {
+            Invalidation::Modules { realm_url, .. } | Invalidation::Realm { realm_url } => {
+                realm_url
+            }
+            Invalidation::Global => "",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -339,7 +384,7 @@ mod tests {
     fn encodes_in_the_reference_key_order() {
         let inv = modules("https://r.test/", &["https://r.test/a.gts", "https://r.test/a"]);
         assert_eq!(
-            encode_payloads(&inv, None),
+            encode_payloads(&inv, None, None),
             [
                 r#"{"k":"module","r":"https://r.test/","m":["https://r.test/a.gts","https://r.test/a"]}"#
             ]
@@ -347,11 +392,12 @@ mod tests {
         assert_eq!(
             encode_payloads(
                 &Invalidation::Realm { realm_url: "https://r.test/".into() },
-                Some("p1")
+                Some("p1"),
+                None
             ),
             [r#"{"k":"realm","r":"https://r.test/","o":"p1"}"#]
         );
-        assert_eq!(encode_payloads(&Invalidation::Global, None), [r#"{"k":"global"}"#]);
+        assert_eq!(encode_payloads(&Invalidation::Global, None, None), [r#"{"k":"global"}"#]);
     }
 
     #[test]
@@ -368,6 +414,25 @@ mod tests {
             Invalidation::Realm { realm_url: "R/".into() }
         );
         assert_eq!(parse_payload(r#"{"k":"global"}"#).unwrap().invalidation, Invalidation::Global);
+    }
+
+    #[test]
+    fn the_log_number_is_read_when_it_is_one_and_never_rejects_a_payload() {
+        let parsed = parse_payload(r#"{"k":"realm","r":"R/","o":"x","s":42}"#).unwrap();
+        assert_eq!((parsed.seq, parsed.log_realm()), (Some(42), "R/"));
+        assert_eq!(parse_payload(r#"{"k":"global","s":9}"#).unwrap().log_realm(), "");
+        for odd in [r#""42""#, "-1", "0", "1.5", "1e400", "null", "[1]", "99999999999999999999"] {
+            let payload = format!(r#"{{"k":"module","r":"R/","m":["R/a"],"o":"x","s":{odd}}}"#);
+            let parsed = parse_payload(&payload).unwrap_or_else(|e| panic!("{payload}: {e}"));
+            assert_eq!(parsed.seq, None, "{payload}");
+            assert_eq!(parsed.invalidation, modules("R/", &["R/a"]));
+        }
+        // A realm widened to everything does not credit its number to the global log.
+        let widened = parse_payload(r#"{"k":"realm","r":"R\ud800/","s":5}"#).unwrap();
+        assert_eq!((widened.invalidation, widened.seq), (Invalidation::Global, None));
+        // Nor does an encoded realm too long for a payload.
+        let long = Invalidation::Realm { realm_url: "R".repeat(PAYLOAD_BUDGET_BYTES) };
+        assert_eq!(encode_payloads(&long, None, Some(3)), [r#"{"k":"global"}"#]);
     }
 
     #[test]
@@ -401,8 +466,8 @@ mod tests {
             realm_url: "https://r.test/".into(),
             urls: vec!["https://r.test/a".into(), long],
         };
-        let payloads = encode_payloads(&inv, Some("me"));
-        assert_eq!(payloads, [r#"{"k":"realm","r":"https://r.test/","o":"me"}"#]);
+        let payloads = encode_payloads(&inv, Some("me"), Some(7));
+        assert_eq!(payloads, [r#"{"k":"realm","r":"https://r.test/","o":"me","s":7}"#]);
     }
 
     fn url_strategy() -> impl Strategy<Value = String> {
@@ -435,17 +500,22 @@ mod tests {
         fn chunks_fit_and_round_trip(
             urls in prop::collection::vec(url_strategy(), 1..120),
             origin in proptest::option::of("[a-f0-9]{8,32}"),
+            seq in proptest::option::of(1..i64::MAX),
         ) {
             let realm = "https://r.test/".to_owned();
             let inv = Invalidation::Modules { realm_url: realm.clone(), urls: urls.clone() };
-            let payloads = encode_payloads(&inv, origin.as_deref());
+            let payloads = encode_payloads(&inv, origin.as_deref(), seq);
             prop_assert!(!payloads.is_empty());
             let mut union = Vec::new();
             let mut saw_realm = false;
-            for payload in &payloads {
+            for (i, payload) in payloads.iter().enumerate() {
                 prop_assert!(payload.len() < PAYLOAD_BUDGET_BYTES, "payload of {} bytes", payload.len());
                 let parsed = parse_payload(payload).expect("own payload parses");
                 prop_assert_eq!(parsed.origin.as_deref(), origin.as_deref());
+                // The log's number closes the transaction: on the last payload only.
+                let last = i + 1 == payloads.len();
+                prop_assert_eq!(parsed.seq, if last { seq } else { None });
+                prop_assert_eq!(parsed.log_realm(), realm.as_str());
                 match parsed.invalidation {
                     Invalidation::Modules { realm_url, urls } => {
                         prop_assert_eq!(&realm_url, &realm);
@@ -458,7 +528,7 @@ mod tests {
                     Invalidation::Global => prop_assert!(false, "unexpected global payload"),
                 }
             }
-            let empty = encode_payloads(&Invalidation::Modules { realm_url: realm.clone(), urls: vec![String::new()] }, origin.as_deref());
+            let empty = encode_payloads(&Invalidation::Modules { realm_url: realm.clone(), urls: vec![String::new()] }, origin.as_deref(), seq);
             let overhead = empty[0].len() - json_len("");
             let oversize = urls.iter().any(|u| overhead + json_len(u) >= PAYLOAD_BUDGET_BYTES);
             prop_assert_eq!(saw_realm, oversize, "realm fallback exactly when one URL cannot fit");
