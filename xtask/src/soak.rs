@@ -1,4 +1,4 @@
-//! `cargo xtask soak [--seconds N] [--processes P] [--unsafe]`: many real `deflookup`
+//! `cargo xtask soak [--seconds N] [--processes P] [--unsafe | --poll-ms N | --untracked-writers]`: many real `deflookup`
 //! processes share one Postgres database while faults are injected, and audits count the
 //! stale rows in the cache.
 //!
@@ -27,6 +27,12 @@
 //! rows of 21 (the control proved nothing); audited every 2 s, a run found 20 of 560.
 //! Checkpoints sample many moments, so the control's finds grow with the run, and so does
 //! what a zero in the guarded run means.
+//!
+//! The line before the last tells what the listeners' reconnects cost:
+//! `listener: resyncs: R (loads in flight discarded: D); catch-ups: C (invalidations replayed: N)`.
+//! `--untracked-writers` turns catch-up off (every reconnect resyncs, as before catch-up
+//! existed: the comparison); `--poll-ms N` makes every worker poll the invalidation log
+//! instead of listening.
 //!
 //! Its last line on stdout is exactly
 //! `stale rows: S of R rows; invalidations: I; lookups: L; faults: F`, where R counts the
@@ -87,21 +93,34 @@ struct Options {
     seconds: u64,
     processes: u64,
     unsafe_mode: bool,
+    /// The workers poll the log every this many milliseconds instead of listening.
+    poll_ms: Option<u64>,
+    /// The workers' listeners resync after every reconnect instead of catching up.
+    untracked_writers: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { seconds: 60, processes: 3, unsafe_mode: false }
+        Options {
+            seconds: 60,
+            processes: 3,
+            unsafe_mode: false,
+            poll_ms: None,
+            untracked_writers: false,
+        }
     }
 }
 
 fn usage() -> &'static str {
-    "cargo xtask soak [--seconds N] [--processes P] [--unsafe]: P deflookup processes \
+    "cargo xtask soak [--seconds N] [--processes P] [--unsafe | --poll-ms N | \
+     --untracked-writers]: P deflookup processes \
      (default 3) look up, edit and invalidate modules for N seconds (default 60) on one \
      Postgres database ($DATABASE_URL or a throwaway cluster) while listener backends and \
      pooled connections are terminated and the server is restarted; then it audits the table. \
      Last line: `stale rows: S of R rows; invalidations: I; lookups: L; faults: F`. \
-     --unsafe runs the workers without broadcast, durable guard and listener (the control)."
+     --unsafe runs the workers without broadcast, durable guard and listener (the control); \
+     --poll-ms N makes them poll the invalidation log instead of listening; \
+     --untracked-writers makes their listeners resync after a reconnect instead of catching up."
 }
 
 fn parse_options(args: &[String]) -> Result<Option<Options>> {
@@ -122,11 +141,17 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
             "--seconds" => options.seconds = value("--seconds")?,
             "--processes" => options.processes = value("--processes")?,
             "--unsafe" if inline.is_none() => options.unsafe_mode = true,
+            "--poll-ms" => options.poll_ms = Some(value("--poll-ms")?),
+            "--untracked-writers" if inline.is_none() => options.untracked_writers = true,
             _ => bail!("unknown argument {word:?}\n{}", usage()),
         }
     }
-    if options.seconds == 0 || options.processes == 0 {
-        bail!("--seconds and --processes must be at least 1");
+    if options.seconds == 0 || options.processes == 0 || options.poll_ms == Some(0) {
+        bail!("--seconds, --processes and --poll-ms must be at least 1");
+    }
+    let modes = [options.unsafe_mode, options.poll_ms.is_some(), options.untracked_writers];
+    if modes.iter().filter(|on| **on).count() > 1 {
+        bail!("--unsafe, --poll-ms and --untracked-writers go one at a time");
     }
     Ok(Some(options))
 }
@@ -185,8 +210,13 @@ fn soak(
         );
     }
     let schedule = FaultKind::schedule(options.unsafe_mode, restart.is_some());
-    let mode =
-        if options.unsafe_mode { " UNSAFE (no broadcast, no guard, no listener)" } else { "" };
+    let polling = options.poll_ms.map(|ms| format!(" polling every {ms} ms"));
+    let mode = match (options.unsafe_mode, options.untracked_writers, &polling) {
+        (true, _, _) => " UNSAFE (no broadcast, no guard, no listener)",
+        (_, true, _) => " resyncing after every reconnect (catch-up off)",
+        (_, _, Some(polling)) => polling,
+        _ => "",
+    };
     eprintln!(
         "xtask: soak{mode}: {} workers for {} s over {MODULES} modules in {}",
         options.processes,
@@ -259,6 +289,10 @@ fn soak(
     let rows = runtime.block_on(read_rows(&database.url))?;
     auditor.add(&rows, &realm.dir)?;
     auditor.report();
+    println!(
+        "listener: resyncs: {} (loads in flight discarded: {}); catch-ups: {} (invalidations replayed: {})",
+        totals.resyncs, totals.discarded_by_resync, totals.catch_ups, totals.replayed
+    );
     Ok(format!(
         "stale rows: {} of {} rows; invalidations: {}; lookups: {}; faults: {}",
         auditor.stale.len(),
@@ -487,6 +521,12 @@ impl Workers {
             if options.unsafe_mode {
                 command.arg("--unsafe");
             }
+            if let Some(ms) = options.poll_ms {
+                command.args(["--poll-ms", &ms.to_string()]);
+            }
+            if options.untracked_writers {
+                command.arg("--untracked-writers");
+            }
             command.arg("soak-worker");
             command.args(["--seconds", &options.seconds.to_string()]);
             command.args(["--seed", &number.to_string()]);
@@ -628,6 +668,10 @@ struct Summary {
     invalidations: u64,
     edits: u64,
     errors: u64,
+    resyncs: u64,
+    discarded_by_resync: u64,
+    catch_ups: u64,
+    replayed: u64,
 }
 
 impl Summary {
@@ -639,6 +683,10 @@ impl Summary {
             invalidations: count("invalidations")?,
             edits: count("edits")?,
             errors: count("errors")?,
+            resyncs: count("resyncs")?,
+            discarded_by_resync: count("discarded_by_resync")?,
+            catch_ups: count("catch_ups")?,
+            replayed: count("replayed")?,
         })
     }
 
@@ -648,6 +696,10 @@ impl Summary {
             invalidations: total.invalidations + s.invalidations,
             edits: total.edits + s.edits,
             errors: total.errors + s.errors,
+            resyncs: total.resyncs + s.resyncs,
+            discarded_by_resync: total.discarded_by_resync + s.discarded_by_resync,
+            catch_ups: total.catch_ups + s.catch_ups,
+            replayed: total.replayed + s.replayed,
         })
     }
 }
@@ -1049,8 +1101,14 @@ mod tests {
         assert_eq!(parse_options(&[]).unwrap(), Some(Options::default()));
         assert_eq!(
             parse_options(&args(&["--seconds", "20", "--processes=2", "--unsafe"])).unwrap(),
-            Some(Options { seconds: 20, processes: 2, unsafe_mode: true })
+            Some(Options { seconds: 20, processes: 2, unsafe_mode: true, ..Options::default() })
         );
+        assert_eq!(
+            parse_options(&args(&["--poll-ms=100"])).unwrap(),
+            Some(Options { poll_ms: Some(100), ..Options::default() })
+        );
+        assert!(parse_options(&args(&["--poll-ms", "0"])).is_err());
+        assert!(parse_options(&args(&["--poll-ms", "5", "--untracked-writers"])).is_err());
         assert_eq!(parse_options(&args(&["--help"])).unwrap(), None);
         assert!(parse_options(&args(&["--seconds"])).is_err());
         assert!(parse_options(&args(&["--seconds", "x"])).is_err());
@@ -1067,8 +1125,19 @@ mod tests {
         );
         assert_eq!(with_database("postgres://h:5432", "soak"), "postgres://h:5432/soak");
         assert_eq!(
-            Summary::parse(r#"{"lookups":5,"invalidations":2,"edits":1,"errors":0}"#),
-            Some(Summary { lookups: 5, invalidations: 2, edits: 1, errors: 0 })
+            Summary::parse(
+                r#"{"lookups":5,"invalidations":2,"edits":1,"errors":0,"resyncs":1,"discarded_by_resync":3,"catch_ups":4,"replayed":6}"#
+            ),
+            Some(Summary {
+                lookups: 5,
+                invalidations: 2,
+                edits: 1,
+                errors: 0,
+                resyncs: 1,
+                discarded_by_resync: 3,
+                catch_ups: 4,
+                replayed: 6
+            })
         );
         assert_eq!(Summary::parse(r#"{"lookups":5}"#), None);
     }

@@ -126,6 +126,16 @@ impl PgConfig {
         Ok(listener)
     }
 
+    /// The settings of a connection that follows the invalidation log by polling instead of
+    /// listening: the pool's own URL (a transaction pooler is fine: each poll is one
+    /// self-contained statement), named `deflookup-listener` unless the caller named it.
+    pub fn poller_config(&self) -> PgConfig {
+        let mut poller = self.clone();
+        poller.listen_url = None;
+        poller.application_name.get_or_insert_with(|| "deflookup-listener".to_owned());
+        poller
+    }
+
     fn listener_url_config(&self) -> Result<PgConfig, PgError> {
         match &self.listen_url {
             Some(url) => {

@@ -56,20 +56,20 @@ pub(crate) const LOCK_GLOBAL_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock($1,
 pub(crate) const STAMP: &str = "SELECT coalesce(max(latest), 0) FROM _S_modules_guard_realm \
      WHERE md5(realm) IN (md5($1), md5('')) AND realm IN ($1, '')";
 
-/// Records a module fan-out: `$1` realm, `$2` URLs. Returns the sequence taken.
-pub(crate) const RECORD_MODULES: &str = "WITH s AS (SELECT nextval('_S_modules_guard_seq') AS seq), \
-     r AS (INSERT INTO _S_modules_guard_realm (realm, latest) SELECT $1, seq FROM s \
-           ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest), \
-     u AS (INSERT INTO _S_modules_guard (realm, url, seq) \
-           SELECT $1, x.url, s.seq FROM s, (SELECT DISTINCT unnest($2::text[]) AS url) AS x \
-           ON CONFLICT ((md5(realm)), (md5(url))) DO UPDATE SET seq = EXCLUDED.seq, at = now()) \
-     SELECT seq FROM s";
+/// Takes an invalidation's sequence number. Sent after the lock statement (same transaction),
+/// so the number is taken while holding the lock: what makes sequence order commit order.
+pub(crate) const NEXT_SEQ: &str = "SELECT nextval('_S_modules_guard_seq')";
 
-/// Records a whole-realm (or, with `''`, global) clear: `$1` realm.
-pub(crate) const RECORD_CLEAR: &str = "WITH s AS (SELECT nextval('_S_modules_guard_seq') AS seq) \
-     INSERT INTO _S_modules_guard_realm (realm, latest, cleared) SELECT $1, seq, seq FROM s \
-     ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest, cleared = EXCLUDED.cleared \
-     RETURNING latest";
+/// Records a module fan-out: `$1` realm, `$2` URLs, `$3` the sequence taken by [`NEXT_SEQ`].
+pub(crate) const RECORD_MODULES: &str = "WITH r AS (INSERT INTO _S_modules_guard_realm (realm, latest) VALUES ($1, $3) \
+           ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest) \
+     INSERT INTO _S_modules_guard (realm, url, seq) \
+           SELECT $1, x.url, $3 FROM (SELECT DISTINCT unnest($2::text[]) AS url) AS x \
+           ON CONFLICT ((md5(realm)), (md5(url))) DO UPDATE SET seq = EXCLUDED.seq, at = now()";
+
+/// Records a whole-realm (or, with `''`, global) clear: `$1` realm, `$2` the sequence.
+pub(crate) const RECORD_CLEAR: &str = "INSERT INTO _S_modules_guard_realm (realm, latest, cleared) VALUES ($1, $2, $2) \
+     ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest, cleared = EXCLUDED.cleared";
 
 /// Forgets URL records of realm `$1` older than `$2` seconds, remembering the newest forgotten.
 pub(crate) const PRUNE: &str = "WITH gone AS (DELETE FROM _S_modules_guard \
@@ -88,3 +88,19 @@ pub(crate) const FRESH: &str = "NOT EXISTS (SELECT 1 FROM _S_modules_guard \
      AND NOT EXISTS (SELECT 1 FROM _S_modules_guard_realm WHERE \
          (md5(realm) = md5($4) AND realm = $4 AND (cleared > $12 OR pruned_through > $12)) \
          OR (md5(realm) = md5('') AND realm = '' AND cleared > $12))";
+
+/// What the log holds past a listener's position, in one statement (one snapshot, so the
+/// realm rows and the URL records agree; no transaction, so it works through a transaction
+/// pooler). `$1`/`$2`: the realms the listener has a mark for (each once) and their marks; `$3`: its
+/// global mark, which every realm's mark is at least. One row per realm whose `latest` is past
+/// its mark, with its `cleared` and `pruned_through`; when neither is past the mark, one row
+/// per URL recorded past it instead (the URL column is NULL otherwise).
+pub(crate) const LOG_SINCE: &str = "WITH m AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS m(realm, mark)), \
+     r AS (SELECT g.realm, g.latest, g.cleared, g.pruned_through, \
+                  greatest(coalesce(m.mark, 0), $3) AS mark \
+           FROM _S_modules_guard_realm g LEFT JOIN m ON m.realm = g.realm) \
+     SELECT r.realm, r.latest, r.cleared, r.pruned_through, r.mark, u.url FROM r \
+     LEFT JOIN LATERAL (SELECT x.url FROM _S_modules_guard x \
+         WHERE md5(x.realm) = md5(r.realm) AND x.realm = r.realm AND x.seq > r.mark \
+         AND r.cleared <= r.mark AND r.pruned_through <= r.mark) AS u ON true \
+     WHERE r.latest > r.mark";

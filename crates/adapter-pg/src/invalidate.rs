@@ -175,6 +175,7 @@ pub(crate) async fn run(
         &sql.begin,
         &sql.commit,
         &sql.realm_graph,
+        &sql.next_seq,
         &sql.record_modules,
         &sql.record_clear,
         &sql.prune,
@@ -200,6 +201,8 @@ pub(crate) async fn run(
         let params: &[&(dyn ToSql + Sync)] =
             if matches!(request, Invalidation::Global) { &global_lock } else { &realm_lock };
         flight.push(Box::pin(sql.query(c, lock, params)));
+        // After the lock: see `guard::NEXT_SEQ`.
+        flight.push(Box::pin(sql.query(c, &sql.next_seq, &[])));
     }
     let is_modules = matches!(request, Invalidation::Modules { .. });
     if is_modules {
@@ -209,6 +212,19 @@ pub(crate) async fn run(
     if let Some((_, error)) = first_failure(&mut replies) {
         return Err(before(error));
     }
+    // BEGIN, lock, number: the number's reply is the third.
+    let seq: Option<i64> = match replies.get(2).filter(|_| plan.guarded) {
+        Some(Ok(rows)) => match rows.first() {
+            Some(row) => Some(row.try_get(0).map_err(before)?),
+            None => {
+                return Err(Failure::Invalidation(PgError::Query {
+                    operation: "invalidate",
+                    source: "nextval returned no row".into(),
+                }));
+            }
+        },
+        _ => None,
+    };
     let effective = match request {
         Invalidation::Modules { realm_url, urls } => {
             let mut rows = replies.pop().and_then(Result::ok).unwrap_or_default();
@@ -234,18 +250,22 @@ pub(crate) async fn run(
     let per_url = is_modules && list.len() <= GUARD_PER_URL_LIMIT;
     let record = if per_url { &sql.record_modules } else { &sql.record_clear };
     let payloads = match plan.notify {
-        Some((_, origin)) => encode_payloads(&effective, Some(origin)),
+        Some((_, origin)) => encode_payloads(&effective, Some(origin), seq),
         None => Vec::new(),
     };
     let channel = plan.notify.map(|(channel, _)| channel).unwrap_or_default();
+    let seq_value = seq.unwrap_or_default();
     let modules_params: [&(dyn ToSql + Sync); 2] = [&realm, &list];
+    let record_modules_params: [&(dyn ToSql + Sync); 3] = [&realm, &list, &seq_value];
     let realm_params: [&(dyn ToSql + Sync); 1] = [&realm];
+    let record_clear_params: [&(dyn ToSql + Sync); 2] = [&realm, &seq_value];
     let prune_params: [&(dyn ToSql + Sync); 2] = [&realm, &plan.horizon_secs];
     let notify_params: Vec<[&(dyn ToSql + Sync); 2]> =
         payloads.iter().map(|payload| [&channel as &(dyn ToSql + Sync), payload]).collect();
     let mut flight: Vec<Reply<'_>> = Vec::new();
     if plan.guarded {
-        let params: &[&(dyn ToSql + Sync)] = if per_url { &modules_params } else { &realm_params };
+        let params: &[&(dyn ToSql + Sync)] =
+            if per_url { &record_modules_params } else { &record_clear_params };
         flight.push(Box::pin(sql.query(c, record, params)));
         if is_modules {
             flight.push(Box::pin(sql.query(c, &sql.prune, &prune_params)));

@@ -24,6 +24,7 @@ mod conninfo;
 mod error;
 mod guard;
 mod invalidate;
+mod log;
 mod populate;
 mod schema;
 mod sql;
@@ -33,6 +34,7 @@ mod tls;
 pub use adapter::{PgAdapter, PgAdapterStats};
 pub use config::{PgConfig, PgConnection, PgStream, redact_url};
 pub use error::{BoxError, PgError, error_chain};
+pub use log::{GuardLog, LogPosition, LogRead};
 pub use populate::{PgLease, PgPopulateCoordinator, PgPopulateStats};
 pub use tls::SslMode;
 

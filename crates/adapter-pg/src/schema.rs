@@ -87,6 +87,9 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ALTER TABLE _S_modules_guard_realm DROP CONSTRAINT modules_guard_realm_pkey;
     CREATE UNIQUE INDEX modules_guard_realm_key ON _S_modules_guard_realm (md5(realm));",
     ),
+    // 5: the guard's records read as a log (listeners catching up after a lost connection,
+    // or polling): a realm's records past a number, without reading the realm's others.
+    ("", "CREATE INDEX modules_guard_seq_index ON _S_modules_guard (md5(realm), seq);"),
 ];
 
 /// The newest schema version this build knows.

@@ -38,6 +38,7 @@ pub(crate) struct Sql {
     pub(crate) lock_realm_shared: Stmt,
     pub(crate) lock_realm_exclusive: Stmt,
     pub(crate) lock_global_exclusive: Stmt,
+    pub(crate) next_seq: Stmt,
     pub(crate) record_modules: Stmt,
     pub(crate) record_clear: Stmt,
     pub(crate) prune: Stmt,
@@ -76,8 +77,9 @@ impl Sql {
             lock_realm_shared: stmt(guard::LOCK_REALM_SHARED, types::LOCK_REALM),
             lock_realm_exclusive: stmt(guard::LOCK_REALM_EXCLUSIVE, types::LOCK_REALM),
             lock_global_exclusive: stmt(guard::LOCK_GLOBAL_EXCLUSIVE, types::LOCK_GLOBAL),
-            record_modules: stmt(guard::RECORD_MODULES, types::TEXT_TEXTS),
-            record_clear: stmt(guard::RECORD_CLEAR, types::TEXT),
+            next_seq: stmt(guard::NEXT_SEQ, types::NONE),
+            record_modules: stmt(guard::RECORD_MODULES, types::TEXT_TEXTS_INT),
+            record_clear: stmt(guard::RECORD_CLEAR, types::TEXT_INT),
             prune: stmt(guard::PRUNE, types::TEXT_FLOAT),
             delete_modules: stmt(invalidate::DELETE_MODULES, types::TEXT_TEXTS),
             delete_realm: stmt(invalidate::DELETE_REALM, types::TEXT),
@@ -146,6 +148,7 @@ pub(crate) mod types {
     pub(crate) const TEXT: &[Type] = &[Type::TEXT];
     pub(crate) const TEXT_TEXTS: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY];
     pub(crate) const TEXT_FLOAT: &[Type] = &[Type::TEXT, Type::FLOAT8];
+    pub(crate) const TEXT_INT: &[Type] = &[Type::TEXT, Type::INT8];
     pub(crate) const TEXT_TEXTS_INT: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8];
     pub(crate) const TWO_TEXTS: &[Type] = &[Type::TEXT, Type::TEXT];
     pub(crate) const READ_ROW: &[Type] = &[Type::TEXT; 5];

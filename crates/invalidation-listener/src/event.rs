@@ -14,17 +14,25 @@ pub struct ListenerStats {
     pub connected: bool,
     /// The server process id of the current connection, when connected.
     pub backend_pid: Option<i32>,
-    /// Successful re-establishments of `LISTEN` after a lost connection.
+    /// Successful re-establishments of `LISTEN` (or of the polling connection) after a lost
+    /// connection.
     pub reconnects: u64,
-    /// Global bumps made because notifications may have been lost while disconnected.
+    /// Reconnects after which the invalidations missed were read from the log and replayed.
+    pub catch_ups: u64,
+    /// Invalidations replayed by catch-ups (see [`ListenerEvent::CaughtUp`]).
+    pub replayed_invalidations: u64,
+    /// Fallbacks: global bumps made because the listener could not prove it saw every
+    /// invalidation (see [`ListenerEvent::Resync`]).
     pub resyncs: u64,
+    /// Reads of the log by a polling listener.
+    pub polls: u64,
     /// The last connection error (password redacted), if any; kept after recovery.
     pub last_error: Option<String>,
-    /// Module payloads replayed.
+    /// Module invalidations replayed (live or caught up).
     pub module_payloads: u64,
-    /// Realm payloads replayed.
+    /// Realm invalidations replayed (live or caught up).
     pub realm_payloads: u64,
-    /// Global payloads replayed.
+    /// Global invalidations replayed (live or caught up).
     pub global_payloads: u64,
     /// Payloads rejected by the parser.
     pub malformed_payloads: u64,
@@ -45,32 +53,53 @@ pub struct ListenerStats {
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ListenerEvent {
-    /// `LISTEN` is established (on the first connection and after every reconnect).
+    /// `LISTEN` is established (on the first connection and after every reconnect), or the
+    /// polling connection is open.
     Connected,
     /// The connection failed or ended; the listener is reconnecting.
     Disconnected {
         /// What happened (password redacted).
         error: String,
     },
-    /// After a reconnect, the global generation was bumped because notifications sent while
-    /// disconnected are lost.
-    Resync,
-    /// A module payload was replayed.
+    /// After a reconnect, the invalidations missed while away were read from the log and
+    /// replayed (each as a `Module`, `Realm` or `Global` event marked `replayed`, before this).
+    #[serde(rename = "caught-up")]
+    CaughtUp {
+        /// How many invalidations were replayed.
+        replayed: u64,
+    },
+    /// The listener could not prove it saw every invalidation (catch-up is off, the log was
+    /// pruned past its position or could not be read), so it bumped the global generation.
+    Resync {
+        /// Why.
+        reason: String,
+    },
+    /// A module invalidation was replayed.
     Module {
         /// The realm of the URLs.
         #[serde(rename = "realm")]
         realm_url: String,
         /// The URLs bumped.
         urls: Vec<String>,
+        /// Read from the log by a catch-up, rather than heard (or polled) as it happened.
+        #[serde(skip_serializing_if = "is_false")]
+        replayed: bool,
     },
-    /// A realm payload was replayed.
+    /// A realm invalidation was replayed.
     Realm {
         /// The realm bumped.
         #[serde(rename = "realm")]
         realm_url: String,
+        /// See [`Module`](Self::Module).
+        #[serde(skip_serializing_if = "is_false")]
+        replayed: bool,
     },
-    /// A global payload was replayed.
-    Global,
+    /// A global invalidation was replayed.
+    Global {
+        /// See [`Module`](Self::Module).
+        #[serde(skip_serializing_if = "is_false")]
+        replayed: bool,
+    },
     /// A populate announcement woke this process's waiters of the key (SPEC §9).
     Populated {
         /// The key's 64-bit hash.
@@ -81,6 +110,10 @@ pub enum ListenerEvent {
         /// The payload as received.
         payload: String,
     },
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 impl ListenerEvent {
@@ -103,13 +136,32 @@ mod tests {
                 ListenerEvent::Disconnected { error: "gone \"away\"".into() },
                 r#"{"event":"disconnected","error":"gone \"away\""}"#,
             ),
-            (ListenerEvent::Resync, r#"{"event":"resync"}"#),
             (
-                ListenerEvent::Module { realm_url: "R/".into(), urls: vec!["R/a".into()] },
+                ListenerEvent::Resync { reason: "pruned".into() },
+                r#"{"event":"resync","reason":"pruned"}"#,
+            ),
+            (ListenerEvent::CaughtUp { replayed: 3 }, r#"{"event":"caught-up","replayed":3}"#),
+            (
+                ListenerEvent::Module {
+                    realm_url: "R/".into(),
+                    urls: vec!["R/a".into()],
+                    replayed: false,
+                },
                 r#"{"event":"module","realm":"R/","urls":["R/a"]}"#,
             ),
-            (ListenerEvent::Realm { realm_url: "R/".into() }, r#"{"event":"realm","realm":"R/"}"#),
-            (ListenerEvent::Global, r#"{"event":"global"}"#),
+            (
+                ListenerEvent::Module {
+                    realm_url: "R/".into(),
+                    urls: vec!["R/a".into()],
+                    replayed: true,
+                },
+                r#"{"event":"module","realm":"R/","urls":["R/a"],"replayed":true}"#,
+            ),
+            (
+                ListenerEvent::Realm { realm_url: "R/".into(), replayed: false },
+                r#"{"event":"realm","realm":"R/"}"#,
+            ),
+            (ListenerEvent::Global { replayed: true }, r#"{"event":"global","replayed":true}"#),
             (ListenerEvent::Populated { key: -42 }, r#"{"event":"populated","key":-42}"#),
             (
                 ListenerEvent::Malformed { payload: "{oops".into() },

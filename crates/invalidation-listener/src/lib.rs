@@ -11,16 +11,27 @@
 //!
 //! Notifications sent while a connection is down are lost for good, so after any error or
 //! end of the connection the listener reconnects with capped exponential backoff and jitter,
-//! `LISTEN`s again and then **resyncs**: it bumps the global generation, which discards every
-//! load that might have missed an invalidation. An idle connection is probed now and then
-//! (`SELECT 1`), so one silently dropped by a NAT or firewall is noticed too. Its state is observable through
+//! `LISTEN`s again and then **catches up**: every guarded invalidation is also recorded, with
+//! a sequence number, in the durable guard's tables (in the same transaction as its DELETE),
+//! and its payload carries that number; the listener keeps, per realm, the newest number it
+//! has accounted for ([`LogPosition`]), and after a reconnect it reads what the log recorded
+//! past it ([`GuardLog`]) and replays exactly that. Only when it cannot prove it saw
+//! everything (the log was pruned past its position, the log cannot be read, or
+//! [`ListenerOptions::untracked_writers`] says writers that record nothing share the database)
+//! does it **resync**: bump the global generation, which discards every load that might have
+//! missed an invalidation. An idle connection is probed now and then (`SELECT 1`), so one
+//! silently dropped by a NAT or firewall is noticed too. Its state is observable through
 //! [`PgInvalidationListener::stats`] and [`PgInvalidationListener::subscribe`], and `tracing`
 //! events mark every change.
 //!
+//! Where no connection can `LISTEN`, [`ListenerOptions::poll`] follows the same log by reading
+//! it every N milliseconds instead, through any connection, PgBouncer in transaction mode
+//! included.
+//!
 //! What it deliberately does not do:
-//! - It does not work through a transaction-pooling proxy: PgBouncer in transaction mode
+//! - It does not `LISTEN` through a transaction-pooling proxy: PgBouncer in transaction mode
 //!   hands the session to someone else after `LISTEN` and notifications silently stop. Give it
-//!   a direct or session-pooled connection.
+//!   a direct or session-pooled connection, or poll.
 //! - It does not share its connection, and one listener per process is enough: every lookup
 //!   of the process can be fed through one sink.
 //! - It does not delete rows or broadcast; that is `adapter-pg`'s job. It does not speak TLS.
@@ -42,6 +53,6 @@ pub use listener::PgInvalidationListener;
 pub use options::ListenerOptions;
 
 pub use adapter_pg::{
-    INVALIDATION_CHANNEL, Invalidation, InvalidationSink, PgConfig, PgError, PopulateSink,
-    parse_payload,
+    GuardLog, INVALIDATION_CHANNEL, Invalidation, InvalidationSink, LogPosition, LogRead, PgConfig,
+    PgError, PopulateSink, parse_payload,
 };

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use adapter_pg::tokio_postgres::{AsyncMessage, Client, Notification, SimpleQueryMessage};
 use adapter_pg::{
-    Invalidation, InvalidationSink, PgConfig, PgConnection, PgError, PopulateSink, error_chain,
-    parse_outcome, parse_payload,
+    GuardLog, Invalidation, InvalidationSink, LogPosition, LogRead, PgConfig, PgConnection,
+    PgError, PopulateSink, error_chain, parse_outcome, parse_payload,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -94,8 +94,21 @@ impl PgInvalidationListener {
     ) -> Result<PgInvalidationListener, PgError> {
         // The listener's own URL when one is set (the pool's may go through a transaction
         // pooler, which cannot carry LISTEN); a bad URL fails the first connection, whose
-        // error `start` returns.
-        let pg = config.listener_config()?;
+        // error `start` returns. A poller reads the log through the pool's URL.
+        let pg = match options.poll {
+            Some(_) if options.untracked_writers || !config.guards_persists() => {
+                return Err(PgError::InvalidConfig {
+                    url: config.redacted_url(),
+                    reason: "polling follows the durable guard's log of invalidations, which \
+                             writers that do not record them never reach: with untracked writers \
+                             or the durable guard off, LISTEN instead"
+                        .to_owned(),
+                    source: None,
+                });
+            }
+            Some(_) => config.poller_config(),
+            None => config.listener_config()?,
+        };
         let (events, first_events) = broadcast::channel(options.event_capacity);
         let populate =
             options.populate.clone().map(|sink| (config.populate_channel_name().to_owned(), sink));
@@ -108,6 +121,8 @@ impl PgInvalidationListener {
             redacted_url: pg.redacted_url(),
             stats: Mutex::new(ListenerStats::default()),
             events,
+            log: GuardLog::new(config),
+            catch_up: !options.untracked_writers && config.guards_persists(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (stopped_tx, stopped) = watch::channel(());
@@ -120,7 +135,14 @@ impl PgInvalidationListener {
             stopped,
             first_events: Mutex::new(Some(first_events)),
         };
-        let task = Task { shared, pg, options, shutdown: shutdown_rx, _stopped: stopped_tx };
+        let task = Task {
+            shared,
+            pg,
+            options,
+            position: None,
+            shutdown: shutdown_rx,
+            _stopped: stopped_tx,
+        };
         tokio::spawn(task.run(ready_tx));
         match ready_rx.await {
             Ok(Ok(())) => Ok(listener),
@@ -176,6 +198,18 @@ struct Shared {
     redacted_url: String,
     stats: Mutex<ListenerStats>,
     events: broadcast::Sender<ListenerEvent>,
+    /// The durable guard's records, read as a log of invalidations.
+    log: GuardLog,
+    /// Whether a reconnect may catch up from the log (no untracked writers, guard on).
+    catch_up: bool,
+}
+
+/// How a reconnect accounted for what it missed.
+enum Recovery {
+    /// Read from the log and replayed this many invalidations.
+    CaughtUp(u64),
+    /// Could not prove it saw everything, for this reason: everything is bumped.
+    Resync(String),
 }
 
 impl Shared {
@@ -189,26 +223,14 @@ impl Shared {
         let _ = self.events.send(event);
     }
 
-    /// `LISTEN` is established on `session`. After a reconnect, resync first: everything
-    /// broadcast while we were away is lost, so every load that might have missed an
-    /// invalidation must be discarded. The bump comes after `LISTEN`, so an invalidation
-    /// committed in between is either covered by it or heard afterwards.
+    /// `LISTEN` is established on `session` (or the polling connection is open).
     fn connected(&self, session: &Session, reconnected: bool) {
-        if reconnected {
-            self.sink.bump_global();
-            self.sink.connection_restored();
-            // Announcements sent while away are lost too: every populate waiter re-reads.
-            if let Some((_, populate)) = &self.populate {
-                populate.wake_all();
-            }
-        }
         {
             let mut stats = self.stats();
             stats.connected = true;
             stats.backend_pid = session.backend_pid;
             if reconnected {
                 stats.reconnects += 1;
-                stats.resyncs += 1;
             }
         }
         tracing::info!(
@@ -219,10 +241,37 @@ impl Shared {
             "invalidation listener is listening"
         );
         self.emit(ListenerEvent::Connected);
-        if reconnected {
-            tracing::info!(channel = %self.channel, "resynced after reconnect: bumped the global generation");
-            self.emit(ListenerEvent::Resync);
+    }
+
+    /// After a reconnect: what was missed is accounted for (replayed, or everything bumped);
+    /// the sink may serve from its in-process tier again.
+    fn recovered(&self, recovery: Recovery) {
+        match recovery {
+            Recovery::CaughtUp(replayed) => {
+                self.stats().catch_ups += 1;
+                tracing::info!(channel = %self.channel, replayed, "caught up after reconnect: replayed the invalidations missed");
+                self.emit(ListenerEvent::CaughtUp { replayed });
+            }
+            Recovery::Resync(reason) => {
+                self.sink.resync();
+                self.stats().resyncs += 1;
+                tracing::info!(channel = %self.channel, %reason, "resynced after reconnect: bumped the global generation");
+                self.emit(ListenerEvent::Resync { reason });
+            }
         }
+        self.sink.connection_restored();
+        // Announcements sent while away are not in any log: every populate waiter probes now.
+        if let Some((_, populate)) = &self.populate {
+            populate.wake_all();
+        }
+    }
+
+    /// Replays what a read of the log found; returns how many invalidations.
+    fn replay_read(&self, read: &LogRead, replayed: bool) -> u64 {
+        for invalidation in &read.invalidations {
+            self.apply(invalidation.clone(), replayed);
+        }
+        read.invalidations.len() as u64
     }
 
     fn disconnected(&self, error: String) {
@@ -249,11 +298,17 @@ impl Shared {
         self.stats().last_error = Some(error);
     }
 
-    /// Routes one notification by its channel.
-    fn dispatch(&self, note: &Notification, warnings: &mut MalformedWarnings) {
+    /// Routes one notification by its channel. Returns the log number an invalidation payload
+    /// carried, with the realm it belongs to.
+    fn dispatch(
+        &self,
+        note: &Notification,
+        warnings: &mut MalformedWarnings,
+    ) -> Option<(String, i64)> {
         match &self.populate {
             Some((channel, populate)) if note.channel() == channel => {
-                self.populated(channel, populate.as_ref(), note.payload(), warnings)
+                self.populated(channel, populate.as_ref(), note.payload(), warnings);
+                None
             }
             Some((_, populate)) if note.channel() == self.populate_outcome => {
                 match parse_outcome(note.payload()) {
@@ -263,6 +318,7 @@ impl Shared {
                         warnings.note(&self.populate_outcome, note.payload(), &error);
                     }
                 }
+                None
             }
             _ => self.replay(note.payload(), warnings),
         }
@@ -290,11 +346,12 @@ impl Shared {
         }
     }
 
-    /// Replays one invalidation payload. The sink is called before the event is sent.
-    fn replay(&self, payload: &str, warnings: &mut MalformedWarnings) {
+    /// Replays one invalidation payload; returns its log number and realm, also for an own
+    /// echo (which is not replayed, but is accounted for).
+    fn replay(&self, payload: &str, warnings: &mut MalformedWarnings) -> Option<(String, i64)> {
         if payload.is_empty() {
             // A bare `NOTIFY channel` carries nothing to replay.
-            return;
+            return None;
         }
         let parsed = match parse_payload(payload) {
             Ok(parsed) => parsed,
@@ -302,32 +359,42 @@ impl Shared {
                 self.stats().malformed_payloads += 1;
                 warnings.note(&self.channel, payload, &error);
                 self.emit(ListenerEvent::Malformed { payload: payload.to_owned() });
-                return;
+                return None;
             }
         };
+        let mark = parsed.seq.map(|seq| (parsed.log_realm().to_owned(), seq));
         if self.origin.is_some() && parsed.origin == self.origin {
             // Our own broadcast: the local invalidation already bumped, and replaying it now
             // could discard a load that legitimately started after that invalidation.
             self.stats().own_echoes_skipped += 1;
             tracing::trace!(channel = %self.channel, "skipped own invalidation echo");
-            return;
+            return mark;
         }
-        self.sink.apply(&parsed.invalidation);
-        tracing::debug!(channel = %self.channel, invalidation = ?parsed.invalidation, "replayed invalidation");
+        self.apply(parsed.invalidation, false);
+        mark
+    }
+
+    /// Replays one invalidation into the sink, then counts it and sends its event.
+    fn apply(&self, invalidation: Invalidation, replayed: bool) {
+        self.sink.apply(&invalidation);
+        tracing::debug!(channel = %self.channel, ?invalidation, replayed, "replayed invalidation");
         let event = {
             let mut stats = self.stats();
-            match parsed.invalidation {
+            if replayed {
+                stats.replayed_invalidations += 1;
+            }
+            match invalidation {
                 Invalidation::Modules { realm_url, urls } => {
                     stats.module_payloads += 1;
-                    ListenerEvent::Module { realm_url, urls }
+                    ListenerEvent::Module { realm_url, urls, replayed }
                 }
                 Invalidation::Realm { realm_url } => {
                     stats.realm_payloads += 1;
-                    ListenerEvent::Realm { realm_url }
+                    ListenerEvent::Realm { realm_url, replayed }
                 }
                 Invalidation::Global => {
                     stats.global_payloads += 1;
-                    ListenerEvent::Global
+                    ListenerEvent::Global { replayed }
                 }
             }
         };
@@ -366,6 +433,9 @@ struct Task {
     shared: Arc<Shared>,
     pg: PgConfig,
     options: ListenerOptions,
+    /// What this listener has accounted for in the invalidation log; `None` when unknown
+    /// (the log could not be read, or catch-up is off), and a reconnect must then resync.
+    position: Option<LogPosition>,
     shutdown: watch::Receiver<bool>,
     /// Dropped when the task ends, whichever way: that is what `shutdown` waits for.
     _stopped: watch::Sender<()>,
@@ -377,13 +447,16 @@ struct Task {
 async fn open_session(
     pg: &PgConfig,
     shared: &Shared,
-    heartbeat_timeout: Duration,
+    options: &ListenerOptions,
 ) -> Result<Session, PgError> {
-    let limit = pg.connect_timeout_duration() + heartbeat_timeout;
-    let mut channels = vec![shared.channel.as_str()];
-    if let Some((populate, _)) = &shared.populate {
-        channels.push(populate);
-        channels.push(&shared.populate_outcome);
+    let limit = pg.connect_timeout_duration() + options.heartbeat_timeout;
+    let mut channels = Vec::new();
+    if options.poll.is_none() {
+        channels.push(shared.channel.as_str());
+        if let Some((populate, _)) = &shared.populate {
+            channels.push(populate);
+            channels.push(&shared.populate_outcome);
+        }
     }
     match tokio::time::timeout(limit, Session::open(pg, &channels)).await {
         Ok(opened) => opened,
@@ -396,10 +469,12 @@ async fn open_session(
 
 impl Task {
     async fn run(mut self, ready: oneshot::Sender<Result<(), PgError>>) {
+        // Its own receiver, so the methods below may borrow the task whole.
+        let mut shutdown = self.shutdown.clone();
         let opened = tokio::select! {
             biased;
-            () = signalled(&mut self.shutdown) => Err(PgError::ShutDown),
-            opened = open_session(&self.pg, &self.shared, self.options.heartbeat_timeout) => opened,
+            () = signalled(&mut shutdown) => Err(PgError::ShutDown),
+            opened = self.open_first() => opened,
         };
         let mut session = match opened {
             Ok(session) => session,
@@ -421,38 +496,161 @@ impl Task {
             let up_since = Instant::now();
             let served = tokio::select! {
                 biased;
-                () = signalled(&mut self.shutdown) => None,
-                error = session.serve(&self.shared, &self.options, &mut warnings) => Some(error),
+                () = signalled(&mut shutdown) => None,
+                error = self.serve(&mut session, &mut warnings) => Some(error),
             };
-            let Some(error) = served else {
+            let Some(mut error) = served else {
                 session.close().await;
                 return;
             };
-            drop(session);
-            self.shared.disconnected(error);
-            // A connection that stayed up a while starts the next outage from the shortest
-            // delay; one that keeps failing right after connecting keeps backing off.
-            if up_since.elapsed() >= self.options.max_backoff {
-                backoff.reset();
-            }
-            session = loop {
-                let delay = backoff.next_delay();
-                tokio::select! {
-                    biased;
-                    () = signalled(&mut self.shutdown) => return,
-                    () = tokio::time::sleep(delay) => {}
+            // A connection lost while catching up is one more outage of the same kind: the
+            // position is kept for the next attempt.
+            loop {
+                drop(session);
+                self.shared.disconnected(error);
+                // A connection that stayed up a while starts the next outage from the shortest
+                // delay; one that keeps failing right after connecting keeps backing off.
+                if up_since.elapsed() >= self.options.max_backoff {
+                    backoff.reset();
                 }
-                let opened = tokio::select! {
-                    biased;
-                    () = signalled(&mut self.shutdown) => return,
-                    opened = open_session(&self.pg, &self.shared, self.options.heartbeat_timeout) => opened,
+                session = loop {
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        biased;
+                        () = signalled(&mut shutdown) => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    let opened = tokio::select! {
+                        biased;
+                        () = signalled(&mut shutdown) => return,
+                        opened = open_session(&self.pg, &self.shared, &self.options) => opened,
+                    };
+                    match opened {
+                        Ok(session) => break session,
+                        Err(error) => self.shared.reconnect_failed(&error, backoff.attempts()),
+                    }
                 };
-                match opened {
-                    Ok(session) => break session,
-                    Err(error) => self.shared.reconnect_failed(&error, backoff.attempts()),
+                self.shared.connected(&session, true);
+                let recovered = tokio::select! {
+                    biased;
+                    () = signalled(&mut shutdown) => return,
+                    recovered = self.recover(&mut session) => recovered,
+                };
+                match recovered {
+                    Ok(recovery) => {
+                        self.shared.recovered(recovery);
+                        break;
+                    }
+                    Err(again) => error = again,
                 }
+            }
+        }
+    }
+
+    /// The first session, and the position it starts from (read after `LISTEN`, so whatever
+    /// commits later is heard). A listener that cannot read the log still starts (it resyncs
+    /// on reconnects); a poller cannot.
+    async fn open_first(&mut self) -> Result<Session, PgError> {
+        let mut session = open_session(&self.pg, &self.shared, &self.options).await?;
+        if self.shared.catch_up || self.options.poll.is_some() {
+            match session.read_now(&self.shared.log, self.options.heartbeat_timeout).await {
+                Ok(position) => self.position = Some(position),
+                Err(error) if self.options.poll.is_some() => return Err(error),
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "cannot read the invalidation log: reconnects will resync instead of catching up");
+                }
+            }
+        }
+        Ok(session)
+    }
+
+    /// After a reconnect, accounts for what was missed: replays what the log recorded past the
+    /// position, or, when it cannot prove it saw everything, resyncs (and takes a new
+    /// position). `Err`: the connection was lost meanwhile (the position is kept).
+    async fn recover(&mut self, session: &mut Session) -> Result<Recovery, String> {
+        let timeout = self.options.heartbeat_timeout;
+        let log = &self.shared.log;
+        let reason = match &self.position {
+            _ if !self.shared.catch_up => {
+                "catch-up is off: writers that do not record their invalidations may share the \
+                 database"
+                    .to_owned()
+            }
+            None => "this listener has no position in the invalidation log".to_owned(),
+            Some(position) => match session.read_since(log, position, timeout).await {
+                Ok(read) if read.gaps.is_empty() => {
+                    let replayed = self.shared.replay_read(&read, true);
+                    if let Some(position) = &mut self.position {
+                        position.advance(&read);
+                    }
+                    return Ok(Recovery::CaughtUp(replayed));
+                }
+                Ok(read) => {
+                    if let Some(position) = &mut self.position {
+                        position.advance(&read);
+                    }
+                    format!(
+                        "the invalidation log no longer holds everything past this listener's \
+                         position (pruned past the guard's horizon) in {} realm(s), e.g. {}",
+                        read.gaps.len(),
+                        read.gaps[0]
+                    )
+                }
+                Err(error) if session.broken => return Err(error_chain(&error)),
+                Err(error) => {
+                    format!("the invalidation log cannot be read: {}", error_chain(&error))
+                }
+            },
+        };
+        if self.shared.catch_up && self.position.is_none() {
+            // After the resync's bump, everything committed so far is accounted for.
+            match session.read_now(log, timeout).await {
+                Ok(position) => self.position = Some(position),
+                Err(error) if session.broken => return Err(error_chain(&error)),
+                Err(_) => {}
+            }
+        }
+        Ok(Recovery::Resync(reason))
+    }
+
+    /// Serves `session` until its connection fails or ends; returns why.
+    async fn serve(&mut self, session: &mut Session, warnings: &mut MalformedWarnings) -> String {
+        match self.options.poll {
+            Some(interval) => self.poll(session, interval).await,
+            None => session.serve(&self.shared, &self.options, warnings, &mut self.position).await,
+        }
+    }
+
+    /// Reads the log every `interval` and replays what it holds past the position.
+    async fn poll(&mut self, session: &mut Session, interval: Duration) -> String {
+        loop {
+            if let Err(error) = session.idle(interval).await {
+                return error;
+            }
+            let Some(position) = &mut self.position else {
+                return "the poller has no position in the invalidation log".to_owned();
             };
-            self.shared.connected(&session, true);
+            let read =
+                session.read_since(&self.shared.log, position, self.options.heartbeat_timeout);
+            let read = match read.await {
+                Ok(read) => read,
+                Err(error) => return format!("poll failed: {}", error_chain(&error)),
+            };
+            self.shared.stats().polls += 1;
+            if read.gaps.is_empty() {
+                self.shared.replay_read(&read, false);
+            } else {
+                // Fell more than the guard's horizon behind (a stalled process).
+                self.shared.sink.resync();
+                self.shared.stats().resyncs += 1;
+                let reason = format!(
+                    "the poller fell behind the invalidation log's horizon in {} realm(s)",
+                    read.gaps.len()
+                );
+                tracing::warn!(%reason, "resynced: bumped the global generation");
+                self.shared.emit(ListenerEvent::Resync { reason });
+            }
+            position.advance(&read);
         }
     }
 }
@@ -505,8 +703,11 @@ struct Session {
     client: Client,
     connection: PgConnection,
     backend_pid: Option<i32>,
-    /// Notifications that arrived while `LISTEN` was being confirmed.
+    /// Notifications that arrived while `LISTEN` was being confirmed, or during a read of the
+    /// log.
     early: VecDeque<Notification>,
+    /// The connection failed, ended or stopped answering during a read of the log.
+    broken: bool,
 }
 
 impl Session {
@@ -549,18 +750,25 @@ impl Session {
             SimpleQueryMessage::Row(row) => row.get(0).and_then(|pid| pid.parse().ok()),
             _ => None,
         });
-        Ok(Session { client, connection, backend_pid, early })
+        Ok(Session { client, connection, backend_pid, early, broken: false })
     }
 
-    /// Replays notifications until the connection fails or ends; returns why.
+    /// Replays notifications until the connection fails or ends; returns why. Every log
+    /// number heard moves `position` on.
     async fn serve(
         &mut self,
         shared: &Shared,
         options: &ListenerOptions,
         warnings: &mut MalformedWarnings,
+        position: &mut Option<LogPosition>,
     ) -> String {
+        let mut heard = |mark: Option<(String, i64)>| {
+            if let (Some(position), Some((realm, seq))) = (position.as_mut(), mark) {
+                position.heard(&realm, seq);
+            }
+        };
         while let Some(note) = self.early.pop_front() {
-            shared.dispatch(&note, warnings);
+            heard(shared.dispatch(&note, warnings));
         }
         let Session { client, connection, .. } = self;
         let heartbeat = heartbeat(client, options.heartbeat_interval, options.heartbeat_timeout);
@@ -571,7 +779,9 @@ impl Session {
                 // the heartbeat's.
                 biased;
                 message = next_message(connection) => match message {
-                    Some(Ok(AsyncMessage::Notification(note))) => shared.dispatch(&note, warnings),
+                    Some(Ok(AsyncMessage::Notification(note))) => {
+                        heard(shared.dispatch(&note, warnings));
+                    }
                     Some(Ok(AsyncMessage::Notice(notice))) => {
                         tracing::debug!(notice = %notice, "notice on the listener connection");
                     }
@@ -584,6 +794,45 @@ impl Session {
         }
     }
 
+    /// Drives the connection for `duration` (a poller between two reads); `Err` when it
+    /// fails or ends meanwhile.
+    async fn idle(&mut self, duration: Duration) -> Result<(), String> {
+        let sleep = tokio::time::sleep(duration);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                biased;
+                message = next_message(&mut self.connection) => match message {
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return Err(error_chain(&error)),
+                    None => return Err("the server closed the connection".to_owned()),
+                },
+                () = &mut sleep => return Ok(()),
+            }
+        }
+    }
+
+    /// The position of a listener starting now (see [`GuardLog::now`]), bounded by `timeout`.
+    async fn read_now(
+        &mut self,
+        log: &GuardLog,
+        timeout: Duration,
+    ) -> Result<LogPosition, PgError> {
+        let Session { client, connection, early, broken, .. } = self;
+        drive(connection, early, broken, timeout, log.now(client)).await
+    }
+
+    /// What the log holds past `position` (see [`GuardLog::read_since`]), bounded by `timeout`.
+    async fn read_since(
+        &mut self,
+        log: &GuardLog,
+        position: &LogPosition,
+        timeout: Duration,
+    ) -> Result<LogRead, PgError> {
+        let Session { client, connection, early, broken, .. } = self;
+        drive(connection, early, broken, timeout, log.read_since(client, position)).await
+    }
+
     /// Closes cleanly (a Terminate message, then the socket), bounded in time; a server that
     /// does not answer just gets the socket dropped.
     async fn close(self) {
@@ -593,6 +842,59 @@ impl Session {
         let drain = async { while let Some(Ok(_)) = next_message(&mut connection).await {} };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
     }
+}
+
+/// Awaits `request` (a query of the connection's client) while driving the connection, at
+/// most `timeout`; notifications that arrive meanwhile are queued in `early`. Sets `broken`
+/// when the failure is the connection's (it failed, ended, or did not answer in time).
+async fn drive<T>(
+    connection: &mut PgConnection,
+    early: &mut VecDeque<Notification>,
+    broken: &mut bool,
+    timeout: Duration,
+    request: impl Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    let failed = |source: adapter_pg::BoxError| PgError::Query {
+        operation: "read the invalidation log",
+        source,
+    };
+    let work = async {
+        tokio::pin!(request);
+        loop {
+            tokio::select! {
+                biased;
+                reply = &mut request => {
+                    let lost = reply.as_ref().err().is_some_and(connection_closed);
+                    return (reply, lost);
+                }
+                message = next_message(connection) => match message {
+                    Some(Ok(AsyncMessage::Notification(note))) => early.push_back(note),
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return (Err(failed(Box::new(error))), true),
+                    None => return (Err(failed("the server closed the connection".into())), true),
+                },
+            }
+        }
+    };
+    let (reply, lost) = match tokio::time::timeout(timeout, work).await {
+        Ok(done) => done,
+        Err(_) => (Err(failed(format!("no answer within {timeout:?}").into())), true),
+    };
+    *broken |= lost;
+    reply
+}
+
+/// Whether `error` says the connection is gone (rather than the server refusing a statement).
+fn connection_closed(error: &PgError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.downcast_ref::<adapter_pg::tokio_postgres::Error>().is_some_and(|e| e.is_closed())
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Probes an idle connection; resolves only when a probe fails or times out.

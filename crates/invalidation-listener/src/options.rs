@@ -17,6 +17,8 @@ pub struct ListenerOptions {
     pub(crate) heartbeat_timeout: Duration,
     pub(crate) event_capacity: usize,
     pub(crate) populate: Option<Arc<dyn PopulateSink>>,
+    pub(crate) poll: Option<Duration>,
+    pub(crate) untracked_writers: bool,
 }
 
 impl std::fmt::Debug for ListenerOptions {
@@ -28,6 +30,8 @@ impl std::fmt::Debug for ListenerOptions {
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("event_capacity", &self.event_capacity)
             .field("populate", &self.populate.is_some())
+            .field("poll", &self.poll)
+            .field("untracked_writers", &self.untracked_writers)
             .finish()
     }
 }
@@ -41,6 +45,8 @@ impl Default for ListenerOptions {
             heartbeat_timeout: Duration::from_secs(10),
             event_capacity: 256,
             populate: None,
+            poll: None,
+            untracked_writers: false,
         }
     }
 }
@@ -69,6 +75,34 @@ impl ListenerOptions {
     /// subscription, up to this many events are kept for it.
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.event_capacity = capacity.max(1);
+        self
+    }
+
+    /// Follows the invalidation log by reading it every `interval` instead of `LISTEN`ing:
+    /// for where no connection can `LISTEN` (only a transaction pooler is reachable, a
+    /// serverless front end). Same sink, same events; an invalidation is replayed at most one
+    /// interval plus one round trip after it commits. The connection is the config's own URL
+    /// (not its listener URL), and each poll is one self-contained statement, so it works
+    /// through PgBouncer in transaction mode. The interval is at least 1 ms.
+    ///
+    /// What polling cannot do: populate announcements are not in the log, so with
+    /// [`populate`](Self::populate) waiters learn of a finished winner by their own probe
+    /// (every `PopulateSettings::probe_interval`); and the log does not say who invalidated,
+    /// so this process's own invalidations are replayed too (harmless: at worst a load that
+    /// started after one re-runs). Refused with [`untracked_writers`](Self::untracked_writers):
+    /// their invalidations are not in the log at all.
+    pub fn poll(mut self, interval: Duration) -> Self {
+        self.poll = Some(interval.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// Says that writers which do not record their invalidations in the durable guard's log
+    /// may share the database (the reference system's servers, or deflookup processes with
+    /// the durable guard off). The log then cannot prove what was missed while the connection
+    /// was down, so every reconnect resyncs (bumps everything) instead of catching up. Off by
+    /// default; a config whose durable guard is off implies it.
+    pub fn untracked_writers(mut self, on: bool) -> Self {
+        self.untracked_writers = on;
         self
     }
 

@@ -58,11 +58,17 @@ impl TestDb {
 
 /// Adds `application_name` to a URL or key=value connection string.
 fn with_application_name(url: &str, name: &str) -> String {
+    with_setting(url, "application_name", name)
+}
+
+/// Adds the setting `key` (a later setting wins over an earlier one) to a URL or key=value
+/// connection string.
+fn with_setting(url: &str, key: &str, value: &str) -> String {
     if url.contains("://") {
         let separator = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{separator}application_name={name}")
+        format!("{url}{separator}{key}={value}")
     } else {
-        format!("{url} application_name={name}")
+        format!("{url} {key}={value}")
     }
 }
 
@@ -169,6 +175,14 @@ async fn expect_event(events: &mut broadcast::Receiver<ListenerEvent>, expected:
     assert_eq!(got, expected);
 }
 
+/// The very next event must be a resync.
+async fn expect_resync(events: &mut broadcast::Receiver<ListenerEvent>) -> String {
+    match next_event(events, "Resync").await {
+        ListenerEvent::Resync { reason } => reason,
+        other => panic!("expected Resync, got {other:?}"),
+    }
+}
+
 fn module_payload(realm: &str, urls: &[&str]) -> String {
     checked(&format!(
         r#"{{"k":"module","r":"{realm}","m":[{}]}}"#,
@@ -210,7 +224,11 @@ async fn raw_pg_notify_is_heard_and_each_kind_is_replayed_once() {
     notify(&client, &channel, &module_payload(realm, &["https://r.test/a.gts"])).await;
     expect_event(
         &mut events,
-        ListenerEvent::Module { realm_url: realm.into(), urls: strings(&["https://r.test/a.gts"]) },
+        ListenerEvent::Module {
+            realm_url: realm.into(),
+            urls: strings(&["https://r.test/a.gts"]),
+            replayed: false,
+        },
     )
     .await;
 
@@ -218,15 +236,16 @@ async fn raw_pg_notify_is_heard_and_each_kind_is_replayed_once() {
     notify(&client, &channel, &module_payload(realm, &multi)).await;
     expect_event(
         &mut events,
-        ListenerEvent::Module { realm_url: realm.into(), urls: strings(&multi) },
+        ListenerEvent::Module { realm_url: realm.into(), urls: strings(&multi), replayed: false },
     )
     .await;
 
     notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/","extra":[1,2]}"#).await;
-    expect_event(&mut events, ListenerEvent::Realm { realm_url: realm.into() }).await;
+    expect_event(&mut events, ListenerEvent::Realm { realm_url: realm.into(), replayed: false })
+        .await;
 
     notify(&client, &channel, r#"{"k":"global","o":"a-peer"}"#).await;
-    expect_event(&mut events, ListenerEvent::Global).await;
+    expect_event(&mut events, ListenerEvent::Global { replayed: false }).await;
 
     assert_eq!(
         sink.calls(),
@@ -281,7 +300,11 @@ async fn malformed_and_empty_payloads_are_ignored_and_listening_goes_on() {
         expect_event(&mut events, ListenerEvent::Malformed { payload: payload.into() }).await;
     }
     // The very next event is the realm payload: the empty ones produced nothing.
-    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Realm { realm_url: "https://r.test/".into(), replayed: false },
+    )
+    .await;
 
     assert_eq!(sink.calls(), [Call::Realm("https://r.test/".into())]);
     let stats = listener.stats();
@@ -312,8 +335,16 @@ async fn own_echo_is_skipped_and_peers_are_not() {
     notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/","o":"origin-peer"}"#).await;
     notify(&client, &channel, r#"{"k":"realm","r":"https://s.test/"}"#).await;
 
-    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
-    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://s.test/".into() }).await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Realm { realm_url: "https://r.test/".into(), replayed: false },
+    )
+    .await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Realm { realm_url: "https://s.test/".into(), replayed: false },
+    )
+    .await;
     assert_eq!(
         sink.calls(),
         [Call::Realm("https://r.test/".into()), Call::Realm("https://s.test/".into())]
@@ -335,7 +366,7 @@ async fn a_mixed_case_channel_is_listened_to_verbatim() {
         start(&db.config(&channel, "t_mixed_case"), None, fast_options()).await;
     let client = db.client().await;
     notify(&client, &channel, r#"{"k":"global"}"#).await;
-    expect_event(&mut events, ListenerEvent::Global).await;
+    expect_event(&mut events, ListenerEvent::Global { replayed: false }).await;
     assert_eq!(sink.calls(), [Call::Global]);
     bounded("shutdown", listener.shutdown()).await;
 }
@@ -404,7 +435,11 @@ async fn the_listener_verifies_the_server_and_listens_over_tls() {
         .expect("the listener's backend");
     assert!(row.get::<_, bool>(0), "the LISTEN connection is encrypted");
     notify(&client, config.channel_name(), r#"{"k":"realm","r":"https://r.test/"}"#).await;
-    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Realm { realm_url: "https://r.test/".into(), replayed: false },
+    )
+    .await;
     assert_eq!(sink.calls(), [Call::Realm("https://r.test/".into())]);
     listener.shutdown().await;
     // The wrong CA: the start fails, naming the TLS problem.
@@ -434,7 +469,7 @@ async fn through_a_transaction_pooler_the_listener_needs_and_uses_a_direct_url()
     let config = pooled.listen_url(db.url.clone());
     let (listener, sink, mut events) = start(&config, None, fast_options()).await;
     notify(&client, config.channel_name(), r#"{"k":"global"}"#).await;
-    expect_event(&mut events, ListenerEvent::Global).await;
+    expect_event(&mut events, ListenerEvent::Global { replayed: false }).await;
     assert_eq!(sink.calls(), [Call::Global]);
     listener.shutdown().await;
 }
@@ -452,7 +487,7 @@ async fn expect_reconnect_and_resync(
     let down = Instant::now();
     expect_event(events, ListenerEvent::Connected).await;
     let outage = down.elapsed();
-    expect_event(events, ListenerEvent::Resync).await;
+    expect_resync(events).await;
     let calls = sink.calls();
     assert_eq!(calls[calls_before..], [Call::Global], "exactly one resync bump");
     let stats = listener.stats();
@@ -473,7 +508,11 @@ async fn a_terminated_backend_reconnects_resyncs_and_serves() {
     let (listener, sink, mut events) = start(&db.config(&channel, &channel), None, options).await;
     let client = db.client().await;
     notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/"}"#).await;
-    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Realm { realm_url: "https://r.test/".into(), replayed: false },
+    )
+    .await;
 
     let old_pid = listener.backend_pid().expect("connected listener has a backend");
     let killed_at = Instant::now();
@@ -506,6 +545,7 @@ async fn a_terminated_backend_reconnects_resyncs_and_serves() {
         ListenerEvent::Module {
             realm_url: "https://r.test/".into(),
             urls: strings(&["https://r.test/x.gts", "https://r.test/x"]),
+            replayed: false,
         },
     )
     .await;
@@ -610,7 +650,7 @@ async fn a_silently_dead_connection_is_noticed_by_the_heartbeat() {
 
     let client = db.client().await;
     notify(&client, &channel, r#"{"k":"global"}"#).await;
-    expect_event(&mut events, ListenerEvent::Global).await;
+    expect_event(&mut events, ListenerEvent::Global { replayed: false }).await;
     assert_eq!(sink.calls(), [Call::Global, Call::Global]);
     bounded("shutdown", listener.shutdown()).await;
 }
@@ -785,7 +825,11 @@ async fn a_server_restart_reconnects_resyncs_and_serves() {
 
     let client = db.client().await;
     notify(&client, &channel, r#"{"k":"realm","r":"https://r.test/"}"#).await;
-    expect_event(&mut events, ListenerEvent::Realm { realm_url: "https://r.test/".into() }).await;
+    expect_event(
+        &mut events,
+        ListenerEvent::Realm { realm_url: "https://r.test/".into(), replayed: false },
+    )
+    .await;
     assert_eq!(sink.calls(), [Call::Global, Call::Realm("https://r.test/".into())]);
     bounded("shutdown", listener.shutdown()).await;
 }
@@ -826,9 +870,10 @@ async fn peer_with(config: &PgConfig, lookup_config: lookup_core::LookupConfig) 
         .register_realm(Realm { url: REALM.into(), owner: "@o:test".into(), public: true })
         .expect("realm");
     let sink: Arc<dyn InvalidationSink> = Arc::new(lookup.clone());
+    let origin = Some(db.origin().to_owned());
     let listener = bounded(
         "listener",
-        PgInvalidationListener::start(config, Some(db.origin().to_owned()), sink),
+        PgInvalidationListener::start_with(config, origin, sink, fast_options()),
     )
     .await
     .expect("listener");
@@ -854,11 +899,15 @@ async fn a_peers_invalidate_clear_realm_and_clear_all_reach_the_other_peer() {
 
     let list = a.lookup.invalidate(&url).await.expect("invalidate");
     let heard = next_event(&mut b_events, "the module payload").await;
-    assert_eq!(heard, ListenerEvent::Module { realm_url: REALM.into(), urls: list.clone() });
+    assert_eq!(
+        heard,
+        ListenerEvent::Module { realm_url: REALM.into(), urls: list.clone(), replayed: false }
+    );
     a.lookup.clear_realm(REALM).await.expect("clear realm");
-    expect_event(&mut b_events, ListenerEvent::Realm { realm_url: REALM.into() }).await;
+    expect_event(&mut b_events, ListenerEvent::Realm { realm_url: REALM.into(), replayed: false })
+        .await;
     a.lookup.clear_all().await.expect("clear all");
-    expect_event(&mut b_events, ListenerEvent::Global).await;
+    expect_event(&mut b_events, ListenerEvent::Global { replayed: false }).await;
     assert_eq!(
         b_sink.calls(),
         [Call::Modules(REALM.into(), list), Call::Realm(REALM.into()), Call::Global],
@@ -868,8 +917,11 @@ async fn a_peers_invalidate_clear_realm_and_clear_all_reach_the_other_peer() {
     // sent after them is A's next event, A has seen (and skipped) all three.
     let marker = format!(r#"{{"k":"realm","r":"{REALM}marker/"}}"#);
     notify(&db.client().await, config.channel_name(), &marker).await;
-    expect_event(&mut a.events, ListenerEvent::Realm { realm_url: format!("{REALM}marker/") })
-        .await;
+    expect_event(
+        &mut a.events,
+        ListenerEvent::Realm { realm_url: format!("{REALM}marker/"), replayed: false },
+    )
+    .await;
     assert_eq!(a.listener.stats().own_echoes_skipped, 3);
     a.listener.shutdown().await;
     b.shutdown().await;
@@ -892,8 +944,11 @@ async fn a_peers_in_flight_load_started_before_an_invalidation_does_not_persist(
     gate.entered().await; // B has read version 1 and is rendering it
     b.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
     let list = a.lookup.invalidate(&url).await.expect("A invalidates");
-    expect_event(&mut b.events, ListenerEvent::Module { realm_url: REALM.into(), urls: list })
-        .await;
+    expect_event(
+        &mut b.events,
+        ListenerEvent::Module { realm_url: REALM.into(), urls: list, replayed: false },
+    )
+    .await;
     gate.open();
     let entry = bounded("B's load", load).await.expect("task").expect("load");
     let key = lookup_core::CodeRef::new(url.clone(), "Card").definition_key();
@@ -1350,7 +1405,7 @@ async fn populate_a_failing_winner_shares_its_failure_and_a_panicking_one_wakes_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn populate_a_listener_resync_wakes_every_waiter() {
+async fn populate_a_listener_reconnect_makes_every_waiter_probe_without_losing_its_round() {
     let Some(db) = TestDb::from_env("populate_resync") else { return };
     let config = populate_config(&db, "populate_resync");
     let mut a = populator(&config, announced_only()).await;
@@ -1363,13 +1418,45 @@ async fn populate_a_listener_resync_wakes_every_waiter() {
         ListenerEvent::Disconnected { .. }
     ));
     expect_event(&mut a.events, ListenerEvent::Connected).await;
-    expect_event(&mut a.events, ListenerEvent::Resync).await;
-    assert_eq!(
-        bounded("the wake-up", ticket.wait(Duration::from_secs(600))).await,
-        Woken::Signalled
-    );
-    assert_eq!(a.signals.stats().wake_alls, 1);
+    expect_event(&mut a.events, ListenerEvent::CaughtUp { replayed: 0 }).await;
+    // Announcements sent while away are in no log: the waiter is asked to probe now, which
+    // is not the announcement its round waits for.
+    assert_eq!(bounded("the recheck", ticket.wait(Duration::from_secs(600))).await, Woken::Recheck);
+    let stats = a.signals.stats();
+    assert_eq!((stats.wake_alls, stats.waits_signalled), (1, 0), "{stats:?}");
     a.listener.shutdown().await;
+}
+
+/// With a single round allowed, a waiter whose listener reconnects must not spend it: it
+/// probes, keeps waiting, and finishes once the holder lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populate_a_waiter_keeps_its_round_across_a_listener_reconnect() {
+    let Some(db) = TestDb::from_env("populate_keeps_round") else { return };
+    let config = populate_config(&db, "populate_keeps_round");
+    let a = populator(&config, announced_only()).await;
+    let one_round = PopulateSettings { max_rounds: 1, ..announced_only() };
+    let mut b = populator(&config, one_round).await;
+    let url = format!("{REALM}card.gts");
+    b.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
+    let key = key_of(&a.coordinator, &url);
+    let lease = a.coordinator.try_acquire(&key).await.expect("try").expect("A wins");
+    let waiting = spawn_load(&b.lookup, &url);
+    until("B to park", || b.coordinator.stats().contended == 1 && b.signals.waiting() == 1).await;
+    let pid = b.listener.backend_pid().expect("pid");
+    db.client().await.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("kill");
+    assert!(matches!(
+        next_event(&mut b.events, "Disconnected").await,
+        ListenerEvent::Disconnected { .. }
+    ));
+    expect_event(&mut b.events, ListenerEvent::Connected).await;
+    expect_event(&mut b.events, ListenerEvent::CaughtUp { replayed: 0 }).await;
+    until("B's probe", || b.coordinator.stats().contended == 2).await;
+    assert_eq!(b.signals.waiting(), 1, "still waiting in its round");
+    lease.release().await.expect("A lets go without a row");
+    bounded("B's load", waiting).await.unwrap().expect("B takes the key and loads");
+    assert_eq!(b.renderer.calls(&url), 1);
+    a.listener.shutdown().await;
+    b.listener.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1403,7 +1490,7 @@ async fn populate_gives_up_after_four_rounds_with_an_error_naming_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn l1_follows_a_peers_invalidation_and_is_bypassed_while_disconnected() {
+async fn l1_follows_a_peers_invalidation_and_is_bypassed_while_disconnected_then_kept() {
     let Some(db) = TestDb::from_env("e2e_l1") else { return };
     let config = shared_config(&db, "e2e_l1");
     let a = peer(&config).await;
@@ -1421,12 +1508,16 @@ async fn l1_follows_a_peers_invalidation_and_is_bypassed_while_disconnected() {
     a.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
     b.renderer.set(&url, FakeModule::ready(&["Card"], &[]).version(2));
     let list = a.lookup.invalidate(&url).await.expect("A invalidates");
-    expect_event(&mut b.events, ListenerEvent::Module { realm_url: REALM.into(), urls: list })
-        .await;
+    expect_event(
+        &mut b.events,
+        ListenerEvent::Module { realm_url: REALM.into(), urls: list, replayed: false },
+    )
+    .await;
     let entry = b.lookup.get_module_entry(&url, None).await.expect("B reloads");
     assert_eq!(entry.definitions[&key]["version"], 2);
 
-    // A lost connection empties and bypasses the tier until the resync.
+    // A lost connection bypasses the tier until the listener is back; it caught up with
+    // nothing missed, so the tier kept its entry.
     let pid = b.listener.backend_pid().expect("pid");
     db.client().await.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("kill");
     assert!(matches!(
@@ -1436,9 +1527,9 @@ async fn l1_follows_a_peers_invalidation_and_is_bypassed_while_disconnected() {
     // The sink was told before the event was sent.
     assert!(b.lookup.l1_stats().expect("on").suspended);
     expect_event(&mut b.events, ListenerEvent::Connected).await;
-    expect_event(&mut b.events, ListenerEvent::Resync).await;
+    expect_event(&mut b.events, ListenerEvent::CaughtUp { replayed: 0 }).await;
     let stats = b.lookup.l1_stats().expect("on");
-    assert!(!stats.suspended && stats.entries == 0, "{stats:?}");
+    assert!(!stats.suspended && stats.entries == 1, "{stats:?}");
     a.listener.shutdown().await;
     b.listener.shutdown().await;
 }
@@ -1657,3 +1748,6 @@ async fn a_mixed_fleet_shares_rows_and_invalidations_with_the_reference_on_eithe
         ours.listener.shutdown().await;
     }
 }
+
+#[path = "listener/catch_up.rs"]
+mod catch_up;

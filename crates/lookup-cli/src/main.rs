@@ -52,6 +52,18 @@ struct Cli {
     #[arg(long, value_name = "URL")]
     listen_db: Option<String>,
 
+    /// Follow peers' invalidations by reading the database's invalidation log every N
+    /// milliseconds instead of LISTENing (Postgres): for where no connection can LISTEN, e.g.
+    /// only PgBouncer in transaction mode is reachable. Needs no `--listen-db`.
+    #[arg(long, value_name = "N", global = true, value_parser = clap::value_parser!(u64).range(1..))]
+    poll_ms: Option<u64>,
+
+    /// Writers that do not record their invalidations (the reference servers, `--unsafe`
+    /// processes) share the database (Postgres): after a lost connection, resync (discard
+    /// everything in flight) instead of catching up from the invalidation log.
+    #[arg(long, global = true, conflicts_with = "poll_ms")]
+    untracked_writers: bool,
+
     /// Seconds one database operation may take before it fails (Postgres).
     #[arg(long, value_name = "SECS", default_value_t = 15)]
     operation_timeout_secs: u64,
@@ -230,8 +242,11 @@ async fn run(cli: Cli) -> Result<()> {
         if cli.coordinate {
             bail!("--coordinate needs a Postgres database: an SQLite file has one process");
         }
-        if cli.listen_db.is_some() {
-            bail!("--listen-db needs a Postgres --db: SQLite has no broadcast to listen to");
+        if cli.listen_db.is_some() || cli.poll_ms.is_some() || cli.untracked_writers {
+            bail!(
+                "--listen-db, --poll-ms and --untracked-writers need a Postgres --db: SQLite has \
+                 no broadcast to follow"
+            );
         }
         let db = SqliteAdapter::from_url(&db_url)
             .with_context(|| format!("cannot open database {db_url}"))?;
@@ -258,19 +273,24 @@ async fn run(cli: Cli) -> Result<()> {
 async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
     if matches!(cli.command, Command::Listen) {
         // Only the LISTEN connection: watching needs no pool and no table.
-        return listen(&config).await;
+        return listen(&config, &cli).await;
     }
     let renders = matches!(
         cli.command,
         Command::Lookup { .. } | Command::Entry { .. } | Command::SoakWorker(_)
     );
-    if renders && !cli.unsafe_mode {
+    if renders && !cli.unsafe_mode && cli.poll_ms.is_none() {
         // Before any work: a rendering process must be able to listen (not through a
-        // transaction pooler).
+        // transaction pooler), or poll.
         config.listener_config().context("cannot LISTEN")?;
     }
     let db =
         PgAdapter::connect(config.clone()).await.context("cannot open the Postgres database")?;
+    if cli.unsafe_mode && (cli.poll_ms.is_some() || cli.untracked_writers) {
+        bail!(
+            "--poll-ms and --untracked-writers set up the invalidation listener, which --unsafe turns off"
+        );
+    }
     if cli.coordinate && cli.unsafe_mode {
         bail!("--coordinate needs the invalidation listener, which --unsafe turns off");
     }
@@ -292,21 +312,31 @@ async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
     // discards our stale result instead of letting us persist it (and, coordinated, so a
     // peer's finished prerender wakes us). `--unsafe` (the soak's control run) deliberately
     // does without invalidations.
+    let resyncs = Arc::new(soak_worker::ResyncCount::new(lookup.clone()));
     let listener = if renders && !cli.unsafe_mode {
-        let sink: Arc<dyn InvalidationSink> = Arc::new(lookup.clone());
+        let sink: Arc<dyn InvalidationSink> = match &cli.command {
+            Command::SoakWorker(_) => resyncs.clone(),
+            _ => Arc::new(lookup.clone()),
+        };
         let origin = Some(db.origin().to_owned());
-        let mut options = ListenerOptions::default();
+        let mut options = listener_options(&cli);
         if coordinator.is_some() {
             options = options.populate(signals);
         }
         let started = PgInvalidationListener::start_with(&config, origin, sink, options).await;
-        Some(started.context("cannot LISTEN")?)
+        Some(started.context(if cli.poll_ms.is_some() {
+            "cannot poll"
+        } else {
+            "cannot LISTEN"
+        })?)
     } else {
         None
     };
     let work = async {
         match &cli.command {
-            Command::SoakWorker(args) => soak_worker::run(&lookup, &cli.realms, args).await,
+            Command::SoakWorker(args) => {
+                soak_worker::run(&lookup, &cli.realms, args, listener.as_ref(), &resyncs).await
+            }
             _ => execute(&lookup, &cli).await,
         }
     };
@@ -351,13 +381,23 @@ async fn stop_requested() -> &'static str {
     }
 }
 
+/// The listener's options the command line asks for.
+fn listener_options(cli: &Cli) -> ListenerOptions {
+    let mut options = ListenerOptions::default().untracked_writers(cli.untracked_writers);
+    if let Some(ms) = cli.poll_ms {
+        options = options.poll(Duration::from_millis(ms));
+    }
+    options
+}
+
 /// `deflookup listen`: prints listener events as JSON lines until Ctrl-C or SIGTERM.
-async fn listen(config: &PgConfig) -> Result<()> {
+async fn listen(config: &PgConfig, cli: &Cli) -> Result<()> {
     use tokio::io::AsyncWriteExt as _;
     use tokio::sync::broadcast::error::RecvError;
-    let listener = PgInvalidationListener::start(config, None, Arc::new(IgnoreBumps))
+    let options = listener_options(cli);
+    let listener = PgInvalidationListener::start_with(config, None, Arc::new(IgnoreBumps), options)
         .await
-        .context("cannot LISTEN")?;
+        .context(if cli.poll_ms.is_some() { "cannot poll" } else { "cannot LISTEN" })?;
     let mut events = listener.subscribe();
     let mut stdout = tokio::io::stdout();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

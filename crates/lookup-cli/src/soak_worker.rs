@@ -21,8 +21,10 @@
 //! not the cache's, and would poison the audit.
 //!
 //! At the end it prints one JSON line on stdout:
-//! `{"lookups":L,"invalidations":I,"edits":E,"errors":X}` (successful lookups, successful
-//! invalidations, edits written, failed operations or attempts).
+//! `{"lookups":L,"invalidations":I,"edits":E,"errors":X,"resyncs":R,"discarded_by_resync":D,
+//! "catch_ups":C,"replayed":N}` (successful lookups, successful invalidations, edits written,
+//! failed operations or attempts; the listener's resyncs and the loads in flight they
+//! discarded, its catch-ups and the invalidations they replayed).
 
 use crate::out::outln;
 use std::fmt::Write as _;
@@ -35,6 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use adapter_pg::PgAdapter;
 use adapter_pg::PgPopulateCoordinator;
 use anyhow::{Context as _, Result, bail};
+use invalidation_listener::PgInvalidationListener;
+use lookup_core::InvalidationSink;
 use lookup_core::{CachingLookup, CodeRef, NoRemoteRealms};
 
 use crate::files::{FilePrerenderer, source_version, splitmix64};
@@ -82,6 +86,42 @@ pub(crate) struct SoakArgs {
 
 type SoakLookup = CachingLookup<PgAdapter, FilePrerenderer, NoRemoteRealms, PgPopulateCoordinator>;
 
+/// The worker's lookup as the listener's sink, counting the loads in flight that each resync
+/// discards (what catching up instead of resyncing saves).
+pub(crate) struct ResyncCount {
+    lookup: SoakLookup,
+    discarded: AtomicU64,
+}
+
+impl ResyncCount {
+    pub(crate) fn new(lookup: SoakLookup) -> Self {
+        ResyncCount { lookup, discarded: AtomicU64::new(0) }
+    }
+}
+
+impl InvalidationSink for ResyncCount {
+    fn bump_modules(&self, realm_url: &str, urls: &[String]) {
+        self.lookup.bump_modules(realm_url, urls);
+    }
+    fn bump_realm(&self, realm_url: &str) {
+        self.lookup.bump_realm(realm_url);
+    }
+    fn bump_global(&self) {
+        self.lookup.bump_global();
+    }
+    fn resync(&self) {
+        let in_flight = self.lookup.in_flight_count() as u64;
+        self.discarded.fetch_add(in_flight, Ordering::Relaxed);
+        self.lookup.resync();
+    }
+    fn connection_lost(&self) {
+        self.lookup.connection_lost();
+    }
+    fn connection_restored(&self) {
+        self.lookup.connection_restored();
+    }
+}
+
 /// What the tasks did, shared by all of them.
 #[derive(Debug, Default)]
 struct Counters {
@@ -105,12 +145,21 @@ impl Counters {
         }
     }
 
-    fn summary_json(&self) -> String {
+    fn summary_json(
+        &self,
+        listener: Option<&PgInvalidationListener>,
+        resyncs: &ResyncCount,
+    ) -> String {
+        let stats = listener.map(PgInvalidationListener::stats).unwrap_or_default();
         serde_json::json!({
             "lookups": self.lookups.load(Ordering::Relaxed),
             "invalidations": self.invalidations.load(Ordering::Relaxed),
             "edits": self.edits.load(Ordering::Relaxed),
             "errors": self.errors.load(Ordering::Relaxed),
+            "resyncs": stats.resyncs,
+            "discarded_by_resync": resyncs.discarded.load(Ordering::Relaxed),
+            "catch_ups": stats.catch_ups,
+            "replayed": stats.replayed_invalidations,
         })
         .to_string()
     }
@@ -121,6 +170,8 @@ pub(crate) async fn run(
     lookup: &SoakLookup,
     realms: &[(String, PathBuf)],
     args: &SoakArgs,
+    listener: Option<&PgInvalidationListener>,
+    resyncs: &ResyncCount,
 ) -> Result<()> {
     let Some((realm_url, dir)) = realms.first() else {
         bail!("soak-worker needs a --realm holding m0.gts …")
@@ -190,7 +241,7 @@ pub(crate) async fn run(
              stale through no fault of the cache"
         );
     }
-    outln!("{}", counters.summary_json())?;
+    outln!("{}", counters.summary_json(listener, resyncs))?;
     Ok(())
 }
 
