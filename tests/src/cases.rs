@@ -846,25 +846,39 @@ pub async fn l1_follows_every_invalidation<D: DbAdapter>(db: D) {
     assert_eq!(h.lookup.l1_stats().expect("on").entries, 0);
 }
 
-/// While the listener is disconnected the tier is empty and bypassed; it serves again after
-/// the resync.
+/// While the listener is disconnected the tier is bypassed (neither served nor filled); it
+/// keeps what it holds, which the invalidations replayed on reconnection remove where they
+/// cover it (or a resync's global bump, all of it), and serves again once the listener is
+/// back.
 pub async fn l1_is_bypassed_while_the_listener_is_disconnected<D: DbAdapter>(db: D) {
     let h = Harness::with_config(db, with_l1(LONG_AGE));
-    let url = u("card.gts");
-    h.renderer.set(&url, FakeModule::ready(&["Card"], &[]));
-    h.lookup.get_module_entry(&url, None).await.expect("load");
+    let (card, other) = (u("card.gts"), u("other.gts"));
+    for url in [&card, &other] {
+        h.renderer.set(url, FakeModule::ready(&["M"], &[]));
+        h.lookup.get_module_entry(url, None).await.expect("load");
+    }
     InvalidationSink::connection_lost(&h.lookup);
     let stats = h.lookup.l1_stats().expect("on");
-    assert!(stats.suspended && stats.entries == 0);
-    h.lookup.get_module_entry(&url, None).await.expect("from the db");
-    assert_eq!(h.lookup.l1_stats().expect("on").entries, 0, "nothing stored while deaf");
-    InvalidationSink::bump_global(&h.lookup);
+    assert!(stats.suspended && stats.entries == 2, "{stats:?}");
+    h.lookup.get_module_entry(&card, None).await.expect("from the db");
+    let stats = h.lookup.l1_stats().expect("on");
+    assert_eq!((stats.hits, stats.entries), (0, 2), "not served, nothing stored while deaf");
+    // The catch-up replays an invalidation of `other` missed while away.
+    InvalidationSink::bump_modules(&h.lookup, REALM, std::slice::from_ref(&other));
     InvalidationSink::connection_restored(&h.lookup);
-    h.lookup.get_module_entry(&url, None).await.expect("from the db");
-    h.lookup.get_module_entry(&url, None).await.expect("from the tier");
+    h.lookup.get_module_entry(&card, None).await.expect("from the tier");
     let stats = h.lookup.l1_stats().expect("on");
     assert!(!stats.suspended && stats.hits == 1 && stats.entries == 1, "{stats:?}");
-    assert_eq!(h.renderer.calls(&url), 1);
+    // A resync throws everything away.
+    InvalidationSink::connection_lost(&h.lookup);
+    InvalidationSink::resync(&h.lookup);
+    InvalidationSink::connection_restored(&h.lookup);
+    assert_eq!(h.lookup.l1_stats().expect("on").entries, 0);
+    h.lookup.get_module_entry(&card, None).await.expect("from the db");
+    h.lookup.get_module_entry(&card, None).await.expect("from the tier");
+    let stats = h.lookup.l1_stats().expect("on");
+    assert!(stats.hits == 2 && stats.entries == 1, "{stats:?}");
+    assert_eq!(h.renderer.calls(&card), 1);
 }
 
 /// A storage wrapper whose `apply_invalidation` waits at a gate before running: it holds a

@@ -246,24 +246,26 @@ impl Shared {
     /// After a reconnect: what was missed is accounted for (replayed, or everything bumped);
     /// the sink may serve from its in-process tier again.
     fn recovered(&self, recovery: Recovery) {
-        match recovery {
+        let event = match recovery {
             Recovery::CaughtUp(replayed) => {
                 self.stats().catch_ups += 1;
                 tracing::info!(channel = %self.channel, replayed, "caught up after reconnect: replayed the invalidations missed");
-                self.emit(ListenerEvent::CaughtUp { replayed });
+                ListenerEvent::CaughtUp { replayed }
             }
             Recovery::Resync(reason) => {
                 self.sink.resync();
                 self.stats().resyncs += 1;
                 tracing::info!(channel = %self.channel, %reason, "resynced after reconnect: bumped the global generation");
-                self.emit(ListenerEvent::Resync { reason });
+                ListenerEvent::Resync { reason }
             }
-        }
+        };
         self.sink.connection_restored();
         // Announcements sent while away are not in any log: every populate waiter probes now.
         if let Some((_, populate)) = &self.populate {
             populate.wake_all();
         }
+        // Last: a receiver of the event may rely on all of the above.
+        self.emit(event);
     }
 
     /// Replays what a read of the log found; returns how many invalidations.
