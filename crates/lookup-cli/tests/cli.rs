@@ -260,11 +260,21 @@ fn wait_for_line(reader: &mut impl std::io::BufRead, needle: &str) -> String {
 
 #[test]
 fn listen_prints_peers_invalidations_as_json_lines() {
+    listen_prints_invalidations(&["listen"]);
+}
+
+#[test]
+fn listen_polling_the_log_prints_the_same_lines() {
+    listen_prints_invalidations(&["listen", "--poll-ms", "20"]);
+}
+
+fn listen_prints_invalidations(command: &[&str]) {
     let Some(db) = fresh_pg_database("listen_prints_peers_invalidations") else { return };
     let f = Fixture::new();
     f.json_on(&db, &["lookup", "pet.gts", "Pet"]);
     let mut listener = Command::new(env!("CARGO_BIN_EXE_deflookup"))
-        .args(["--db", &db, "listen"])
+        .args(["--db", &db])
+        .args(command)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("listen starts");
