@@ -31,7 +31,7 @@ use adapter_pg::tokio_postgres::{self, AsyncMessage, NoTls};
 use adapter_pg::{PgAdapter, PgConfig, PgPopulateCoordinator, PopulateSettings, PopulateSignals};
 use adapter_sqlite::SqliteAdapter;
 use anyhow::{Context as _, Result, bail};
-use invalidation_listener::PgInvalidationListener;
+use invalidation_listener::{ListenerOptions, PgInvalidationListener};
 use lookup_core::{
     CachingLookup, CodeRef, DbAdapter, InvalidationSink, L1Config, LookupConfig, LookupError,
     NoRemoteRealms, PrerenderRequest, PrerenderResponse, Prerenderer, Realm, urls,
@@ -86,6 +86,7 @@ struct Sizes {
     coalesce_lookups: usize,
     generation_bumps: usize,
     sqlite_samples: usize,
+    poll_samples: usize,
 }
 
 impl Sizes {
@@ -99,6 +100,7 @@ impl Sizes {
             coalesce_lookups: scaled(1_000, 2),
             generation_bumps: scaled(1_000_000, 100),
             sqlite_samples: scaled(sqlite, 5),
+            poll_samples: scaled(if quick { 40 } else { 200 }, 5),
         }
     }
 }
@@ -225,6 +227,7 @@ impl Summary {
                 "coalesce_lookups": sizes.coalesce_lookups,
                 "generation_bumps": sizes.generation_bumps,
                 "sqlite_samples": sizes.sqlite_samples,
+                "poll_samples": sizes.poll_samples,
             }),
         );
         Value::Object(out)
@@ -250,6 +253,8 @@ impl Summary {
             ("propagation_after_return_p99_us", ""),
             ("invalidate_call_p50_us", ""),
             ("propagation_applied_before_return_fraction", ""),
+            ("poll_100ms_propagation_p50_us", ""),
+            ("poll_100ms_propagation_p99_us", ""),
             ("fanout_10k_ms", ""),
             ("fanout_naive_10k_ms", ""),
             ("fanout_speedup", ">= 20"),
@@ -374,6 +379,11 @@ impl PgBench {
         self.measure_l1_hits(sizes, summary).await?;
         eprintln!("bench: propagation vs bare NOTIFY ({} pairs)", sizes.hop_samples);
         self.measure_propagation(sizes, summary).await?;
+        eprintln!(
+            "bench: propagation to a peer polling every 100 ms ({} samples)",
+            sizes.poll_samples
+        );
+        self.measure_poll_propagation(sizes, summary).await?;
         eprintln!("bench: fan-out of {} modules, one query vs a walk", sizes.fanout_modules);
         self.measure_fanout(sizes, summary).await?;
         eprintln!("bench: {} concurrent cold lookups", sizes.coalesce_lookups);
@@ -579,6 +589,36 @@ impl PgBench {
         .await;
         listening.abort();
         listener.shutdown().await;
+        result
+    }
+
+    /// From the start of `invalidate()` to a polling peer's bump, polling every 100 ms. The
+    /// pause before each invalidation walks through the poll period, so the samples do not
+    /// all land at one phase of the poller's timer.
+    async fn measure_poll_propagation(&self, sizes: &Sizes, summary: &mut Summary) -> Result<()> {
+        const INTERVAL: Duration = Duration::from_millis(100);
+        let peer = CachingLookup::new(self.lookup.db().clone(), CountingRenderer::default());
+        peer.register_realm(public_realm(REALM))?;
+        let (applied_tx, mut applied) = mpsc::unbounded_channel();
+        let sink = Arc::new(TimedSink { inner: peer, applied: applied_tx });
+        let options = ListenerOptions::default().poll(INTERVAL);
+        let poller = PgInvalidationListener::start_with(&self.config, None, sink, options).await?;
+        let result = async {
+            let mut samples = Vec::new();
+            for i in 0..sizes.poll_samples {
+                let phase = (i as u64 * 37) % INTERVAL.as_millis() as u64;
+                tokio::time::sleep(Duration::from_millis(phase)).await;
+                let started = Instant::now();
+                self.lookup.invalidate(&format!("{REALM}poll{i}.gts")).await?;
+                let applied_at = receive(&mut applied, "the polled invalidation").await?;
+                samples.push(micros(applied_at.saturating_duration_since(started)));
+            }
+            summary.set("poll_100ms_propagation_p50_us", quantile(&mut samples, 0.5));
+            summary.set("poll_100ms_propagation_p99_us", quantile(&mut samples, 0.99));
+            anyhow::Ok(())
+        }
+        .await;
+        poller.shutdown().await;
         result
     }
 
