@@ -91,16 +91,18 @@ pub(crate) const FRESH: &str = "NOT EXISTS (SELECT 1 FROM _S_modules_guard \
 
 /// What the log holds past a listener's position, in one statement (one snapshot, so the
 /// realm rows and the URL records agree; no transaction, so it works through a transaction
-/// pooler). `$1`/`$2`: the realms the listener has a mark for (each once) and their marks; `$3`: its
-/// global mark, which every realm's mark is at least. One row per realm whose `latest` is past
-/// its mark, with its `cleared` and `pruned_through`; when neither is past the mark, one row
-/// per URL recorded past it instead (the URL column is NULL otherwise).
+/// pooler). `$1`/`$2`: the realms the listener has a mark for (each once) and their marks;
+/// `$3`: its global mark, which every realm's mark is at least. One row per realm whose
+/// `latest` is past its mark, or below the realm's own mark (the log went back: a failover
+/// to a replica that had not seen it all, a restore), with its `cleared` and
+/// `pruned_through`; when neither is past the mark, one row per URL recorded past it instead
+/// (the URL column is NULL otherwise).
 pub(crate) const LOG_SINCE: &str = "WITH m AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS m(realm, mark)), \
-     r AS (SELECT g.realm, g.latest, g.cleared, g.pruned_through, \
+     r AS (SELECT g.realm, g.latest, g.cleared, g.pruned_through, coalesce(m.mark, 0) AS own, \
                   greatest(coalesce(m.mark, 0), $3) AS mark \
            FROM _S_modules_guard_realm g LEFT JOIN m ON m.realm = g.realm) \
-     SELECT r.realm, r.latest, r.cleared, r.pruned_through, r.mark, u.url FROM r \
+     SELECT r.realm, r.latest, r.cleared, r.pruned_through, r.mark, r.own, u.url FROM r \
      LEFT JOIN LATERAL (SELECT x.url FROM _S_modules_guard x \
          WHERE md5(x.realm) = md5(r.realm) AND x.realm = r.realm AND x.seq > r.mark \
          AND r.cleared <= r.mark AND r.pruned_through <= r.mark) AS u ON true \
-     WHERE r.latest > r.mark";
+     WHERE r.latest > r.mark OR r.latest < r.own";

@@ -106,6 +106,8 @@ struct SinceRow {
     cleared: i64,
     pruned_through: i64,
     mark: i64,
+    /// The realm's own mark (without the global one).
+    own: i64,
     url: Option<String>,
 }
 
@@ -158,7 +160,8 @@ impl GuardLog {
                     cleared: row.try_get(2)?,
                     pruned_through: row.try_get(3)?,
                     mark: row.try_get(4)?,
-                    url: row.try_get(5)?,
+                    own: row.try_get(5)?,
+                    url: row.try_get(6)?,
                 })
             })
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()
@@ -183,18 +186,23 @@ fn collect(rows: Vec<SinceRow>) -> LogRead {
     }
     let mut realms: BTreeMap<String, Realm> = BTreeMap::new();
     for row in rows {
+        // A clear past the mark covers whatever of the realm was pruned; a log that went back
+        // proves nothing.
+        let cleared = row.cleared > row.mark && row.latest >= row.own;
         let realm = realms.entry(row.realm).or_insert(Realm {
             latest: row.latest,
-            gap: row.pruned_through > row.mark,
-            cleared: row.cleared > row.mark,
+            gap: row.latest < row.own || (row.pruned_through > row.mark && !cleared),
+            cleared,
             urls: Vec::new(),
         });
         realm.urls.extend(row.url);
     }
+    // Everything cleared past the global mark covers every realm's gap too.
+    let global = realms.get("").is_some_and(|realm| realm.cleared && !realm.gap);
     let mut read = LogRead::default();
     let mut modules = Vec::new();
     for (realm_url, realm) in realms {
-        if realm.gap {
+        if realm.gap && !global {
             read.gaps.push(realm_url.clone());
         } else if realm.cleared && realm_url.is_empty() {
             read.invalidations = vec![Invalidation::Global];
@@ -234,6 +242,7 @@ mod tests {
             cleared,
             pruned_through: pruned,
             mark,
+            own: mark,
             url: url.map(str::to_owned),
         }
     }
@@ -274,6 +283,18 @@ mod tests {
         position.advance(&read);
         assert_eq!(["A/", "B/", "C/", "D/"].map(|realm| position.mark(realm)), [12, 9, 11, 10]);
         assert!(collect(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn a_clear_past_the_mark_covers_what_was_pruned_and_a_log_gone_back_is_a_gap() {
+        let read = collect(vec![row("A/", 12, 11, 8, 3, None)]);
+        assert_eq!((read.invalidations.len(), read.gaps.len()), (1, 0), "{read:?}");
+        let read = collect(vec![row("", 20, 20, 0, 1, None), row("C/", 11, 0, 4, 1, None)]);
+        assert_eq!(read.invalidations, [Invalidation::Global]);
+        assert!(read.gaps.is_empty(), "a global clear covers every realm");
+        // The realm's numbers went back below what this listener heard of it.
+        let back = SinceRow { own: 30, mark: 30, ..row("A/", 12, 0, 0, 30, None) };
+        assert_eq!(collect(vec![back]).gaps, ["A/"]);
     }
 
     #[test]

@@ -494,8 +494,9 @@ impl Task {
 
         let mut backoff = Backoff::new(&self.options);
         let mut warnings = MalformedWarnings::default();
+        // When the current session opened: how long it lived decides the next backoff.
+        let mut up_since = Instant::now();
         loop {
-            let up_since = Instant::now();
             let served = tokio::select! {
                 biased;
                 () = signalled(&mut shutdown) => None,
@@ -532,6 +533,7 @@ impl Task {
                         Err(error) => self.shared.reconnect_failed(&error, backoff.attempts()),
                     }
                 };
+                up_since = Instant::now();
                 self.shared.connected(&session, true);
                 let recovered = tokio::select! {
                     biased;
@@ -567,16 +569,19 @@ impl Task {
     }
 
     /// After a reconnect, accounts for what was missed: replays what the log recorded past the
-    /// position, or, when it cannot prove it saw everything, resyncs (and takes a new
-    /// position). `Err`: the connection was lost meanwhile (the position is kept).
+    /// position, or, when it cannot prove it saw everything, resyncs and takes a new position.
+    /// `Err`: the connection was lost meanwhile (the position is kept, unless the read timed
+    /// out: a backlog too slow to read is not read again, the next attempt resyncs).
     async fn recover(&mut self, session: &mut Session) -> Result<Recovery, String> {
         let timeout = self.options.heartbeat_timeout;
         let log = &self.shared.log;
         let reason = match &self.position {
             _ if !self.shared.catch_up => {
-                "catch-up is off: writers that do not record their invalidations may share the \
-                 database"
-                    .to_owned()
+                return Ok(Recovery::Resync(
+                    "catch-up is off: writers that do not record their invalidations may share \
+                     the database"
+                        .to_owned(),
+                ));
             }
             None => "this listener has no position in the invalidation log".to_owned(),
             Some(position) => match session.read_since(log, position, timeout).await {
@@ -587,31 +592,31 @@ impl Task {
                     }
                     return Ok(Recovery::CaughtUp(replayed));
                 }
-                Ok(read) => {
-                    if let Some(position) = &mut self.position {
-                        position.advance(&read);
+                Ok(read) => format!(
+                    "the invalidation log no longer holds everything past this listener's \
+                     position in {} realm(s), e.g. {:?} (pruned past the guard's horizon, or \
+                     the log went back, as after a failover or a restore)",
+                    read.gaps.len(),
+                    read.gaps[0]
+                ),
+                Err(error) => match session.lost {
+                    Some(lost) => {
+                        if lost == Lost::TimedOut {
+                            self.position = None;
+                        }
+                        return Err(error_chain(&error));
                     }
-                    format!(
-                        "the invalidation log no longer holds everything past this listener's \
-                         position (pruned past the guard's horizon) in {} realm(s), e.g. {}",
-                        read.gaps.len(),
-                        read.gaps[0]
-                    )
-                }
-                Err(error) if session.broken => return Err(error_chain(&error)),
-                Err(error) => {
-                    format!("the invalidation log cannot be read: {}", error_chain(&error))
-                }
+                    None => format!("the invalidation log cannot be read: {}", error_chain(&error)),
+                },
             },
         };
-        if self.shared.catch_up && self.position.is_none() {
-            // After the resync's bump, everything committed so far is accounted for.
-            match session.read_now(log, timeout).await {
-                Ok(position) => self.position = Some(position),
-                Err(error) if session.broken => return Err(error_chain(&error)),
-                Err(_) => {}
-            }
-        }
+        // After the resync's bump, everything committed so far is accounted for: start again
+        // from the log's present (one cheap read), not from the old position.
+        self.position = match session.read_now(log, timeout).await {
+            Ok(position) => Some(position),
+            Err(error) if session.lost.is_some() => return Err(error_chain(&error)),
+            Err(_) => None,
+        };
         Ok(Recovery::Resync(reason))
     }
 
@@ -636,7 +641,13 @@ impl Task {
                 session.read_since(&self.shared.log, position, self.options.heartbeat_timeout);
             let read = match read.await {
                 Ok(read) => read,
-                Err(error) => return format!("poll failed: {}", error_chain(&error)),
+                Err(error) => {
+                    if session.lost == Some(Lost::TimedOut) {
+                        // Not read again from the same place: the reconnect resyncs.
+                        self.position = None;
+                    }
+                    return format!("poll failed: {}", error_chain(&error));
+                }
             };
             self.shared.stats().polls += 1;
             if read.gaps.is_empty() {
@@ -708,8 +719,17 @@ struct Session {
     /// Notifications that arrived while `LISTEN` was being confirmed, or during a read of the
     /// log.
     early: VecDeque<Notification>,
-    /// The connection failed, ended or stopped answering during a read of the log.
-    broken: bool,
+    /// Why a read of the log failed, when the connection is to blame.
+    lost: Option<Lost>,
+}
+
+/// How a connection failed a read of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// It failed or ended.
+    Connection,
+    /// It did not answer in time.
+    TimedOut,
 }
 
 impl Session {
@@ -752,7 +772,7 @@ impl Session {
             SimpleQueryMessage::Row(row) => row.get(0).and_then(|pid| pid.parse().ok()),
             _ => None,
         });
-        Ok(Session { client, connection, backend_pid, early, broken: false })
+        Ok(Session { client, connection, backend_pid, early, lost: None })
     }
 
     /// Replays notifications until the connection fails or ends; returns why. Every log
@@ -820,8 +840,8 @@ impl Session {
         log: &GuardLog,
         timeout: Duration,
     ) -> Result<LogPosition, PgError> {
-        let Session { client, connection, early, broken, .. } = self;
-        drive(connection, early, broken, timeout, log.now(client)).await
+        let Session { client, connection, early, lost, .. } = self;
+        drive(connection, early, lost, timeout, log.now(client)).await
     }
 
     /// What the log holds past `position` (see [`GuardLog::read_since`]), bounded by `timeout`.
@@ -831,8 +851,8 @@ impl Session {
         position: &LogPosition,
         timeout: Duration,
     ) -> Result<LogRead, PgError> {
-        let Session { client, connection, early, broken, .. } = self;
-        drive(connection, early, broken, timeout, log.read_since(client, position)).await
+        let Session { client, connection, early, lost, .. } = self;
+        drive(connection, early, lost, timeout, log.read_since(client, position)).await
     }
 
     /// Closes cleanly (a Terminate message, then the socket), bounded in time; a server that
@@ -847,12 +867,12 @@ impl Session {
 }
 
 /// Awaits `request` (a query of the connection's client) while driving the connection, at
-/// most `timeout`; notifications that arrive meanwhile are queued in `early`. Sets `broken`
+/// most `timeout`; notifications that arrive meanwhile are queued in `early`. Sets `lost`
 /// when the failure is the connection's (it failed, ended, or did not answer in time).
 async fn drive<T>(
     connection: &mut PgConnection,
     early: &mut VecDeque<Notification>,
-    broken: &mut bool,
+    lost: &mut Option<Lost>,
     timeout: Duration,
     request: impl Future<Output = Result<T, PgError>>,
 ) -> Result<T, PgError> {
@@ -866,23 +886,30 @@ async fn drive<T>(
             tokio::select! {
                 biased;
                 reply = &mut request => {
-                    let lost = reply.as_ref().err().is_some_and(connection_closed);
-                    return (reply, lost);
+                    let gone = reply.as_ref().err().is_some_and(connection_closed);
+                    return (reply, gone.then_some(Lost::Connection));
                 }
                 message = next_message(connection) => match message {
                     Some(Ok(AsyncMessage::Notification(note))) => early.push_back(note),
                     Some(Ok(_)) => {}
-                    Some(Err(error)) => return (Err(failed(Box::new(error))), true),
-                    None => return (Err(failed("the server closed the connection".into())), true),
+                    Some(Err(error)) => return (Err(failed(Box::new(error))), Some(Lost::Connection)),
+                    None => {
+                        let closed = failed("the server closed the connection".into());
+                        return (Err(closed), Some(Lost::Connection));
+                    }
                 },
             }
         }
     };
-    let (reply, lost) = match tokio::time::timeout(timeout, work).await {
+    let (reply, failure) = match tokio::time::timeout(timeout, work).await {
         Ok(done) => done,
-        Err(_) => (Err(failed(format!("no answer within {timeout:?}").into())), true),
+        Err(_) => {
+            (Err(failed(format!("no answer within {timeout:?}").into())), Some(Lost::TimedOut))
+        }
     };
-    *broken |= lost;
+    if failure.is_some() {
+        *lost = failure;
+    }
     reply
 }
 

@@ -80,8 +80,8 @@ impl ListenerOptions {
 
     /// Follows the invalidation log by reading it every `interval` instead of `LISTEN`ing:
     /// for where no connection can `LISTEN` (only a transaction pooler is reachable, a
-    /// serverless front end). Same sink, same events; an invalidation is replayed at most one
-    /// interval plus one round trip after it commits. The connection is the config's own URL
+    /// serverless front end). Same sink, same events; an invalidation is replayed about one
+    /// interval plus one read after it commits at worst. The connection is the config's own URL
     /// (not its listener URL), and each poll is one self-contained statement, so it works
     /// through PgBouncer in transaction mode. The interval is at least 1 ms.
     ///

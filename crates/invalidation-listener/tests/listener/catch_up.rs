@@ -241,8 +241,25 @@ async fn a_listener_that_cannot_prove_it_saw_everything_resyncs() {
         ]
     );
 
-    // A log the listener may not read.
+    // A log that went back below what the listener heard (a failover to a replica that had
+    // not seen the newest invalidations, a restore): numbers it already holds come again.
     let schema = config.schema_name().unwrap();
+    role.cut(&listener, &mut events).await;
+    role.admin
+        .batch_execute(&format!(
+            "ALTER SEQUENCE {schema}.modules_guard_seq RESTART WITH 1; \
+             DELETE FROM {schema}.modules_guard; DELETE FROM {schema}.modules_guard_realm"
+        ))
+        .await
+        .unwrap();
+    a.lookup.invalidate(&format!("{REALM}after_failover.gts")).await.unwrap();
+    let seen = role.restore(&mut events).await;
+    match seen.as_slice() {
+        [ListenerEvent::Resync { reason }] => assert!(reason.contains("went back"), "{reason}"),
+        other => panic!("expected a resync for the log gone back, got {other:?}"),
+    }
+
+    // A log the listener may not read.
     role.admin
         .batch_execute(&format!("REVOKE SELECT ON {schema}.modules_guard_realm FROM {}", role.name))
         .await
@@ -255,7 +272,7 @@ async fn a_listener_that_cannot_prove_it_saw_everything_resyncs() {
         }
         other => panic!("expected a resync for the unreadable log, got {other:?}"),
     }
-    assert_eq!(listener.stats().resyncs, 2);
+    assert_eq!(listener.stats().resyncs, 3);
     listener.shutdown().await;
 
     // Mixed fleets: catch-up off.
