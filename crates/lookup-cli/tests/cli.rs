@@ -454,7 +454,23 @@ fn soak_worker_works_for_its_time_and_prints_one_summary_line() {
     assert_eq!(stdout.lines().count(), 1, "one line on stdout: {stdout:?}");
     let summary: Value = serde_json::from_str(&stdout).expect("a JSON line");
     let keys: Vec<&str> = summary.as_object().expect("object").keys().map(String::as_str).collect();
-    assert_eq!(keys, ["lookups", "invalidations", "edits", "errors"]);
+    assert_eq!(
+        keys,
+        [
+            "lookups",
+            "invalidations",
+            "edits",
+            "errors",
+            "resyncs",
+            "discarded_by_resync",
+            "catch_ups",
+            "replayed"
+        ]
+    );
+    // No fault: its listener never reconnected.
+    for key in ["resyncs", "discarded_by_resync", "catch_ups", "replayed"] {
+        assert_eq!(summary[key], 0, "{summary}");
+    }
     assert!(summary["lookups"].as_u64().expect("count") > 0, "{summary}");
     assert_eq!(summary["errors"], 0, "no faults, no errors: {summary} {}", stderr(&output));
     // Every edit raised its module's version and was followed by an invalidation.
