@@ -38,6 +38,12 @@ pub struct ListenerStats {
     pub malformed_payloads: u64,
     /// Payloads skipped because they carried this process's own origin id.
     pub own_echoes_skipped: u64,
+    /// Payloads from writers that do not record their invalidations in the log (no origin id:
+    /// the reference system's servers or a bare `pg_notify`; or a realm or global payload
+    /// without a log number: deflookup with the durable guard off). While catch-up is on,
+    /// each is a warning sign: a reconnect's catch-up cannot see what such a writer did (see
+    /// [`ListenerOptions::untracked_writers`](crate::ListenerOptions::untracked_writers)).
+    pub untracked_payloads: u64,
     /// Populate announcements heard (when listening for them).
     pub populated_payloads: u64,
 }

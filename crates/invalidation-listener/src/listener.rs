@@ -365,6 +365,17 @@ impl Shared {
             }
         };
         let mark = parsed.seq.map(|seq| (parsed.log_realm().to_owned(), seq));
+        // Not in the log: no origin (not deflookup), or a realm or global payload without a
+        // number (a module payload without one may be a chunk before its transaction's last).
+        let untracked = parsed.origin.is_none()
+            || (parsed.seq.is_none()
+                && !matches!(parsed.invalidation, Invalidation::Modules { .. }));
+        if untracked {
+            self.stats().untracked_payloads += 1;
+            if self.catch_up {
+                warnings.untracked(&self.channel);
+            }
+        }
         if self.origin.is_some() && parsed.origin == self.origin {
             // Our own broadcast: the local invalidation already bumped, and replaying it now
             // could discard a load that legitimately started after that invalidation.
@@ -405,13 +416,28 @@ impl Shared {
 }
 
 /// Rate-limits the malformed-payload warning: a peer spamming garbage must not flood logs.
+/// The untracked-writer warning is given once per listener.
 #[derive(Debug, Default)]
 struct MalformedWarnings {
     last: Option<Instant>,
     suppressed: u64,
+    untracked_warned: bool,
 }
 
 impl MalformedWarnings {
+    fn untracked(&mut self, channel: &str) {
+        if !std::mem::replace(&mut self.untracked_warned, true) {
+            tracing::warn!(
+                channel,
+                "heard an invalidation that is not in the invalidation log (a writer without \
+                 deflookup's durable guard: a reference server, a bare NOTIFY, or deflookup with \
+                 the guard off); after a lost connection, catch-up cannot see such writers' \
+                 invalidations: if they share this database, set untracked_writers \
+                 (--untracked-writers)"
+            );
+        }
+    }
+
     fn note(&mut self, channel: &str, payload: &str, error: &dyn std::error::Error) {
         let now = Instant::now();
         if self.last.is_some_and(|last| now.duration_since(last) < MALFORMED_WARNING_INTERVAL) {

@@ -149,6 +149,13 @@ async fn a_listener_cut_off_again_and_again_misses_no_invalidation_and_never_res
     let stats = listener.stats();
     assert_eq!((stats.reconnects, stats.catch_ups, stats.resyncs), (5, 5, 0), "{stats:?}");
     assert_eq!(stats.replayed_invalidations, 10);
+    assert_eq!(stats.untracked_payloads, 0, "every payload of A's is in the log");
+    // A writer outside the log (a bare NOTIFY, as a reference server sends) is noticed.
+    let raw = r#"{"k":"realm","r":"https://raw.test/"}"#;
+    notify(&role.admin, config.channel_name(), raw).await;
+    let heard = ListenerEvent::Realm { realm_url: "https://raw.test/".into(), replayed: false };
+    expect_event(&mut events, heard).await;
+    assert_eq!(listener.stats().untracked_payloads, 1);
     listener.shutdown().await;
     a.listener.shutdown().await;
 }
