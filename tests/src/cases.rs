@@ -224,7 +224,7 @@ async fn seed_chain<D: DbAdapter>(h: &Harness<D>) {
     }
 }
 
-/// SPEC §4.1's worked example, exactly.
+/// BEHAVIOUR §4.1's worked example, exactly.
 pub async fn dependency_chain_invalidation_removes_exactly_the_consumers<D: DbAdapter>(db: D) {
     let h = Harness::new(db);
     seed_chain(&h).await;

@@ -1,4 +1,4 @@
-//! The behaviour suite of SPEC §10, written once and run against every
+//! The behaviour suite of BEHAVIOUR §10, written once and run against every
 //! [`DbAdapter`](lookup_core::DbAdapter).
 //!
 //! An adapter crate instantiates it from its own integration test binary:

@@ -22,6 +22,7 @@ use crate::store::{self, Checkout, query_error};
 
 /// Counters of what the adapter broadcast.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PgAdapterStats {
     /// Invalidations applied (committed).
     pub invalidations: u64,
@@ -91,11 +92,11 @@ impl PgAdapter {
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
-            .max_size(config.pool_max())
+            .max_size(config.get_pool_size())
             .runtime(Runtime::Tokio1)
-            .create_timeout(Some(config.connect_timeout_duration()))
-            .wait_timeout(Some(config.operation_timeout_duration()))
-            .recycle_timeout(Some(config.operation_timeout_duration()))
+            .create_timeout(Some(config.get_connect_timeout()))
+            .wait_timeout(Some(config.get_operation_timeout()))
+            .recycle_timeout(Some(config.get_operation_timeout()))
             .build()
             .map_err(|e| PgError::InvalidConfig {
                 url: config.redacted_url(),
@@ -104,7 +105,7 @@ impl PgAdapter {
             })?;
         // The statements name the diagnostics column, which start-up learns from the table.
         let pooler = resolved.pooler;
-        let bootstrap = Arc::new(Sql::new(config.schema_name(), pooler, "diagnostics"));
+        let bootstrap = Arc::new(Sql::new(config.get_schema(), pooler, "diagnostics"));
         let origin: Arc<str> = new_origin().into();
         let mut adapter = PgAdapter {
             pool,
@@ -120,15 +121,15 @@ impl PgAdapter {
                 let info = schema::ensure(
                     &adapter.sql,
                     client.client(),
-                    config.schema_name(),
-                    config.adds_shared_indexes(),
+                    config.get_schema(),
+                    config.get_shared_table_indexes(),
                 )
                 .await?;
                 client.finish();
                 Ok(info)
             })
             .await?;
-        adapter.sql = Arc::new(Sql::new(adapter.config.schema_name(), pooler, table.diagnostics));
+        adapter.sql = Arc::new(Sql::new(adapter.config.get_schema(), pooler, table.diagnostics));
         tracing::debug!(
             url = %adapter.config.redacted_url(),
             origin = %adapter.origin,
@@ -190,12 +191,12 @@ impl PgAdapter {
         self.pool.get().await.map_err(|error| match error {
             PoolError::Timeout(TimeoutType::Create) => PgError::connect_timeout(
                 self.config.redacted_url(),
-                self.config.connect_timeout_duration(),
+                self.config.get_connect_timeout(),
             ),
             PoolError::Timeout(TimeoutType::Wait) => PgError::Timeout {
                 operation,
                 url: None,
-                after: self.config.operation_timeout_duration(),
+                after: self.config.get_operation_timeout(),
             },
             PoolError::Backend(source) => {
                 PgError::connect(self.config.redacted_url(), Box::new(source))
@@ -212,7 +213,7 @@ impl PgAdapter {
         operation: &'static str,
         work: impl Future<Output = Result<T, PgError>>,
     ) -> Result<T, PgError> {
-        let after = self.config.operation_timeout_duration();
+        let after = self.config.get_operation_timeout();
         match tokio::time::timeout(after, work).await {
             Ok(result) => result,
             Err(_) => Err(PgError::Timeout { operation, url: None, after }),
@@ -227,11 +228,11 @@ impl PgAdapter {
     /// next invalidation) also covers, whereas failing the whole invalidation would leave
     /// stale rows for everyone.
     async fn invalidate(&self, request: &Invalidation) -> Result<Applied, LookupError> {
-        let horizon_secs = self.config.guard_horizon_duration().as_secs_f64();
-        let guarded = self.config.guards_persists();
+        let horizon_secs = self.config.get_guard_horizon().as_secs_f64();
+        let guarded = self.config.get_durable_guard();
         let broadcasting = Plan {
             guarded,
-            notify: self.config.broadcasts().then(|| (self.config.channel_name(), &*self.origin)),
+            notify: self.config.get_broadcast().then(|| (self.config.get_channel(), &*self.origin)),
             horizon_secs,
         };
         let mut last_error = None;
@@ -326,7 +327,7 @@ impl RowStore for PgAdapter {
     }
 
     async fn begin_load(&self, realm_url: &str, _url: &str) -> Result<LoadStamp, LookupError> {
-        if !self.config.guards_persists() {
+        if !self.config.get_durable_guard() {
             return Ok(LoadStamp::UNGUARDED);
         }
         Ok(self
@@ -347,7 +348,7 @@ impl RowStore for PgAdapter {
         stamp: LoadStamp,
     ) -> Result<PersistOutcome, LookupError> {
         let row = store::RowParams::new(entry)?;
-        let guarded = self.config.guards_persists() && !stamp.is_unguarded();
+        let guarded = self.config.get_durable_guard() && !stamp.is_unguarded();
         Ok(self
             .bounded("upsert", async {
                 let client = Checkout::new(self.client("upsert").await?);

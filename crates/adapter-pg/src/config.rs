@@ -179,7 +179,7 @@ impl PgConfig {
         self
     }
 
-    /// Announces populated keys (SPEC §9) on this channel instead of
+    /// Announces populated keys (BEHAVIOUR §9) on this channel instead of
     /// `module_cache_populated`. Peers must agree on it.
     pub fn populate_channel(mut self, channel: impl Into<String>) -> Self {
         self.populate_channel = channel.into();
@@ -242,7 +242,7 @@ impl PgConfig {
 
     /// Whether an adopted table gets deflookup's index (see
     /// [`shared_table_indexes`](Self::shared_table_indexes)).
-    pub fn adds_shared_indexes(&self) -> bool {
+    pub fn get_shared_table_indexes(&self) -> bool {
         self.shared_indexes
     }
 
@@ -268,48 +268,48 @@ impl PgConfig {
     }
 
     /// Whether invalidations are broadcast.
-    pub fn broadcasts(&self) -> bool {
+    pub fn get_broadcast(&self) -> bool {
         self.broadcast
     }
 
     /// Whether persists are checked by the durable guard.
-    pub fn guards_persists(&self) -> bool {
+    pub fn get_durable_guard(&self) -> bool {
         self.durable_guard
     }
 
     /// The durable guard's memory.
-    pub fn guard_horizon_duration(&self) -> Duration {
+    pub fn get_guard_horizon(&self) -> Duration {
         self.guard_horizon
     }
 
     /// The configured schema, if any.
-    pub fn schema_name(&self) -> Option<&str> {
+    pub fn get_schema(&self) -> Option<&str> {
         self.schema.as_deref()
     }
 
     /// The invalidation channel.
-    pub fn channel_name(&self) -> &str {
+    pub fn get_channel(&self) -> &str {
         &self.channel
     }
 
     /// The populate announcement channel.
-    pub fn populate_channel_name(&self) -> &str {
+    pub fn get_populate_channel(&self) -> &str {
         &self.populate_channel
     }
 
     /// The populate outcome channel.
-    pub fn populate_outcome_channel_name(&self) -> &str {
+    pub fn get_populate_outcome_channel(&self) -> &str {
         &self.populate_outcome_channel
     }
 
     /// The pool size.
-    pub fn pool_max(&self) -> usize {
+    pub fn get_pool_size(&self) -> usize {
         self.pool_size
     }
 
     /// The bound on a connection's start-up: the URL's `connect_timeout` (seconds, as in
     /// libpq) when it sets one, else [`connect_timeout`](Self::connect_timeout)'s.
-    pub fn connect_timeout_duration(&self) -> Duration {
+    pub fn get_connect_timeout(&self) -> Duration {
         conninfo::parse(&self.url)
             .ok()
             .and_then(|info| info.get("connect_timeout").and_then(|v| v.trim().parse::<u64>().ok()))
@@ -318,13 +318,13 @@ impl PgConfig {
     }
 
     /// The bound on one database operation.
-    pub fn operation_timeout_duration(&self) -> Duration {
+    pub fn get_operation_timeout(&self) -> Duration {
         self.operation_timeout
     }
 
     /// Whether the pool goes through a transaction pooler (`pgbouncer=true` in the URL, or
     /// [`transaction_pooler`](Self::transaction_pooler)). `false` for an unreadable URL.
-    pub fn uses_transaction_pooler(&self) -> bool {
+    pub fn get_transaction_pooler(&self) -> bool {
         self.resolve_info().map(|(_, pooler)| pooler).unwrap_or(false)
     }
 
@@ -384,7 +384,7 @@ impl PgConfig {
                 reason: "not a valid Postgres connection string".to_owned(),
                 source: Some(Box::new(source)),
             })?;
-        config.connect_timeout(self.connect_timeout_duration());
+        config.connect_timeout(self.get_connect_timeout());
         if !info.has("keepalives_idle") {
             config.keepalives_idle(KEEPALIVE_IDLE);
         }
@@ -426,7 +426,7 @@ impl PgConfig {
     pub async fn connect_unpooled(&self) -> Result<(Client, PgConnection), PgError> {
         let resolved = self.resolve()?;
         let url = self.redacted_url();
-        let limit = self.connect_timeout_duration();
+        let limit = self.get_connect_timeout();
         match tokio::time::timeout(limit, resolved.pg.connect(resolved.tls)).await {
             Ok(Ok(connected)) => Ok(connected),
             Ok(Err(source)) => Err(PgError::connect(url, Box::new(source))),
@@ -576,7 +576,7 @@ mod tests {
         assert_eq!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Disable);
         // A transaction pooler refuses the `options` start-up parameter.
         assert_eq!(pg.get_options(), None);
-        assert!(config.uses_transaction_pooler());
+        assert!(config.get_transaction_pooler());
         let pg =
             PgConfig::new("postgres://h/db?keepalives_idle=7").tokio_postgres_config().unwrap();
         assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(7));
@@ -591,7 +591,7 @@ mod tests {
         let direct = pooled.clone().listen_url("postgres://db/db?sslmode=disable");
         let listener = direct.listener_config().unwrap();
         assert_eq!(listener.redacted_url(), "postgres://db/db?sslmode=disable");
-        assert!(!listener.uses_transaction_pooler());
+        assert!(!listener.get_transaction_pooler());
         let wrong = pooled.listen_url("postgres://bouncer/db?pgbouncer=true");
         assert!(wrong.listener_config().is_err());
         // Named for operators: the listener apart from the pool, unless the caller named both.

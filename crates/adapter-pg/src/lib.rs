@@ -6,7 +6,7 @@
 //! only if the delete committed. The listening side lives in `invalidation-listener`, which
 //! depends only on this crate; the core items it needs are re-exported here.
 //!
-//! With [`PgPopulateCoordinator`], cold loads are also coalesced across processes (SPEC §9):
+//! With [`PgPopulateCoordinator`], cold loads are also coalesced across processes (BEHAVIOUR §9):
 //! one prerender per cold module for the whole fleet.
 //!
 //! Connections are field-ready: TLS with rustls driven by libpq's `sslmode`/`sslrootcert`

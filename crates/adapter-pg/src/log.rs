@@ -114,7 +114,7 @@ struct SinceRow {
 impl GuardLog {
     /// The log of `config`'s schema.
     pub fn new(config: &PgConfig) -> GuardLog {
-        let prefix = config.schema_name().map(|s| format!("{s}.")).unwrap_or_default();
+        let prefix = config.get_schema().map(|s| format!("{s}.")).unwrap_or_default();
         GuardLog {
             since: guard::LOG_SINCE.replace(SCHEMA, &prefix),
             latest: "SELECT realm, latest FROM _S_modules_guard_realm".replace(SCHEMA, &prefix),

@@ -1,4 +1,4 @@
-//! Cross-process populate coalescing on Postgres (SPEC §9): one prerender per cold key across
+//! Cross-process populate coalescing on Postgres (BEHAVIOUR §9): one prerender per cold key across
 //! every process sharing the database.
 //!
 //! Per key, a transaction-scoped `pg_try_advisory_xact_lock` on the key's 64-bit hash (the
@@ -30,6 +30,7 @@ use crate::store::{self, Checkout, query_error};
 
 /// Counters of a [`PgPopulateCoordinator`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PgPopulateStats {
     /// Locks tried (one per round of a cold load; cache hits never try).
     pub attempts: u64,
@@ -101,17 +102,17 @@ impl PgPopulateCoordinator {
             reason: format!("populate coalescing needs {reason}"),
             source: None,
         };
-        if config.pool_max() < 2 {
+        if config.get_pool_size() < 2 {
             return Err(refuse("a pool of at least 2 connections"));
         }
-        if !config.guards_persists() {
+        if !config.get_durable_guard() {
             return Err(refuse("the durable guard"));
         }
         Ok(PgPopulateCoordinator {
             adapter: adapter.clone(),
             signals,
             settings,
-            leases: Arc::new(Semaphore::new(config.pool_max() - 1)),
+            leases: Arc::new(Semaphore::new(config.get_pool_size() - 1)),
             counters: Arc::default(),
             cleanups: Arc::default(),
         })
@@ -122,7 +123,7 @@ impl PgPopulateCoordinator {
     /// at most the operation timeout. A process that stops should call it after cancelling
     /// its work and before exiting, so that its peers' waiters take over at once.
     pub async fn settle(&self) {
-        let limit = self.adapter.config().operation_timeout_duration();
+        let limit = self.adapter.config().get_operation_timeout();
         let settled = async {
             loop {
                 let done = self.cleanups.done.notified();
@@ -158,7 +159,7 @@ impl PgPopulateCoordinator {
             released: c.released.load(Ordering::Relaxed),
             rolled_back: c.rolled_back.load(Ordering::Relaxed),
             abandoned: c.abandoned.load(Ordering::Relaxed),
-            lease_limit: self.adapter.config().pool_max() - 1,
+            lease_limit: self.adapter.config().get_pool_size() - 1,
         }
     }
 }
@@ -187,7 +188,7 @@ impl PopulateCoordinator for PgPopulateCoordinator {
     /// default schema keeps the plain key, as the reference's peers compute it.
     fn key(&self, scope: &EntryScope, url: &str) -> PopulateKey {
         let key = PopulateKey::for_load(scope, url);
-        match self.adapter.config().schema_name() {
+        match self.adapter.config().get_schema() {
             Some(schema) => PopulateKey::from_text(format!("{schema}:{}", key.text())),
             None => key,
         }
@@ -242,10 +243,10 @@ impl PopulateCoordinator for PgPopulateCoordinator {
             key_hash: key.hash(),
             announce: format!(
                 "SELECT pg_notify('{}', '{}')",
-                self.adapter.config().populate_channel_name(),
+                self.adapter.config().get_populate_channel(),
                 key.hash()
             ),
-            guarded: self.adapter.config().guards_persists(),
+            guarded: self.adapter.config().get_durable_guard(),
             adapter: self.adapter.clone(),
             counters: Arc::clone(&self.counters),
             cleanups: Arc::clone(&self.cleanups),
@@ -464,7 +465,7 @@ impl PopulateLease for PgLease {
         {
             if !self.lease_gone() {
                 let sql = self.adapter.sql();
-                let channel = self.adapter.config().populate_outcome_channel_name();
+                let channel = self.adapter.config().get_populate_outcome_channel();
                 let told = async {
                     sql.query(client, &sql.notify, &[&channel, &payload])
                         .await
@@ -488,7 +489,7 @@ impl PopulateLease for PgLease {
             // but the waiters must still hear of the key. A write made on the lease before it
             // went is lost; one made on the pool since (see `fall_back`) is not.
             self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
-            let limit = self.adapter.config().operation_timeout_duration();
+            let limit = self.adapter.config().get_operation_timeout();
             if client.is_closed() || !roll_back_and_announce(client, &self.announce, limit).await {
                 self.announce_on_pool().await;
             }
@@ -502,7 +503,7 @@ impl PopulateLease for PgLease {
             return Ok(());
         }
         // One round trip: the announcement is delivered at the commit, with the row.
-        let limit = self.adapter.config().operation_timeout_duration();
+        let limit = self.adapter.config().get_operation_timeout();
         let text = format!("{}; COMMIT", self.announce);
         let commit = client.simple_query(&text);
         let committed = match tokio::time::timeout(limit, commit).await {
@@ -560,7 +561,7 @@ impl Drop for PgLease {
         let client = Object::take(client);
         let announce = std::mem::take(&mut self.announce);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let limit = self.adapter.config().operation_timeout_duration();
+            let limit = self.adapter.config().get_operation_timeout();
             let cleanups = Arc::clone(&self.cleanups);
             cleanups.running.fetch_add(1, Ordering::SeqCst);
             runtime.spawn(async move {

@@ -1,4 +1,4 @@
-//! Versioned, idempotent creation of the `modules` table (SPEC §2).
+//! Versioned, idempotent creation of the `modules` table (BEHAVIOUR §2).
 //!
 //! Start-up first *reads* the recorded version: a current schema needs nothing more, so a
 //! role that may only read (and write rows) starts without any DDL privilege. Only a missing
@@ -22,7 +22,7 @@ const SCHEMA_LOCK_KEY: i64 = 0x6465_666c_6f6f_6b75;
 /// Each migration in two parts: what it does to the `modules` table (skipped on a table
 /// adopted from another system, see [`adopt`]), and what it does to deflookup's own objects.
 const MIGRATIONS: &[(&str, &str)] = &[
-    // 1: the table of SPEC §2. UNLOGGED: it is a cache, losing it on a crash is fine and its
+    // 1: the table of BEHAVIOUR §2. UNLOGGED: it is a cache, losing it on a crash is fine and its
     // writes skip the WAL. The GIN index serves the consumer closure (`deps @> [name]`).
     (
         "CREATE UNLOGGED TABLE _S_modules (

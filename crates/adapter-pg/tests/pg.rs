@@ -58,7 +58,7 @@ async fn listen(config: &PgConfig) -> (tokio_postgres::Client, mpsc::UnboundedRe
             }
         }
     });
-    client.batch_execute(&format!("LISTEN {}", config.channel_name())).await.expect("LISTEN");
+    client.batch_execute(&format!("LISTEN {}", config.get_channel())).await.expect("LISTEN");
     (client, rx)
 }
 
@@ -92,7 +92,7 @@ async fn the_table_matches_the_spec_and_creation_is_idempotent_under_concurrency
     let (client, connection) =
         config.tokio_postgres_config().unwrap().connect(NoTls).await.unwrap();
     tokio::spawn(connection);
-    let schema = config.schema_name().unwrap();
+    let schema = config.get_schema().unwrap();
     let versions: Vec<i32> = client
         .query("SELECT version FROM deflookup_schema_version", &[])
         .await
@@ -803,7 +803,7 @@ async fn a_read_only_role_serves_hits_and_is_told_clearly_it_cannot_write() {
     let owner = PgAdapter::connect(config.clone()).await.expect("owner creates the schema");
     owner.upsert(&entry(REALM, "a.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
     let role = unique_name("ro");
-    let schema = config.schema_name().unwrap();
+    let schema = config.get_schema().unwrap();
     let admin = raw_client(&config).await;
     admin
         .batch_execute(&format!(
@@ -864,7 +864,7 @@ async fn a_version_3_schema_is_upgraded_to_take_urls_of_any_length() {
              JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam \
              JOIN pg_class t ON t.oid = i.indrelid \
              WHERE t.relname = 'modules' AND t.relnamespace = $1::text::regnamespace ORDER BY 1",
-            &[&config.schema_name().unwrap()],
+            &[&config.get_schema().unwrap()],
         )
         .await
         .unwrap()
@@ -959,7 +959,7 @@ async fn a_reference_table_of_either_revision_is_adopted_unaltered_and_shared() 
     let Some(base) = config("adopt") else { return };
     for diagnostics in ["diagnostics", "timing_diagnostics"] {
         let config = base.clone().schema(unique_name("ref"));
-        let schema = config.schema_name().unwrap().to_owned();
+        let schema = config.get_schema().unwrap().to_owned();
         let client = raw_client(&config.clone().schema("public")).await;
         client
             .batch_execute(&format!(
@@ -1018,7 +1018,7 @@ async fn a_reference_table_of_either_revision_is_adopted_unaltered_and_shared() 
 async fn a_table_deflookup_cannot_share_is_a_clear_error_naming_what_differs() {
     let Some(base) = config("incompatible") else { return };
     let config = base.schema(unique_name("bad"));
-    let schema = config.schema_name().unwrap().to_owned();
+    let schema = config.get_schema().unwrap().to_owned();
     let client = raw_client(&config.clone().schema("public")).await;
     client
         .batch_execute(&format!(

@@ -248,7 +248,7 @@ const UPSERT_SQL: &str = "
         file_alias = excluded.file_alias,
         diagnostics = excluded.diagnostics";
 
-/// The consumer closure in one statement (SPEC §4.1, **Beyond**).
+/// The consumer closure in one statement (BEHAVIOUR §4.1, **Beyond**).
 ///
 /// `reach` starts from the given names; each row of the realm whose `deps` contain a reached
 /// name adds its `url` and `file_alias`. `UNION` (not `UNION ALL`) discards names already

@@ -1,6 +1,6 @@
 //! `adapter-sqlite`: the embedded SQLite backend of deflookup.
 //!
-//! [`SqliteAdapter`] implements [`lookup_core::DbAdapter`] over the `modules` table of SPEC §2
+//! [`SqliteAdapter`] implements [`lookup_core::DbAdapter`] over the `modules` table of BEHAVIOUR §2
 //! (SQLite flavour: JSON as TEXT, keyed on `url` directly since SQLite has no `md5`), creating
 //! and versioning the schema itself. Depend on it for tests, the CLI, and single-process
 //! deployments that want a persistent cache without a database server. It depends only on

@@ -1,4 +1,4 @@
-//! The versioned schema of the `modules` table (SPEC §2, SQLite flavour).
+//! The versioned schema of the `modules` table (BEHAVIOUR §2, SQLite flavour).
 //!
 //! The file's `PRAGMA user_version` records how many entries of [`MIGRATIONS`] have been
 //! applied. Migrating reads it and applies the missing steps inside one `BEGIN IMMEDIATE`

@@ -1,4 +1,4 @@
-//! The shared behaviour suite (SPEC §10 lookup cases) on SQLite: one in-memory database per
+//! The shared behaviour suite (BEHAVIOUR §10 lookup cases) on SQLite: one in-memory database per
 //! case, plus a few cases on a real file.
 
 use adapter_sqlite::SqliteAdapter;

@@ -106,7 +106,7 @@ pub enum ListenerEvent {
         #[serde(skip_serializing_if = "is_false")]
         replayed: bool,
     },
-    /// A populate announcement woke this process's waiters of the key (SPEC §9).
+    /// A populate announcement woke this process's waiters of the key (BEHAVIOUR §9).
     Populated {
         /// The key's 64-bit hash.
         key: i64,

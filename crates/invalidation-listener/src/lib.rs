@@ -34,10 +34,11 @@
 //!   a direct or session-pooled connection, or poll.
 //! - It does not share its connection, and one listener per process is enough: every lookup
 //!   of the process can be fed through one sink.
-//! - It does not delete rows or broadcast; that is `adapter-pg`'s job. It does not speak TLS.
+//! - It does not delete rows or broadcast; that is `adapter-pg`'s job. (It speaks TLS as the
+//!   config's `sslmode` asks, like the pool.)
 //!
 //! With [`ListenerOptions::populate`], the same connection also `LISTEN`s on
-//! `module_cache_populated` and wakes the process's cross-process populate waiters (SPEC §9):
+//! `module_cache_populated` and wakes the process's cross-process populate waiters (BEHAVIOUR §9):
 //! one key per announcement, all of them after a reconnect and when the listener stops.
 //!
 //! Its only workspace dependency is `adapter-pg`, whose error type [`PgError`] it reuses.

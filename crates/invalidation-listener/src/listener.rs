@@ -96,7 +96,7 @@ impl PgInvalidationListener {
         // pooler, which cannot carry LISTEN); a bad URL fails the first connection, whose
         // error `start` returns. A poller reads the log through the pool's URL.
         let pg = match options.poll {
-            Some(_) if options.untracked_writers || !config.guards_persists() => {
+            Some(_) if options.untracked_writers || !config.get_durable_guard() => {
                 return Err(PgError::InvalidConfig {
                     url: config.redacted_url(),
                     reason: "polling follows the durable guard's log of invalidations, which \
@@ -111,18 +111,18 @@ impl PgInvalidationListener {
         };
         let (events, first_events) = broadcast::channel(options.event_capacity);
         let populate =
-            options.populate.clone().map(|sink| (config.populate_channel_name().to_owned(), sink));
+            options.populate.clone().map(|sink| (config.get_populate_channel().to_owned(), sink));
         let shared = Arc::new(Shared {
             sink,
             populate,
-            populate_outcome: config.populate_outcome_channel_name().to_owned(),
+            populate_outcome: config.get_populate_outcome_channel().to_owned(),
             origin,
-            channel: config.channel_name().to_owned(),
+            channel: config.get_channel().to_owned(),
             redacted_url: pg.redacted_url(),
             stats: Mutex::new(ListenerStats::default()),
             events,
             log: GuardLog::new(config),
-            catch_up: !options.untracked_writers && config.guards_persists(),
+            catch_up: !options.untracked_writers && config.get_durable_guard(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (stopped_tx, stopped) = watch::channel(());
@@ -477,7 +477,7 @@ async fn open_session(
     shared: &Shared,
     options: &ListenerOptions,
 ) -> Result<Session, PgError> {
-    let limit = pg.connect_timeout_duration() + options.heartbeat_timeout;
+    let limit = pg.get_connect_timeout() + options.heartbeat_timeout;
     let mut channels = Vec::new();
     if options.poll.is_none() {
         channels.push(shared.channel.as_str());

@@ -106,7 +106,7 @@ impl ListenerOptions {
         self
     }
 
-    /// Also `LISTEN`s on the config's populate channel (SPEC §9) on the same connection and
+    /// Also `LISTEN`s on the config's populate channel (BEHAVIOUR §9) on the same connection and
     /// wakes `sink`'s waiters: one key per announcement, and all of them after a reconnect
     /// (announcements sent while away are lost) and when the listener stops.
     pub fn populate(mut self, sink: Arc<dyn PopulateSink>) -> Self {
@@ -123,7 +123,7 @@ pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
-    // Seeded with per-process random keys by the standard library; no `rand` needed.
+    // Seeded with per-process random keys by the standard library; enough for jitter.
     random: RandomState,
 }
 

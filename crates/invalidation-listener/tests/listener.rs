@@ -6,8 +6,9 @@
 //! running in parallel on one server do not hear or count each other.
 //!
 //! Waits are bounded ([`bounded`], 20 s) and gated on the listener's own events, which it
-//! sends only after the sink was called. The one exception is waiting for a server backend to
-//! disappear after a close: the server offers no event for that, so it is polled, bounded.
+//! sends only after the sink was called. The exceptions are states that offer no event (a
+//! server backend gone after a close, another process parked on a lock, a lock released):
+//! those are polled, bounded (`wait_no_backend`, `until`, and an inline loop or two).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,7 +80,7 @@ async fn notify(client: &Client, channel: &str, payload: &str) {
 }
 
 /// Polls (bounded) until no backend matches `condition` with parameter `value`. The server has
-/// no event for "a backend has exited", so this is the one poll of the suite.
+/// no event for "a backend has exited", so this waits by polling (as `until` below does).
 async fn wait_no_backend(
     client: &Client,
     condition: &str,
@@ -434,7 +435,7 @@ async fn the_listener_verifies_the_server_and_listens_over_tls() {
         .await
         .expect("the listener's backend");
     assert!(row.get::<_, bool>(0), "the LISTEN connection is encrypted");
-    notify(&client, config.channel_name(), r#"{"k":"realm","r":"https://r.test/"}"#).await;
+    notify(&client, config.get_channel(), r#"{"k":"realm","r":"https://r.test/"}"#).await;
     expect_event(
         &mut events,
         ListenerEvent::Realm { realm_url: "https://r.test/".into(), replayed: false },
@@ -468,7 +469,7 @@ async fn through_a_transaction_pooler_the_listener_needs_and_uses_a_direct_url()
     assert!(err.to_string().contains("listener URL"), "{err}");
     let config = pooled.listen_url(db.url.clone());
     let (listener, sink, mut events) = start(&config, None, fast_options()).await;
-    notify(&client, config.channel_name(), r#"{"k":"global"}"#).await;
+    notify(&client, config.get_channel(), r#"{"k":"global"}"#).await;
     expect_event(&mut events, ListenerEvent::Global { replayed: false }).await;
     assert_eq!(sink.calls(), [Call::Global]);
     listener.shutdown().await;
@@ -916,7 +917,7 @@ async fn a_peers_invalidate_clear_realm_and_clear_all_reach_the_other_peer() {
     // A skips its own three echoes. Notifications arrive in commit order, so once a marker
     // sent after them is A's next event, A has seen (and skipped) all three.
     let marker = format!(r#"{{"k":"realm","r":"{REALM}marker/"}}"#);
-    notify(&db.client().await, config.channel_name(), &marker).await;
+    notify(&db.client().await, config.get_channel(), &marker).await;
     expect_event(
         &mut a.events,
         ListenerEvent::Realm { realm_url: format!("{REALM}marker/"), replayed: false },
@@ -998,7 +999,7 @@ async fn a_server_that_accepts_but_never_answers_does_not_stall_the_listener() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cross-process populate coalescing (SPEC §9): every "process" is its own adapter (pool and
+// Cross-process populate coalescing (BEHAVIOUR §9): every "process" is its own adapter (pool and
 // origin), coordinator, signals, listener and renderer, on one shared schema and channels.
 // ---------------------------------------------------------------------------------------------
 
@@ -1156,7 +1157,7 @@ async fn populate_a_wait_resolves_on_its_keys_notify_not_another_keys_and_on_tim
     let mut other = a.signals.register(&theirs);
     // A raw pg_notify, as a reference peer would send it.
     let client = db.client().await;
-    notify(&client, config.populate_channel_name(), &mine.hash().to_string()).await;
+    notify(&client, config.get_populate_channel(), &mine.hash().to_string()).await;
     expect_event(&mut a.events, ListenerEvent::Populated { key: mine.hash() }).await;
     assert_eq!(
         bounded("the notified wait", waiting.wait(Duration::from_secs(600))).await,
@@ -1164,7 +1165,7 @@ async fn populate_a_wait_resolves_on_its_keys_notify_not_another_keys_and_on_tim
     );
     assert_eq!(other.wait(Duration::from_millis(50)).await, Woken::TimedOut);
     // A malformed announcement is counted and ignored.
-    notify(&client, config.populate_channel_name(), "not-a-number").await;
+    notify(&client, config.get_populate_channel(), "not-a-number").await;
     expect_event(&mut a.events, ListenerEvent::Malformed { payload: "not-a-number".into() }).await;
     a.listener.shutdown().await;
 }
@@ -1669,7 +1670,7 @@ async fn a_mixed_fleet_shares_rows_and_invalidations_with_the_reference_on_eithe
     let Some(db) = TestDb::from_env("mixed fleet") else { return };
     for diagnostics in ["diagnostics", "timing_diagnostics"] {
         let config = shared_config(&db, "mixed_fleet");
-        let schema = config.schema_name().expect("a schema").to_owned();
+        let schema = config.get_schema().expect("a schema").to_owned();
         // The reference set the database up first.
         let admin = db.client().await;
         admin
@@ -1679,7 +1680,7 @@ async fn a_mixed_fleet_shares_rows_and_invalidations_with_the_reference_on_eithe
             ))
             .await
             .expect("the reference's table");
-        let reference = ReferencePeer { client: admin, channel: config.channel_name().to_owned() };
+        let reference = ReferencePeer { client: admin, channel: config.get_channel().to_owned() };
         // The reference also listens, as its servers do, with a connection of its own.
         let (heard_client, mut heard_connection) =
             tokio_postgres::connect(&db.url, NoTls).await.expect("connect");
@@ -1694,7 +1695,7 @@ async fn a_mixed_fleet_shares_rows_and_invalidations_with_the_reference_on_eithe
             }
         });
         heard_client
-            .batch_execute(&format!("LISTEN \"{}\"", config.channel_name()))
+            .batch_execute(&format!("LISTEN \"{}\"", config.get_channel()))
             .await
             .expect("LISTEN");
 

@@ -7,12 +7,12 @@
 //! sampled, they alternate in one loop so that both see the same noise.
 //!
 //! Propagation is timed from the *start* of `invalidate()` (and of the bare `pg_notify`) to the
-//! bump applied in the peer, not from its return as the issue words it: Postgres delivers a
+//! bump applied in the peer, not from its return as the goal is worded: Postgres delivers a
 //! NOTIFY at commit, before the sender reads its reply, so the peer usually has the bump
 //! before the call returns (`propagation_applied_before_return_fraction` says how often) and
 //! "from the return" would be zero at the median.
 //!
-//! Keys beyond the issue's (`invalidate_call_p50_us`, `fanout_closure_query_10k_ms`,
+//! Extra keys (`invalidate_call_p50_us`, `fanout_closure_query_10k_ms`,
 //! `propagation_applied_before_return_fraction`, and `miss_p50_us` /
 //! `coordinated_miss_p50_us` / `populate_miss_overhead_us`, the price of `--coordinate`) explain
 //! a number rather than set a goal.
@@ -394,7 +394,7 @@ impl PgBench {
 
     /// Drops the run's schema. Best effort: a failure is only reported.
     async fn cleanup(&self) {
-        let schema = self.config.schema_name().unwrap_or_default();
+        let schema = self.config.get_schema().unwrap_or_default();
         if let Err(error) =
             self.client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await
         {
@@ -477,7 +477,7 @@ impl PgBench {
         sizes: &Sizes,
         summary: &mut Summary,
     ) -> Result<()> {
-        let schema = self.config.schema_name().unwrap_or_default().to_owned();
+        let schema = self.config.get_schema().unwrap_or_default().to_owned();
         eprintln!("bench: hits with unnamed statements ({})", sizes.hit_samples);
         let unnamed = self.config.clone().transaction_pooler(true);
         let p50 = hit_p50(unnamed, sizes).await?;
@@ -507,7 +507,7 @@ impl PgBench {
                     tokio::spawn(connection);
                     let drop = format!(
                         "DROP SCHEMA IF EXISTS {} CASCADE",
-                        tls.schema_name().unwrap_or_default()
+                        tls.get_schema().unwrap_or_default()
                     );
                     let _ = client.batch_execute(&drop).await;
                 }
@@ -532,7 +532,7 @@ impl PgBench {
         let listener = PgInvalidationListener::start(&self.config, origin, sink).await?;
 
         // The bare hop: one plain connection LISTENs, another runs pg_notify.
-        let bare_channel = format!("{}_bare", self.config.channel_name());
+        let bare_channel = format!("{}_bare", self.config.get_channel());
         let (heard_tx, mut heard) = mpsc::unbounded_channel();
         let (_listening_client, listening) =
             bare_listener(&self.config, &bare_channel, heard_tx).await?;
@@ -572,7 +572,7 @@ impl PgBench {
             summary.set("propagation_p50_us", p50);
             summary.set("propagation_p99_us", quantile(&mut propagation, 0.99));
             summary.set("propagation_ratio", p50 / bare_p50);
-            // The issue's own wording: from the call's return (zero when the bump was applied
+            // The goal's literal wording: from the call's return (zero when the bump was applied
             // before the call returned).
             summary.set("propagation_after_return_p50_us", quantile(&mut after_return, 0.5));
             summary.set("propagation_after_return_p99_us", quantile(&mut after_return, 0.99));

@@ -52,7 +52,7 @@ use std::time::Duration;
 
 use lookup_core::urls::{canonical_url, file_alias, normalise_deps, population_candidates};
 use lookup_core::{
-    BoxError, CodeRef, ErrorDoc, LookupError, PrerenderRequest, PrerenderResponse, Prerenderer,
+    CodeRef, ErrorDoc, LookupError, PrerenderRequest, PrerenderResponse, Prerenderer, SharedError,
 };
 use serde_json::{Map, Value, json};
 use url::Url;
@@ -308,7 +308,7 @@ impl Prerenderer for FilePrerenderer {
                     format!("not under any realm directory (serving: {})", served.join(", "));
                 return Err(LookupError::Prerender {
                     url: module_url,
-                    source: BoxError::from(Box::<dyn std::error::Error + Send + Sync>::from(
+                    source: SharedError::from(Box::<dyn std::error::Error + Send + Sync>::from(
                         reason,
                     )),
                 });
@@ -343,7 +343,7 @@ const SPLITMIX_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// SplitMix64's output function: a well-mixed 64-bit value from a counter. The jitter only
 /// needs "different delays for different renders", not a statistically strong generator,
-/// and the workspace has no random number crate.
+/// so a few lines of arithmetic do.
 pub(crate) fn splitmix64(state: u64) -> u64 {
     let mut z = state;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

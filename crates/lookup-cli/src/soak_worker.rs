@@ -474,9 +474,9 @@ impl Drop for LockFile {
     }
 }
 
-/// xorshift64*: small, fast, and plenty for picking operations (the workspace has no random
-/// number crate, and reproducing a worker's exact sequence of choices matters less than
-/// different workers making different ones).
+/// xorshift64*: small, fast, and plenty for picking operations (no random number crate is
+/// needed, and reproducing a worker's exact sequence of choices matters less than different
+/// workers making different ones).
 #[derive(Debug)]
 struct XorShift(u64);
 

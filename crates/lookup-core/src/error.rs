@@ -6,7 +6,7 @@ use crate::types::{ErrorDetail, ErrorDoc};
 
 /// A boxed backend or prerenderer error. It is reference-counted so that one failure can be
 /// handed to every caller that shared a coalesced load.
-pub type BoxError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Everything a lookup, an invalidation or an adapter operation can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,7 +68,7 @@ pub enum LookupError {
         url: String,
         /// What the prerenderer reported.
         #[source]
-        source: BoxError,
+        source: SharedError,
     },
     /// The database failed.
     #[error("database error during {operation}: {source}")]
@@ -79,15 +79,15 @@ pub enum LookupError {
         transient: bool,
         /// The backend's error.
         #[source]
-        source: BoxError,
+        source: SharedError,
     },
-    /// A broadcast payload was rejected by the wire parser (SPEC §7).
+    /// A broadcast payload was rejected by the wire parser (BEHAVIOUR §7).
     #[error("malformed invalidation payload: {reason}")]
     MalformedPayload {
         /// Why the payload was rejected.
         reason: String,
     },
-    /// Cross-process populate coalescing gave up on a key (SPEC §9): another process kept
+    /// Cross-process populate coalescing gave up on a key (BEHAVIOUR §9): another process kept
     /// its lock through every round, or the coordinator was shut down.
     #[error("populate of {key} gave up: {reason}")]
     PopulateFailed {

@@ -1,12 +1,12 @@
-//! The stale-write guard of SPEC §5, with memory bounded by in-flight work.
+//! The stale-write guard of BEHAVIOUR §5, with memory bounded by in-flight work.
 //!
 //! Instead of keeping one counter per URL forever, every bump advances a single epoch and is
 //! remembered only while some load that started before it is still running. A load snapshots
 //! the epoch when it starts; it may persist only if no bump of its realm, of the global scope,
 //! or of one of the URLs it checks happened after that epoch. "Only equality with a snapshot
-//! matters" (SPEC §5.4) becomes "only bumps newer than a snapshot matter", which lets us forget
-//! a bump as soon as no live snapshot predates it. With no load in flight, nothing is stored,
-//! however many URLs are invalidated.
+//! matters" (BEHAVIOUR §5.4) becomes "only bumps newer than a snapshot matter", which lets us
+//! forget a bump as soon as no live snapshot predates it. With no load in flight, nothing is
+//! stored, however many URLs are invalidated.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -43,6 +43,7 @@ impl Default for L1Config {
 
 /// Counters of the tier.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct L1Stats {
     /// Entries held now.
     pub entries: usize,

@@ -10,9 +10,13 @@
 //! `adapter-sqlite` and `adapter-pg`; the cross-process listener in `invalidation-listener`.
 //! The only runtime it needs is tokio's task spawning (coalesced loads run as tasks, so one
 //! cancelled caller never cancels the load others wait on).
+//!
+//! Comments across the workspace cite the behaviour as "BEHAVIOUR §N": the sections of
+//! `docs/BEHAVIOUR.md` in the repository.
 
 #![warn(missing_docs)]
 
+mod builder;
 mod error;
 mod generations;
 mod l1;
@@ -23,7 +27,8 @@ mod types;
 pub mod urls;
 pub mod wire;
 
-pub use error::{BoxError, LookupError};
+pub use builder::LookupBuilder;
+pub use error::{LookupError, SharedError};
 pub use generations::{Generations, Snapshot};
 pub use l1::{L1Config, L1Stats};
 pub use lookup::{CachingLookup, LookupConfig, fan_out};

@@ -1,5 +1,5 @@
 //! The caching lookup: read-through loads, in-process coalescing, invalidation and the
-//! generation guard (SPEC §3–§5).
+//! generation guard (BEHAVIOUR §3–§5).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,14 +42,14 @@ impl Default for LookupConfig {
     }
 }
 
-/// Where and as whom a module is read, rendered and cached (SPEC §3.2).
+/// Where and as whom a module is read, rendered and cached (BEHAVIOUR §3.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Context {
     scope: EntryScope,
     prerender_user: String,
 }
 
-/// The coalescing key of SPEC §3.6: realm, requested URL, scope and cache user.
+/// The coalescing key of BEHAVIOUR §3.6: realm, requested URL, scope and cache user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct LoadKey {
     pub(crate) scope: EntryScope,
@@ -112,9 +112,10 @@ struct Inner<D, P, R, C> {
     generations: Arc<Generations>,
     in_flight: Mutex<HashMap<LoadKey, Slot>>,
     next_slot: AtomicU64,
-    /// Serialises "check the snapshot, then upsert" (shared) against "compute the list, bump,
-    /// then delete" (exclusive). Without it, a persist whose check passed just before an
-    /// invalidation's bump could land after that invalidation's DELETE and resurrect the row.
+    /// Serialises "check the snapshot, then upsert" (shared) against an invalidation's "compute
+    /// the list and delete (one backend call), then bump" (exclusive). The bump comes after the
+    /// DELETE, so without it a persist whose check passed before the bump could land after that
+    /// DELETE and resurrect the row.
     persist_gate: tokio::sync::RwLock<()>,
 }
 
@@ -179,7 +180,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe> CachingLookup<D, P, R, Uncoord
 impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     CachingLookup<D, P, R, C>
 {
-    /// A lookup whose cold loads are coalesced across processes by `coordinator` (SPEC §9);
+    /// A lookup whose cold loads are coalesced across processes by `coordinator` (BEHAVIOUR §9);
     /// with `None` it behaves exactly like [`with_probe`](CachingLookup::with_probe). Cache
     /// hits never touch the coordinator.
     pub fn with_coordinator(
@@ -316,7 +317,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         }
     }
 
-    /// The cache entry of a module, prerendering it on a miss (SPEC §3.5). An entry whose
+    /// The cache entry of a module, prerendering it on a miss (BEHAVIOUR §3.5). An entry whose
     /// module errored is returned as [`LookupError::ModuleError`].
     pub async fn get_module_entry(
         &self,
@@ -340,7 +341,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         module_url: &str,
         for_realm: Option<&str>,
     ) -> Result<Arc<CacheEntry>, LookupError> {
-        // SPEC §5: the snapshot is taken before the first await, so an invalidation that runs
+        // BEHAVIOUR §5: the snapshot is taken before the first await, so an invalidation that runs
         // while we resolve the realm still counts against this load.
         let snapshot = self.inner.generations.snapshot();
         let url = absolute_url(module_url)?;
@@ -477,7 +478,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     }
 
     /// Invalidates a module and, transitively, every cached module that depends on it
-    /// (SPEC §4.1). Returns every URL invalidated, in fan-out order; `[]` when no local realm
+    /// (BEHAVIOUR §4.1). Returns every URL invalidated, in fan-out order; `[]` when no local realm
     /// owns the module (nothing is touched then).
     pub async fn invalidate(&self, module_url: &str) -> Result<Vec<String>, LookupError> {
         let url = absolute_url(module_url)?;
@@ -538,7 +539,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     }
 }
 
-/// Orders the invalidation list of SPEC §4.1 step 2: the seeds (a module's variants), then
+/// Orders the invalidation list of BEHAVIOUR §4.1 step 2: the seeds (a module's variants), then
 /// consumers breadth-first, each consumer contributing its url then its alias. Duplicates and
 /// cycles are dropped.
 pub fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String> {
@@ -619,7 +620,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         realms.iter().filter(|r| urls::is_under(url, &r.url)).max_by_key(|r| r.url.len()).cloned()
     }
 
-    /// SPEC §3.2: a local realm decides; otherwise, for a caller acting for a local realm, the
+    /// BEHAVIOUR §3.2: a local realm decides; otherwise, for a caller acting for a local realm, the
     /// remote probe does. A failing probe is logged and means "no context".
     async fn context(
         &self,
@@ -678,7 +679,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         entry.created_at.is_none_or(|created| now_ms().saturating_sub(created) > ttl)
     }
 
-    /// SPEC §3.4 with the deterministic choice: the exact URL first, then the population
+    /// BEHAVIOUR §3.4 with the deterministic choice: the exact URL first, then the population
     /// candidates of its alias in order, then anything else by URL.
     async fn read_cached(
         &self,
@@ -735,7 +736,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         }
     }
 
-    /// Runs a load on `store`, re-running it while invalidations discard its result (SPEC §5
+    /// Runs a load on `store`, re-running it while invalidations discard its result (BEHAVIOUR §5
     /// Beyond). The first attempt reads the cache first only if `read_first` (the caller may
     /// just have read it).
     async fn run_load(
@@ -764,7 +765,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         }
     }
 
-    /// SPEC §9: a cold load coalesced across processes. Each round registers a wait for the
+    /// BEHAVIOUR §9: a cold load coalesced across processes. Each round registers a wait for the
     /// key *before* trying its lock (so the winner's announcement cannot slip in between),
     /// then either runs the load on the lease's connection and releases it (which announces
     /// the key, also after a failure), or waits, re-reads, and goes again. While it waits
@@ -881,7 +882,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         outcome
     }
 
-    /// One pass of SPEC §3.5 steps 2–4. The caller already read the cache before the first
+    /// One pass of BEHAVIOUR §3.5 steps 2–4. The caller already read the cache before the first
     /// attempt, so only re-runs read it again.
     async fn attempt(
         &self,
@@ -934,7 +935,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
     }
 
     /// Turns a prerender response into the row to store; for an error, merges deps and
-    /// appends the errors of dependency rows (SPEC §3.5).
+    /// appends the errors of dependency rows (BEHAVIOUR §3.5).
     async fn build_entry(
         &self,
         store: &impl RowStore,

@@ -1,4 +1,4 @@
-//! Cross-process populate coalescing (SPEC §9): the traits a backend implements, the key, and
+//! Cross-process populate coalescing (BEHAVIOUR §9): the traits a backend implements, the key, and
 //! the in-process registry of waiters that a listener wakes.
 //!
 //! With a [`PopulateCoordinator`], a cold load first registers a [`PopulateTicket`] for its
@@ -22,7 +22,7 @@ use crate::error::LookupError;
 use crate::traits::RowStore;
 use crate::types::EntryScope;
 
-/// The stable 64-bit key of SPEC §7: the first 8 bytes, big-endian, of the SHA-256 of the
+/// The stable 64-bit key of BEHAVIOUR §7: the first 8 bytes, big-endian, of the SHA-256 of the
 /// UTF-8 text, as a signed integer. Byte-compatible with the reference's peers.
 pub fn populate_key_hash(text: &str) -> i64 {
     use sha2::Digest as _;
@@ -139,7 +139,7 @@ impl NoRow {
             NoRow::NotFound { url } => LookupError::ModuleNotFound { url: url.clone() },
             NoRow::RenderFailed { url, message } => LookupError::Prerender {
                 url: url.clone(),
-                source: crate::BoxError::from(Box::<dyn std::error::Error + Send + Sync>::from(
+                source: crate::SharedError::from(Box::<dyn std::error::Error + Send + Sync>::from(
                     format!("(rendered by another process) {message}"),
                 )),
             },
@@ -284,6 +284,7 @@ pub enum Woken {
 
 /// Counters of a [`PopulateSignals`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PopulateSignalStats {
     /// Announcements received (for any key, waited on or not).
     pub announcements: u64,

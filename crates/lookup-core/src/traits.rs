@@ -96,7 +96,7 @@ pub trait DbAdapter: RowStore {
         invalidation: &Invalidation,
     ) -> impl Future<Output = Result<u64, LookupError>> + Send;
 
-    /// SPEC §4.1 steps 2–4 for one module: finds the transitive consumers of `seeds` (the
+    /// BEHAVIOUR §4.1 steps 2–4 for one module: finds the transitive consumers of `seeds` (the
     /// module's variants) in `realm_url`, orders the fan-out with [`fan_out`](crate::fan_out),
     /// and deletes and broadcasts it as [`apply_invalidation`](Self::apply_invalidation) does.
     ///
@@ -139,7 +139,7 @@ pub trait Prerenderer: Send + Sync + 'static {
     ) -> impl Future<Output = Result<PrerenderResponse, LookupError>> + Send;
 }
 
-/// Decides the realm of a module no local realm owns (SPEC §3.3).
+/// Decides the realm of a module no local realm owns (BEHAVIOUR §3.3).
 pub trait RealmProbe: Send + Sync + 'static {
     /// Probes `module_url` as `user`. `Ok(None)` means "not a realm module"; an error is logged
     /// by the caller and treated the same way.

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Who a cached row is for (SPEC §1).
+/// Who a cached row is for (BEHAVIOUR §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum CacheScope {
     /// One row shared by everyone; its `auth_user_id` is `''`.
@@ -300,7 +300,7 @@ pub struct ConsumerRow {
     pub deps: Vec<String>,
 }
 
-/// What a remote realm probe learned about a module (SPEC §3.3).
+/// What a remote realm probe learned about a module (BEHAVIOUR §3.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeResult {
     /// Whether the remote realm is publicly readable.

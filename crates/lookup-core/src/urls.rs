@@ -1,4 +1,4 @@
-//! URL helpers of SPEC §3.1: canonical form, aliases, variants, population candidates and
+//! URL helpers of BEHAVIOUR §3.1: canonical form, aliases, variants, population candidates and
 //! dependency normalisation. Everything here is a pure function of its input.
 
 use url::Url;

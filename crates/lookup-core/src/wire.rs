@@ -1,7 +1,7 @@
-//! The wire contract of SPEC §7: invalidation payloads on `module_cache_invalidated`.
+//! The wire contract of BEHAVIOUR §7: invalidation payloads on `module_cache_invalidated`.
 //!
 //! Pure functions only. Encoding chunks a module fan-out so that every payload stays under
-//! Postgres' NOTIFY limit; parsing accepts exactly what SPEC §7 accepts and never panics.
+//! Postgres' NOTIFY limit; parsing accepts exactly what BEHAVIOUR §7 accepts and never panics.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -11,7 +11,7 @@ use crate::error::LookupError;
 /// The channel invalidations are broadcast on.
 pub const INVALIDATION_CHANNEL: &str = "module_cache_invalidated";
 
-/// The channel a populate winner notifies when it is done (SPEC §9).
+/// The channel a populate winner notifies when it is done (BEHAVIOUR §9).
 pub const POPULATE_CHANNEL: &str = "module_cache_populated";
 
 /// Every encoded payload is strictly shorter than this many bytes (Postgres refuses 8000).
@@ -302,7 +302,7 @@ fn text(bytes: Option<&JsonBytes>) -> Option<Result<String, ()>> {
 /// Parses one payload as the reference's peers do (JavaScript's `JSON.parse`, unknown keys
 /// ignored), never narrower: every payload they act on, this acts on with the same or a wider
 /// invalidation. A URL this crate cannot represent (a lone UTF-16 surrogate) widens its module
-/// payload to the realm; a realm it cannot represent widens to everything. What SPEC §7
+/// payload to the realm; a realm it cannot represent widens to everything. What BEHAVIOUR §7
 /// rejects (not JSON, not an object, unknown or missing `k`, a bad `r` or `m`) is an error and
 /// the whole payload is rejected. Never panics, whatever the input.
 pub fn parse_payload(payload: &str) -> Result<ParsedPayload, LookupError> {

@@ -75,9 +75,7 @@ fn sorted(mut urls: Vec<String>) -> Vec<String> {
 
 /// Settings on `url` for `config`'s schema and channel.
 fn on_url(url: &str, config: &PgConfig) -> PgConfig {
-    PgConfig::new(url)
-        .schema(config.schema_name().expect("a schema"))
-        .channel(config.channel_name())
+    PgConfig::new(url).schema(config.get_schema().expect("a schema")).channel(config.get_channel())
 }
 
 /// The URLs of the module events among `events`, and whether each was replayed.
@@ -101,7 +99,7 @@ async fn a_listener_cut_off_again_and_again_misses_no_invalidation_and_never_res
     let Some(db) = TestDb::from_env("catch_up_repeated") else { return };
     let config = shared_config(&db, "catch_up_repeated");
     let a = peer(&config).await;
-    let role = ListenerRole::create(&db, config.schema_name().unwrap()).await;
+    let role = ListenerRole::create(&db, config.get_schema().unwrap()).await;
     let (listener, sink, mut events) =
         start(&role.config(&db, &config), None, fast_options()).await;
     let mut expected = Vec::new();
@@ -152,7 +150,7 @@ async fn a_listener_cut_off_again_and_again_misses_no_invalidation_and_never_res
     assert_eq!(stats.untracked_payloads, 0, "every payload of A's is in the log");
     // A writer outside the log (a bare NOTIFY, as a reference server sends) is noticed.
     let raw = r#"{"k":"realm","r":"https://raw.test/"}"#;
-    notify(&role.admin, config.channel_name(), raw).await;
+    notify(&role.admin, config.get_channel(), raw).await;
     let heard = ListenerEvent::Realm { realm_url: "https://raw.test/".into(), replayed: false };
     expect_event(&mut events, heard).await;
     assert_eq!(listener.stats().untracked_payloads, 1);
@@ -168,7 +166,7 @@ async fn a_catch_up_discards_only_what_it_replays() {
     let Some(db) = TestDb::from_env("catch_up_keeps") else { return };
     let config = shared_config(&db, "catch_up_keeps");
     let a = peer(&config).await;
-    let role = ListenerRole::create(&db, config.schema_name().unwrap()).await;
+    let role = ListenerRole::create(&db, config.get_schema().unwrap()).await;
     let l1 = lookup_core::L1Config { capacity: 100, max_age: Duration::from_secs(600) };
     let with_l1 = lookup_core::LookupConfig { l1: Some(l1), ..Default::default() };
     let b_config = config.clone().listen_url(with_setting(&db.url, "user", &role.name));
@@ -220,7 +218,7 @@ async fn a_listener_that_cannot_prove_it_saw_everything_resyncs() {
     let config = shared_config(&db, "catch_up_fallbacks");
     // A forgets every record at its next invalidation of the realm.
     let a = peer(&config.clone().guard_horizon(Duration::ZERO)).await;
-    let role = ListenerRole::create(&db, config.schema_name().unwrap()).await;
+    let role = ListenerRole::create(&db, config.get_schema().unwrap()).await;
     let listen = role.config(&db, &config);
     let (listener, sink, mut events) = start(&listen, None, fast_options()).await;
 
@@ -250,7 +248,7 @@ async fn a_listener_that_cannot_prove_it_saw_everything_resyncs() {
 
     // A log that went back below what the listener heard (a failover to a replica that had
     // not seen the newest invalidations, a restore): numbers it already holds come again.
-    let schema = config.schema_name().unwrap();
+    let schema = config.get_schema().unwrap();
     role.cut(&listener, &mut events).await;
     role.admin
         .batch_execute(&format!(
@@ -303,7 +301,7 @@ async fn a_poller_follows_the_log_and_catches_up_after_a_lost_connection() {
     let Some(db) = TestDb::from_env("poll") else { return };
     let config = shared_config(&db, "poll");
     let a = peer(&config).await;
-    let role = ListenerRole::create(&db, config.schema_name().unwrap()).await;
+    let role = ListenerRole::create(&db, config.get_schema().unwrap()).await;
     let options = fast_options().poll(Duration::from_millis(20));
     let (poller, sink, mut events) = start(&role.config(&db, &config), None, options).await;
     let list = sorted(a.lookup.invalidate(&format!("{REALM}card.gts")).await.unwrap());
