@@ -6,10 +6,10 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::cargo;
 use crate::pg::Server;
 use crate::services::Extras;
 use crate::test::{Totals, run_tests};
+use crate::{cargo, run_step};
 
 /// The packages whose tests need Postgres.
 const PG_PACKAGES: [&str; 6] =
@@ -90,6 +90,17 @@ fn run_on(
 ) -> Result<()> {
     configure(&mut tests);
     run_tests(title, tests, totals)?;
+    if args.is_empty() {
+        // The documented wiring must keep working: run it on the same database.
+        let mut example = cargo();
+        example.args(["run", "-q", "--locked", "-p", "invalidation-listener"]);
+        example.args(["--example", "service"]);
+        configure(&mut example);
+        run_step(
+            "the Postgres wiring example (invalidation-listener/examples/service.rs)",
+            example,
+        )?;
+    }
     if database.restart_command().is_none() {
         eprintln!(
             "xtask: skipped the server-restart tests: DATABASE_URL names a server that xtask \

@@ -43,6 +43,7 @@ pub use lookup_core::wire::{
     encode_outcome, encode_payloads, parse_outcome, parse_payload,
 };
 pub use lookup_core::{
-    Invalidation, InvalidationSink, NoRow, PopulateSettings, PopulateSignals, PopulateSink,
+    Invalidation, InvalidationSink, NoRow, PopulateCoordinator, PopulateSettings, PopulateSignals,
+    PopulateSink,
 };
 pub use tokio_postgres;

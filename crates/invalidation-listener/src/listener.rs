@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use adapter_pg::tokio_postgres::{AsyncMessage, Client, Notification, SimpleQueryMessage};
 use adapter_pg::{
-    GuardLog, Invalidation, InvalidationSink, LogPosition, LogRead, PgConfig, PgConnection,
-    PgError, PopulateSink, error_chain, parse_outcome, parse_payload,
+    GuardLog, Invalidation, InvalidationSink, LogPosition, LogRead, PgAdapter, PgConfig,
+    PgConnection, PgError, PopulateSink, error_chain, parse_outcome, parse_payload,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -69,6 +69,18 @@ impl fmt::Debug for PgInvalidationListener {
 }
 
 impl PgInvalidationListener {
+    /// Starts the listener of the process that works through `adapter`: on its config (URL,
+    /// listener URL, schema, channels) and with its origin id, so that this process's own
+    /// invalidations, already applied locally, are not applied again. The usual way in.
+    pub async fn attach(
+        adapter: &PgAdapter,
+        sink: Arc<dyn InvalidationSink>,
+        options: ListenerOptions,
+    ) -> Result<PgInvalidationListener, PgError> {
+        let origin = Some(adapter.origin().to_owned());
+        Self::start_with(adapter.config(), origin, sink, options).await
+    }
+
     /// Connects, `LISTEN`s on `config`'s channel and starts replaying notifications into
     /// `sink`, with the default [`ListenerOptions`]. See [`start_with`](Self::start_with).
     pub async fn start(
@@ -81,7 +93,9 @@ impl PgInvalidationListener {
 
     /// Connects, `LISTEN`s on `config`'s channel and starts replaying notifications into
     /// `sink`. Payloads whose origin id (`"o"`) equals `origin` are this process's own
-    /// broadcasts echoed back and are skipped.
+    /// broadcasts echoed back and are skipped: pass the origin of the process's
+    /// [`PgAdapter`] (or use [`attach`](Self::attach), which does), or `None` for a listener
+    /// that only watches.
     ///
     /// Resolves once `LISTEN` is established on the first connection. A failure of that first
     /// connection is returned (nothing is retried: a wrong URL should fail loudly at startup);

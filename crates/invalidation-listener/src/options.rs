@@ -5,7 +5,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use adapter_pg::PopulateSink;
+use adapter_pg::{PgPopulateCoordinator, PopulateCoordinator as _, PopulateSink};
 
 /// How the listener reconnects and checks its connection. The defaults suit production;
 /// tests shorten the backoff.
@@ -104,6 +104,13 @@ impl ListenerOptions {
     pub fn untracked_writers(mut self, on: bool) -> Self {
         self.untracked_writers = on;
         self
+    }
+
+    /// Wakes the waiters of `coordinator` (the process's cross-process populate coordinator):
+    /// [`populate`](Self::populate) with its signals.
+    pub fn coordinator(self, coordinator: &PgPopulateCoordinator) -> Self {
+        let signals: Arc<dyn PopulateSink> = coordinator.signals().clone();
+        self.populate(signals)
     }
 
     /// Also `LISTEN`s on the config's populate channel (BEHAVIOUR §9) on the same connection and
