@@ -26,6 +26,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, watch};
 
 pub mod cases;
+pub mod metrics;
 
 /// How long any single wait in the suite may take before the case fails instead of hanging.
 pub const BOUND: Duration = Duration::from_secs(20);

@@ -1,5 +1,5 @@
-//! `cargo xtask bench [--quick]`: the benchmarks of `deflookup bench`, each with its baseline
-//! measured in the same process and run, on a release build.
+//! `cargo xtask bench [--quick]`: the benchmarks of `deflookup-bench` (crate `lookup-bench`),
+//! each with its baseline measured in the same process and run, on a release build.
 //!
 //! The server is `$DATABASE_URL`'s or a throwaway cluster ([`Server`], as for the soak); the
 //! binary works in a schema and on channels of its own and drops them at the end. The binary
@@ -15,13 +15,13 @@ use crate::soak::release_binary;
 use crate::{catch_interrupts, run_step, workspace_root};
 
 fn usage() -> &'static str {
-    "cargo xtask bench [--quick]: builds deflookup in release mode and runs its measurements \
+    "cargo xtask bench [--quick]: builds deflookup-bench in release mode and runs its measurements \
      against their baselines on $DATABASE_URL or a throwaway Postgres cluster; prints a table \
      and writes target/bench/summary.json. --quick takes fewer samples (a few minutes)."
 }
 
 /// Runs the benchmarks (see the module documentation).
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     let mut quick = false;
     for arg in args {
         match arg.as_str() {
@@ -35,9 +35,9 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     catch_interrupts()?;
     let mut build = crate::cargo();
-    build.args(["build", "--release", "--locked", "-p", "lookup-cli"]);
-    run_step("cargo build --release -p lookup-cli", build)?;
-    let binary = release_binary()?;
+    build.args(["build", "--release", "--locked", "-p", "lookup-bench"]);
+    run_step("cargo build --release -p lookup-bench", build)?;
+    let binary = release_binary("deflookup-bench")?;
 
     let server = Server::from_env_or_start()?;
     // On a cluster of our own, also the TLS cluster and PgBouncer of the tests, for the
@@ -48,7 +48,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     let out = workspace_root().join("target").join("bench").join("summary.json");
     let mut bench = Command::new(&binary);
-    bench.arg("bench").arg("--db").arg(server.url()).arg("--out").arg(&out);
+    bench.arg("--db").arg(server.url()).arg("--out").arg(&out);
     if let Some(extras) = &extras {
         bench.arg("--pgbouncer-db").arg(extras.pgbouncer_url());
         bench.arg("--tls-db").arg(extras.tls_url());
@@ -58,7 +58,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // The URL is passed explicitly; the variable would only be a second source of truth.
     bench.env_remove("DATABASE_URL");
-    let result = run_step("deflookup bench", bench);
+    let result = run_step("deflookup-bench", bench);
     server.explain_failure(&result);
     drop(extras);
     drop(server);

@@ -6,8 +6,8 @@
 //! - `soak`: many `deflookup` processes on one database under injected faults, then an
 //!   audit of stale rows (`soak.rs`). Not part of `test`: it runs for a minute by default.
 //!
-//! - `bench`: the benchmarks of `deflookup bench` against their baselines, on a release
-//!   build (`bench.rs`); writes `target/bench/summary.json`.
+//! - `bench`: the benchmarks of `deflookup-bench` (crate `lookup-bench`) against their
+//!   baselines, on a release build (`bench.rs`); writes `target/bench/summary.json`.
 //!
 //! `test` and `test-pg` run the Postgres tests on `$DATABASE_URL` when it is set. Otherwise they start a
 //! throwaway cluster with the machine's `initdb` and `pg_ctl` (`pg.rs`), pass its URL to the
@@ -59,8 +59,9 @@ fn print_help() {
     println!("cargo xtask <command>\n");
     println!("  test [CARGO TEST ARGS]     fmt --check, clippy -D warnings, and every test of the");
     println!("                             workspace, the Postgres tests included");
-    println!("  test-pg [CARGO TEST ARGS]  the tests of adapter-pg, invalidation-listener and");
-    println!("                             lookup-cli, then the server-restart tests");
+    println!("  test-pg [CARGO TEST ARGS]  the tests of adapter-pg, invalidation-listener,");
+    println!("                             lookup-cli and lookup-bench, then the server-restart");
+    println!("                             tests");
     println!("  soak [--seconds N] [--processes P] [--unsafe]");
     println!("                             P deflookup processes (3) for N seconds (60) under");
     println!("                             injected faults, then an audit; last line:");

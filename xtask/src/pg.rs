@@ -19,6 +19,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
+use tempfile::TempDir;
 
 use crate::{catch_interrupts, interrupted};
 
@@ -38,9 +39,10 @@ const SERVER_SETTINGS: &str = "-c listen_addresses=127.0.0.1 -c max_connections=
 
 /// A running throwaway Postgres cluster, stopped and deleted on drop.
 #[derive(Debug)]
-pub struct EphemeralPg {
-    /// The temporary directory holding everything; removed on drop.
-    dir: PathBuf,
+pub(crate) struct EphemeralPg {
+    /// The temporary directory holding everything; removed on drop (after `Drop::drop`
+    /// stopped the server).
+    dir: TempDir,
     /// The directory of `initdb` and `pg_ctl`.
     bin: PathBuf,
     /// Whether the tools run as the `postgres` user (xtask runs as root, which initdb refuses).
@@ -54,13 +56,13 @@ pub struct EphemeralPg {
 
 impl EphemeralPg {
     /// Creates, starts and waits for a new cluster.
-    pub fn start() -> Result<Self> {
+    pub(crate) fn start() -> Result<Self> {
         Self::start_with(None)
     }
 
     /// Creates and starts a cluster that accepts only TLS connections over TCP (`hostssl`),
     /// with `files`' server certificate.
-    pub fn start_tls(files: &crate::services::TlsFiles) -> Result<Self> {
+    pub(crate) fn start_tls(files: &crate::services::TlsFiles) -> Result<Self> {
         Self::start_with(Some((files.server_cert.clone(), files.server_key.clone())))
     }
 
@@ -70,7 +72,7 @@ impl EphemeralPg {
         let began = Instant::now();
         let bin = find_bin_dir()?;
         let as_postgres = running_as_root()?;
-        let dir = create_unique_dir("deflookup-pg")?;
+        let dir = temp_dir("deflookup-pg")?;
         // From here on the guard exists, so every early return below removes the directory.
         let mut pg = EphemeralPg { dir, bin, as_postgres, port: 0, launched: false, tls };
         let result = pg.init_and_launch(began);
@@ -84,23 +86,23 @@ impl EphemeralPg {
     }
 
     /// The TCP port on 127.0.0.1.
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
     /// Whether the server runs as the `postgres` user (xtask runs as root).
-    pub fn as_postgres(&self) -> bool {
+    pub(crate) fn as_postgres(&self) -> bool {
         self.as_postgres
     }
 
     /// `postgres://` URL of the cluster's `postgres` database as the `postgres` superuser.
-    pub fn database_url(&self) -> String {
+    pub(crate) fn database_url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
     /// A shell command (for `sh -c`) that restarts this server with the same options, for
     /// the tests that check recovery from a server restart.
-    pub fn restart_command(&self) -> String {
+    pub(crate) fn restart_command(&self) -> String {
         let mut words = Vec::new();
         if self.as_postgres {
             words.extend(["runuser", "-u", "postgres", "--"].map(String::from));
@@ -116,20 +118,20 @@ impl EphemeralPg {
     }
 
     /// Prints the end of the server log to stderr, to explain a failure.
-    pub fn print_log_tail(&self) {
+    pub(crate) fn print_log_tail(&self) {
         print_file_tail(&self.log_file(), LOG_TAIL_LINES);
     }
 
     fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
+        self.dir.path().join("data")
     }
 
     fn socket_dir(&self) -> PathBuf {
-        self.dir.join("sock")
+        self.dir.path().join("sock")
     }
 
     fn log_file(&self) -> PathBuf {
-        self.dir.join("postgres.log")
+        self.dir.path().join("postgres.log")
     }
 
     /// The `-o` argument of `pg_ctl`. pg_ctl hands it to `/bin/sh`, hence the quoted path.
@@ -145,14 +147,14 @@ impl EphemeralPg {
             bail!(
                 "the socket path under {} would be too long for a Unix socket; \
                  set TMPDIR to a shorter directory such as /tmp",
-                self.dir.display()
+                self.dir.path().display()
             );
         }
         std::fs::create_dir(&socket_dir)
             .with_context(|| format!("cannot create {}", socket_dir.display()))?;
         if self.as_postgres {
             let mut chown = Command::new("chown");
-            chown.arg("-R").arg("postgres:").arg(&self.dir);
+            chown.arg("-R").arg("postgres:").arg(self.dir.path());
             run_quietly("chown the cluster directory to postgres", &mut chown)?;
         }
         let version = run_quietly("pg_ctl --version", self.tool("pg_ctl").arg("--version"))?;
@@ -173,7 +175,7 @@ impl EphemeralPg {
             self.port = free_port()?;
             eprintln!(
                 "xtask: starting Postgres ({version}) in {} on port {}",
-                self.dir.display(),
+                self.dir.path().display(),
                 self.port
             );
             let mut start = self.tool("pg_ctl");
@@ -248,7 +250,7 @@ impl EphemeralPg {
             Command::new(program)
         };
         // A directory the postgres user can enter, whatever xtask's own directory is.
-        command.current_dir(&self.dir).process_group(0);
+        command.current_dir(self.dir.path()).process_group(0);
         command
     }
 
@@ -303,9 +305,7 @@ impl Drop for EphemeralPg {
         if self.launched {
             self.stop();
         }
-        if let Err(error) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("xtask: warning: cannot remove {}: {error}", self.dir.display());
-        }
+        // Then `dir` goes, and the directory with it.
     }
 }
 
@@ -319,7 +319,7 @@ fn check_interrupt() -> Result<()> {
 
 /// Waits until `what` accepts TCP connections on loopback `port`, at most `limit`; gives up
 /// at once on Ctrl-C.
-pub fn wait_for_tcp(what: &str, port: u16, limit: Duration) -> Result<()> {
+pub(crate) fn wait_for_tcp(what: &str, port: u16, limit: Duration) -> Result<()> {
     let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let deadline = Instant::now() + limit;
     loop {
@@ -337,7 +337,7 @@ pub fn wait_for_tcp(what: &str, port: u16, limit: Duration) -> Result<()> {
 }
 
 /// Runs a short command with its output captured; fails, quoting that output, if it fails.
-pub fn run_quietly(title: &str, command: &mut Command) -> Result<Output> {
+pub(crate) fn run_quietly(title: &str, command: &mut Command) -> Result<Output> {
     let output = command.output().with_context(|| format!("cannot run {command:?}"))?;
     if !output.status.success() {
         let mut message = format!("{title} failed ({})", output.status);
@@ -387,26 +387,16 @@ fn running_as_root() -> Result<bool> {
     Ok(String::from_utf8_lossy(&output.stdout).trim() == "0")
 }
 
-/// Creates a new directory `<prefix>-<pid>-<n>` in the system's temporary directory.
-pub fn create_unique_dir(prefix: &str) -> Result<PathBuf> {
-    let base = std::env::temp_dir();
-    let pid = std::process::id();
-    for n in 0..1000 {
-        let dir = base.join(format!("{prefix}-{pid}-{n}"));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => return Ok(dir),
-            // Left over by an earlier process with the same pid: leave it, take the next name.
-            Err(error) if error.kind() == ErrorKind::AlreadyExists => continue,
-            Err(error) => {
-                return Err(error).with_context(|| format!("cannot create {}", dir.display()));
-            }
-        }
-    }
-    bail!("cannot find an unused directory name in {}", base.display())
+/// A new directory `<prefix>-XXXXXX` in the system's temporary directory, removed (with
+/// everything in it) when the guard is dropped.
+pub(crate) fn temp_dir(prefix: &str) -> Result<TempDir> {
+    tempfile::Builder::new().prefix(&format!("{prefix}-")).tempdir().with_context(|| {
+        format!("cannot create a directory {prefix}-… in {}", std::env::temp_dir().display())
+    })
 }
 
 /// A loopback port that nobody listened on a moment ago.
-pub fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind a loopback port")?;
     Ok(listener.local_addr().context("reading the bound port")?.port())
@@ -428,7 +418,7 @@ fn shell_quote(word: &str) -> String {
 
 /// The Postgres server of an xtask run: `$DATABASE_URL`'s, or a throwaway cluster of our own.
 #[derive(Debug)]
-pub enum Server {
+pub(crate) enum Server {
     /// `$DATABASE_URL`, and `$DEFLOOKUP_PG_RESTART` if set.
     Given {
         /// The connection URL (it may hold a password: never print it).
@@ -442,7 +432,7 @@ pub enum Server {
 
 impl Server {
     /// `$DATABASE_URL`'s server when the variable is set, else a cluster started now.
-    pub fn from_env_or_start() -> Result<Self> {
+    pub(crate) fn from_env_or_start() -> Result<Self> {
         let non_empty = |name| std::env::var(name).ok().filter(|value: &String| !value.is_empty());
         match non_empty("DATABASE_URL") {
             Some(url) => {
@@ -455,7 +445,7 @@ impl Server {
     }
 
     /// The URL to connect to.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         match self {
             Server::Given { url, .. } => url.clone(),
             Server::Ephemeral(pg) => pg.database_url(),
@@ -463,7 +453,7 @@ impl Server {
     }
 
     /// A shell command that restarts the server, when xtask may restart it.
-    pub fn restart_command(&self) -> Option<String> {
+    pub(crate) fn restart_command(&self) -> Option<String> {
         match self {
             Server::Given { restart, .. } => restart.clone(),
             Server::Ephemeral(pg) => Some(pg.restart_command()),
@@ -471,7 +461,7 @@ impl Server {
     }
 
     /// Points a command at this server (`DATABASE_URL`, `DEFLOOKUP_PG_RESTART`).
-    pub fn configure(&self, command: &mut Command) {
+    pub(crate) fn configure(&self, command: &mut Command) {
         command.env("DATABASE_URL", self.url());
         match self.restart_command() {
             Some(restart) => command.env("DEFLOOKUP_PG_RESTART", restart),
@@ -480,18 +470,18 @@ impl Server {
     }
 
     /// After a failed step, prints the end of our own cluster's log (unless interrupted).
-    pub fn explain_failure<T>(&self, result: &Result<T>) {
-        if let (Err(_), Server::Ephemeral(pg)) = (result, self) {
-            if !interrupted() {
-                pg.print_log_tail();
-            }
+    pub(crate) fn explain_failure<T>(&self, result: &Result<T>) {
+        if let (Err(_), Server::Ephemeral(pg)) = (result, self)
+            && !interrupted()
+        {
+            pg.print_log_tail();
         }
     }
 }
 
 /// Prints the last `lines` lines of a log file to stderr, to explain a failure. A file that
 /// does not exist prints nothing.
-pub fn print_file_tail(path: &Path, lines: usize) {
+pub(crate) fn print_file_tail(path: &Path, lines: usize) {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let all: Vec<&str> = text.lines().collect();
@@ -519,7 +509,7 @@ mod tests {
     #[ignore = "starts a Postgres cluster: cargo test -p xtask -- --ignored"]
     fn a_cluster_starts_restarts_and_is_gone_after_drop() {
         let pg = EphemeralPg::start().expect("cluster starts");
-        let (dir, port) = (pg.dir.clone(), pg.port);
+        let (dir, port) = (pg.dir.path().to_owned(), pg.port);
         let pid_file = pg.data_dir().join("postmaster.pid");
         let pid = || std::fs::read_to_string(&pid_file).unwrap().lines().next().unwrap().to_owned();
         TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("accepts connections");

@@ -14,14 +14,12 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 
-use crate::pg::{
-    EphemeralPg, create_unique_dir, free_port, print_file_tail, run_quietly, wait_for_tcp,
-};
+use crate::pg::{EphemeralPg, free_port, print_file_tail, run_quietly, temp_dir, wait_for_tcp};
 
 /// PEM files for the TLS cluster: a CA, a server certificate it signed for `localhost` only,
 /// and a second CA that signed nothing (the "wrong CA" of the tests).
 #[derive(Debug)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     pub ca: PathBuf,
     pub wrong_ca: PathBuf,
     pub server_cert: PathBuf,
@@ -30,7 +28,7 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     /// Makes the certificates in `dir`.
-    pub fn create(dir: &Path) -> Result<TlsFiles> {
+    pub(crate) fn create(dir: &Path) -> Result<TlsFiles> {
         let ca = certificate_authority("deflookup test CA")?;
         let wrong = certificate_authority("deflookup unrelated CA")?;
         let server_key = KeyPair::generate().context("generating the server key")?;
@@ -69,18 +67,19 @@ fn write(path: &Path, text: &str) -> Result<()> {
 /// A PgBouncer in transaction mode on a free loopback port, in front of `127.0.0.1:pg_port`,
 /// stopped and its directory removed on drop.
 #[derive(Debug)]
-pub struct PgBouncer {
-    dir: PathBuf,
+pub(crate) struct PgBouncer {
+    /// Removed on drop, after `Drop::drop` stopped PgBouncer.
+    dir: tempfile::TempDir,
     port: u16,
 }
 
 impl PgBouncer {
     /// Starts one, as the `postgres` user when running as root (PgBouncer refuses root).
-    pub fn start(pg_port: u16, as_postgres: bool) -> Result<PgBouncer> {
+    pub(crate) fn start(pg_port: u16, as_postgres: bool) -> Result<PgBouncer> {
         let binary = find_pgbouncer()?;
-        let dir = create_unique_dir("deflookup-pgbouncer")?;
+        let dir = temp_dir("deflookup-pgbouncer")?;
         let mut bouncer = PgBouncer { dir, port: 0 };
-        let ini = bouncer.dir.join("pgbouncer.ini");
+        let ini = bouncer.dir.path().join("pgbouncer.ini");
         for _attempt in 0..3 {
             bouncer.port = free_port()?;
             // `auth_type = any`: the test cluster trusts local connections, and PgBouncer logs
@@ -98,7 +97,7 @@ impl PgBouncer {
             write(&ini, &config)?;
             if as_postgres {
                 let mut chown = Command::new("chown");
-                chown.arg("-R").arg("postgres:").arg(&bouncer.dir);
+                chown.arg("-R").arg("postgres:").arg(bouncer.dir.path());
                 run_quietly("chown the PgBouncer directory", &mut chown)?;
             }
             let mut start = if as_postgres {
@@ -108,7 +107,7 @@ impl PgBouncer {
             } else {
                 Command::new(&binary)
             };
-            start.arg("-d").arg(&ini).current_dir(&bouncer.dir).process_group(0);
+            start.arg("-d").arg(&ini).current_dir(bouncer.dir.path()).process_group(0);
             run_quietly("start PgBouncer", &mut start)?;
             if wait_for_tcp("PgBouncer", bouncer.port, Duration::from_secs(10)).is_ok() {
                 eprintln!("xtask: PgBouncer (transaction mode) ready on port {}", bouncer.port);
@@ -121,16 +120,16 @@ impl PgBouncer {
     }
 
     /// The URL of the main cluster through PgBouncer, with deflookup's pooler setting.
-    pub fn database_url(&self) -> String {
+    pub(crate) fn database_url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres?pgbouncer=true", self.port)
     }
 
     fn log_file(&self) -> PathBuf {
-        self.dir.join("pgbouncer.log")
+        self.dir.path().join("pgbouncer.log")
     }
 
     fn pid_file(&self) -> PathBuf {
-        self.dir.join("pgbouncer.pid")
+        self.dir.path().join("pgbouncer.pid")
     }
 
     fn stop(&self) {
@@ -157,9 +156,6 @@ impl PgBouncer {
 impl Drop for PgBouncer {
     fn drop(&mut self) {
         self.stop();
-        if let Err(error) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("xtask: warning: cannot remove {}: {error}", self.dir.display());
-        }
     }
 }
 
@@ -181,7 +177,7 @@ fn find_pgbouncer() -> Result<PathBuf> {
 
 /// The extra servers of a run on clusters of our own, and their settings for the tests.
 #[derive(Debug)]
-pub struct Extras {
+pub(crate) struct Extras {
     tls: EphemeralPg,
     tls_files: TlsFiles,
     /// Kept for its files; removed on drop.
@@ -191,7 +187,7 @@ pub struct Extras {
 
 impl Extras {
     /// Starts the TLS cluster and the PgBouncer in front of `main`.
-    pub fn start(main: &EphemeralPg) -> Result<Extras> {
+    pub(crate) fn start(main: &EphemeralPg) -> Result<Extras> {
         let tls_dir = tempfile::Builder::new().prefix("deflookup-certs").tempdir()?;
         let tls_files = TlsFiles::create(tls_dir.path())?;
         let tls = EphemeralPg::start_tls(&tls_files)?;
@@ -200,12 +196,12 @@ impl Extras {
     }
 
     /// The main cluster through PgBouncer, with `pgbouncer=true`.
-    pub fn pgbouncer_url(&self) -> String {
+    pub(crate) fn pgbouncer_url(&self) -> String {
         self.bouncer.database_url()
     }
 
     /// The TLS cluster, verified in full against the CA made here.
-    pub fn tls_url(&self) -> String {
+    pub(crate) fn tls_url(&self) -> String {
         format!(
             "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
             self.tls.port(),
@@ -214,7 +210,7 @@ impl Extras {
     }
 
     /// Passes their settings to a test command.
-    pub fn configure(&self, command: &mut Command) {
+    pub(crate) fn configure(&self, command: &mut Command) {
         command.env("DEFLOOKUP_PGBOUNCER_URL", self.bouncer.database_url());
         command.env("DEFLOOKUP_TLS_PORT", self.tls.port().to_string());
         command.env("DEFLOOKUP_TLS_CA", &self.tls_files.ca);

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::pg::{Server, create_unique_dir};
+use crate::pg::{Server, temp_dir};
 use crate::{cargo, catch_interrupts, interrupted, run_step};
 
 /// The realm's URL; the workers serve it from the temporary directory.
@@ -157,7 +157,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
 }
 
 /// Runs the soak (see the module documentation).
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     let Some(options) = parse_options(args)? else {
         println!("{}", usage());
         return Ok(());
@@ -166,15 +166,16 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut build = cargo();
     build.args(["build", "--release", "--locked", "-p", "lookup-cli"]);
     run_step("cargo build --release -p lookup-cli", build)?;
-    let binary = release_binary()?;
+    let binary = release_binary("deflookup")?;
 
     let server = Server::from_env_or_start()?;
     // The run's database is named by rewriting the URL's path, and the workers' `--db` takes
     // URLs only.
-    if let Server::Given { url, .. } = &server {
-        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
-            bail!("the soak needs $DATABASE_URL in the postgres://… form");
-        }
+    if let Server::Given { url, .. } = &server
+        && !url.starts_with("postgres://")
+        && !url.starts_with("postgresql://")
+    {
+        bail!("the soak needs $DATABASE_URL in the postgres://… form");
     }
     let realm = RealmDir::create()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -221,7 +222,7 @@ fn soak(
         "xtask: soak{mode}: {} workers for {} s over {MODULES} modules in {}",
         options.processes,
         options.seconds,
-        realm.dir.display()
+        realm.path().display()
     );
 
     let mut workers = Workers::start(binary, options, &database.url, realm)?;
@@ -256,7 +257,7 @@ fn soak(
                 // a fresh row look stale.
                 let audited = runtime
                     .block_on(read_rows(&database.url))
-                    .and_then(|rows| auditor.add(&rows, &realm.dir));
+                    .and_then(|rows| auditor.add(&rows, realm.path()));
                 // Resume before reporting a failure: the workers must not wait for us.
                 workers.resume(&realm.pause_file())?;
                 audited?;
@@ -287,7 +288,7 @@ fn soak(
     eprintln!("xtask: faults: {}", faults.describe());
 
     let rows = runtime.block_on(read_rows(&database.url))?;
-    auditor.add(&rows, &realm.dir)?;
+    auditor.add(&rows, realm.path())?;
     auditor.report();
     println!(
         "listener: resyncs: {} (loads in flight discarded: {}); catch-ups: {} (invalidations replayed: {})",
@@ -303,8 +304,8 @@ fn soak(
     ))
 }
 
-/// Where the release binary lands: `<target dir>/release/deflookup`.
-pub(crate) fn release_binary() -> Result<PathBuf> {
+/// Where the release binary `name` lands: `<target dir>/release/<name>`.
+pub(crate) fn release_binary(name: &str) -> Result<PathBuf> {
     let mut metadata = cargo();
     metadata.args(["metadata", "--format-version", "1", "--no-deps"]);
     let output = metadata.output().context("cannot run cargo metadata")?;
@@ -314,7 +315,7 @@ pub(crate) fn release_binary() -> Result<PathBuf> {
     let metadata: Value =
         serde_json::from_slice(&output.stdout).context("cargo metadata printed no JSON")?;
     let target = metadata["target_directory"].as_str().context("no target_directory")?;
-    let binary = Path::new(target).join("release").join("deflookup");
+    let binary = Path::new(target).join("release").join(name);
     if !binary.is_file() {
         bail!("the build left no binary at {}", binary.display());
     }
@@ -343,7 +344,7 @@ impl SoakDatabase {
                 .await
                 .with_context(|| format!("cannot create the database {name}"))
         })?;
-        let url = with_database(&server_url, &name);
+        let url = with_database(&server_url, &name)?;
         Ok(SoakDatabase { name, url })
     }
 
@@ -365,15 +366,12 @@ impl SoakDatabase {
     }
 }
 
-/// `url` naming the database `name` instead of its own (URL form, query kept).
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let (scheme, rest) = base.split_once("://").unwrap_or(("postgres", base));
-    let authority = rest.split_once('/').map_or(rest, |(authority, _)| authority);
-    format!("{scheme}://{authority}/{name}{query}")
+/// `url` naming the database `name` instead of its own (URL form only; query kept).
+fn with_database(url: &str, name: &str) -> Result<String> {
+    let mut url = url::Url::parse(url)
+        .with_context(|| format!("the soak needs a postgres://… URL, not {url:?}"))?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.into())
 }
 
 /// A connection of our own (named [`FAULT_APPLICATION`]), driven on the current runtime.
@@ -393,36 +391,32 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 /// The temporary realm directory, removed on drop.
 #[derive(Debug)]
 struct RealmDir {
-    dir: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl RealmDir {
     fn create() -> Result<Self> {
-        let realm = RealmDir { dir: create_unique_dir("deflookup-soak")? };
+        let realm = RealmDir { dir: temp_dir("deflookup-soak")? };
         for (name, source) in module_sources(MODULES) {
-            let path = realm.dir.join(&name);
+            let path = realm.path().join(&name);
             std::fs::write(&path, source)
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(realm)
     }
 
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// While this file exists the workers pause (see `soak_worker.rs`).
     fn pause_file(&self) -> PathBuf {
-        self.dir.join(".soak-pause")
+        self.path().join(".soak-pause")
     }
 
     /// Worker `number` creates this file once it has paused.
     fn ack_file(&self, number: u64) -> PathBuf {
-        self.dir.join(format!(".soak-paused-{number}"))
-    }
-}
-
-impl Drop for RealmDir {
-    fn drop(&mut self) {
-        if let Err(error) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("xtask: warning: cannot remove {}: {error}", self.dir.display());
-        }
+        self.path().join(format!(".soak-paused-{number}"))
     }
 }
 
@@ -438,16 +432,16 @@ impl Drop for RealmDir {
 /// turns nearly every edit into an invalidation of everything, so rows, stale ones included,
 /// live for milliseconds and the audits see little.
 fn module_sources(count: u64) -> Vec<(String, String)> {
-    let mut rng = XorShift(0x5eed_50a4_c0ff_ee01);
+    let mut rng = fastrand::Rng::with_seed(0x5eed_50a4_c0ff_ee01);
     (0..count)
         .map(|i| {
             let mut imports: Vec<u64> = Vec::new();
             if i >= LEAVES {
-                let leaf = |rng: &mut XorShift| rng.below(LEAVES.min(i));
+                let leaf = |rng: &mut fastrand::Rng| rng.u64(..LEAVES.min(i));
                 match (i - LEAVES) % 3 {
                     0 => {
                         imports.push(leaf(&mut rng));
-                        if rng.below(2) == 0 {
+                        if rng.bool() {
                             let second = leaf(&mut rng);
                             if !imports.contains(&second) {
                                 imports.push(second);
@@ -458,7 +452,7 @@ fn module_sources(count: u64) -> Vec<(String, String)> {
                         imports.push(i - 1);
                         if position == 2 {
                             imports.push(leaf(&mut rng));
-                            if rng.below(2) == 0 {
+                            if rng.bool() {
                                 imports.push(i - 2);
                             }
                         }
@@ -477,18 +471,6 @@ fn module_sources(count: u64) -> Vec<(String, String)> {
             (format!("m{i}.gts"), source)
         })
         .collect()
-}
-
-/// xorshift64 for the graph's shape (no random number crate in the workspace).
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// One worker process and where its stderr goes.
@@ -510,10 +492,10 @@ struct Workers(Vec<Worker>);
 impl Workers {
     fn start(binary: &Path, options: &Options, db_url: &str, realm: &RealmDir) -> Result<Self> {
         let mut workers = Workers(Vec::new());
-        let realm_arg = format!("{REALM_URL}={}", realm.dir.display());
+        let realm_arg = format!("{REALM_URL}={}", realm.path().display());
         for number in 1..=options.processes {
             // Beside the modules: the workers only ever read `m*.gts` files.
-            let log = realm.dir.join(format!("worker-{number}.log"));
+            let log = realm.path().join(format!("worker-{number}.log"));
             let stderr =
                 File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
             let mut command = Command::new(binary);
@@ -1038,7 +1020,8 @@ mod tests {
 
     #[test]
     fn stale_means_older_than_the_file_and_rows_count_once() {
-        let dir = create_unique_dir("deflookup-soak-test").expect("dir");
+        let temp = tempfile::tempdir().expect("dir");
+        let dir = temp.path();
         for i in 0..3 {
             let source = format!("// version: 5\nexport class M{i} {{}}\n");
             std::fs::write(dir.join(format!("m{i}.gts")), source).expect("write");
@@ -1061,17 +1044,16 @@ mod tests {
             row("m9.gts", 1, Some(1)),
         ];
         let mut auditor = Auditor::default();
-        auditor.add(&first, &dir).expect("audit");
-        assert_eq!(verdict(&first[0], &dir).unwrap(), Verdict::Stale { recorded: 4, current: 5 });
-        assert_eq!(verdict(&first[1], &dir).unwrap(), Verdict::Fresh);
-        assert_eq!(verdict(&first[2], &dir).unwrap(), Verdict::Unversioned);
-        assert_eq!(verdict(&first[3], &dir).unwrap(), Verdict::Newer { recorded: 6, current: 5 });
-        assert_eq!(verdict(&first[4], &dir).unwrap(), Verdict::Orphan);
+        auditor.add(&first, dir).expect("audit");
+        assert_eq!(verdict(&first[0], dir).unwrap(), Verdict::Stale { recorded: 4, current: 5 });
+        assert_eq!(verdict(&first[1], dir).unwrap(), Verdict::Fresh);
+        assert_eq!(verdict(&first[2], dir).unwrap(), Verdict::Unversioned);
+        assert_eq!(verdict(&first[3], dir).unwrap(), Verdict::Newer { recorded: 6, current: 5 });
+        assert_eq!(verdict(&first[4], dir).unwrap(), Verdict::Orphan);
         assert_eq!((auditor.stale.len(), auditor.seen.len()), (1, 5));
 
         // A later audit: the same stale row again counts once; its rewrite is a new row.
-        auditor.add(&[row("m0.gts", 1, Some(4)), row("m0.gts", 3, Some(5))], &dir).unwrap();
-        std::fs::remove_dir_all(&dir).expect("cleanup");
+        auditor.add(&[row("m0.gts", 1, Some(4)), row("m0.gts", 3, Some(5))], dir).unwrap();
         assert_eq!((auditor.audits, auditor.stale.len(), auditor.seen.len()), (2, 1, 6));
         assert_eq!(auditor.anomalies.len(), 2);
         assert_eq!(auditor.unversioned.len(), 1);
@@ -1115,15 +1097,18 @@ mod tests {
         assert!(parse_options(&args(&["--processes", "0"])).is_err());
         assert!(parse_options(&args(&["--bogus"])).is_err());
 
+        let with_database = |url: &str| with_database(url, "soak").unwrap();
         assert_eq!(
-            with_database("postgres://postgres@127.0.0.1:5432/postgres", "soak"),
+            with_database("postgres://postgres@127.0.0.1:5432/postgres"),
             "postgres://postgres@127.0.0.1:5432/soak"
         );
         assert_eq!(
-            with_database("postgresql://u:p@h/db?sslmode=disable", "soak"),
+            with_database("postgresql://u:p@h/db?sslmode=disable"),
             "postgresql://u:p@h/soak?sslmode=disable"
         );
-        assert_eq!(with_database("postgres://h:5432", "soak"), "postgres://h:5432/soak");
+        assert_eq!(with_database("postgres://h:5432"), "postgres://h:5432/soak");
+        assert_eq!(with_database("postgres://u@h:5432/"), "postgres://u@h:5432/soak");
+        assert!(super::with_database("host=h dbname=db", "soak").is_err(), "URLs only");
         assert_eq!(
             Summary::parse(
                 r#"{"lookups":5,"invalidations":2,"edits":1,"errors":0,"resyncs":1,"discarded_by_resync":3,"catch_ups":4,"replayed":6}"#

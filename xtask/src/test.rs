@@ -10,7 +10,7 @@ use crate::test_pg::run_with_postgres;
 use crate::{cargo, interrupted, run_step};
 
 /// Runs fmt, clippy and the tests. Extra arguments are passed to `cargo test`.
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
             "cargo xtask test [CARGO TEST ARGS]: fmt --check, clippy -D warnings, all tests \
@@ -37,7 +37,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// Sums of the `test result:` lines of cargo test runs.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Totals {
+pub(crate) struct Totals {
     pub passed: u64,
     pub failed: u64,
     pub ignored: u64,
@@ -49,7 +49,7 @@ impl Totals {
     /// Prints the one closing line of a test command, `name: N passed, N failed, N skipped`,
     /// so that a reader (or CI) need not add up the per-binary lines, the last of which is
     /// often an empty doc-test run. Then fails if `result` did, or if no test ran at all.
-    pub fn finish(self, name: &str, result: Result<()>) -> Result<()> {
+    pub(crate) fn finish(self, name: &str, result: Result<()>) -> Result<()> {
         println!(
             "{name}: {} passed, {} failed, {} skipped",
             self.passed, self.failed, self.ignored
@@ -63,7 +63,7 @@ impl Totals {
 
     /// Adds the results of a run of tests that earlier runs counted as ignored (`--ignored`),
     /// so that a test that ran is not also counted as skipped.
-    pub fn add_ignored_run(&mut self, run: Totals) {
+    pub(crate) fn add_ignored_run(&mut self, run: Totals) {
         self.ignored = self.ignored.saturating_sub(run.passed + run.failed) + run.ignored;
         self.passed += run.passed;
         self.failed += run.failed;
@@ -88,7 +88,7 @@ impl Totals {
 
 /// Runs a `cargo test` command, echoing its output as it comes and adding its results to
 /// `totals`.
-pub fn run_tests(title: &str, mut command: Command, totals: &mut Totals) -> Result<()> {
+pub(crate) fn run_tests(title: &str, mut command: Command, totals: &mut Totals) -> Result<()> {
     eprintln!("xtask: == {title}");
     command.stdout(Stdio::piped());
     let mut child = command.spawn().with_context(|| format!("cannot start {command:?}"))?;

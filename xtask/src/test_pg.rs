@@ -12,11 +12,11 @@ use crate::test::{Totals, run_tests};
 use crate::{cargo, run_step};
 
 /// The packages whose tests need Postgres.
-const PG_PACKAGES: [&str; 6] =
-    ["-p", "adapter-pg", "-p", "invalidation-listener", "-p", "lookup-cli"];
+const PG_PACKAGES: [&str; 8] =
+    ["-p", "adapter-pg", "-p", "invalidation-listener", "-p", "lookup-cli", "-p", "lookup-bench"];
 
 /// Runs the Postgres tests. Extra arguments are passed to `cargo test`.
-pub fn run(args: &[String]) -> Result<()> {
+pub(crate) fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
             "cargo xtask test-pg [CARGO TEST ARGS]: the tests of {}, on $DATABASE_URL or on a \
@@ -44,7 +44,7 @@ pub fn run(args: &[String]) -> Result<()> {
 /// and removed before this returns. The restart tests are `#[ignore]`d, so that the main run
 /// never restarts the server under its other tests, and run one at a time; they run only on
 /// a server xtask may restart: its own, or one `$DEFLOOKUP_PG_RESTART` says how to restart.
-pub fn run_with_postgres(
+pub(crate) fn run_with_postgres(
     title: &str,
     tests: Command,
     args: &[String],

@@ -63,18 +63,10 @@ impl std::fmt::Debug for PgAdapter {
     }
 }
 
-/// A process-unique id for the `"o"` key of payloads: the pid plus a random-seeded hash, so
-/// two adapters in one process (as in tests) differ too.
+/// A process-unique id for the `"o"` key of payloads: the pid plus a random number, so two
+/// adapters in one process (as in tests) differ too.
 fn new_origin() -> String {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    format!("{:x}-{:016x}", std::process::id(), hasher.finish())
+    format!("{:x}-{:016x}", std::process::id(), fastrand::u64(..))
 }
 
 impl PgAdapter {

@@ -253,7 +253,7 @@ fn word_settings(text: &str) -> Result<Vec<Setting>, ConnInfoError> {
 
 /// The connection string with its password replaced by `***`, for logs and errors. See the
 /// module docs for why it may hide more than the password.
-pub fn redact(text: &str) -> String {
+pub(crate) fn redact(text: &str) -> String {
     match url_body(text) {
         Some((scheme, body)) => redact_url_body(scheme, body),
         None => redact_words(text),

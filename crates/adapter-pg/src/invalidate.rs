@@ -100,10 +100,10 @@ async fn pipelined(mut flight: Vec<Reply<'_>>) -> Vec<Result<Vec<Row>, tokio_pos
         flight.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
         for (future, reply) in flight.iter_mut().zip(replies.iter_mut()) {
-            if reply.is_none() {
-                if let Poll::Ready(done) = future.as_mut().poll(cx) {
-                    *reply = Some(done);
-                }
+            if reply.is_none()
+                && let Poll::Ready(done) = future.as_mut().poll(cx)
+            {
+                *reply = Some(done);
             }
         }
         if replies.iter().all(Option::is_some) { Poll::Ready(()) } else { Poll::Pending }

@@ -462,18 +462,17 @@ impl PopulateLease for PgLease {
     async fn release_without_row(self, outcome: &NoRow) -> Result<(), LookupError> {
         if let (Some(client), Some(payload)) =
             (self.client.as_ref(), encode_outcome(self.key_hash, outcome))
+            && !self.lease_gone()
         {
-            if !self.lease_gone() {
-                let sql = self.adapter.sql();
-                let channel = self.adapter.config().get_populate_outcome_channel();
-                let told = async {
-                    sql.query(client, &sql.notify, &[&channel, &payload])
-                        .await
-                        .map_err(query_error("populate outcome"))
-                };
-                if let Err(error) = self.adapter.bounded("populate outcome", told).await {
-                    tracing::warn!(%error, "cannot tell populate waiters why no row was left");
-                }
+            let sql = self.adapter.sql();
+            let channel = self.adapter.config().get_populate_outcome_channel();
+            let told = async {
+                sql.query(client, &sql.notify, &[&channel, &payload])
+                    .await
+                    .map_err(query_error("populate outcome"))
+            };
+            if let Err(error) = self.adapter.bounded("populate outcome", told).await {
+                tracing::warn!(%error, "cannot tell populate waiters why no row was left");
             }
         }
         self.release().await

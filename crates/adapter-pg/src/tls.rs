@@ -292,11 +292,10 @@ pub(crate) fn describe_failure(error: &(dyn std::error::Error + 'static)) -> Opt
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(describe_rustls(tls));
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            {
-                return Some(describe_rustls(tls));
-            }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(describe_rustls(tls));
         }
         current = e.source();
     }

@@ -237,6 +237,23 @@ impl Shared {
         let _ = self.events.send(event);
     }
 
+    /// Adds one to the counter `name` of this listener's channel.
+    fn count(&self, name: &'static str) {
+        metrics::counter!(name, "channel" => self.channel.clone()).increment(1);
+    }
+
+    fn malformed(&self) {
+        self.stats().malformed_payloads += 1;
+        self.count("deflookup_listener_malformed_payloads_total");
+    }
+
+    /// Whether `LISTEN` (or the poller's connection) is up, as a 0/1 gauge.
+    fn set_connected(&self, up: bool) {
+        let gauge =
+            metrics::gauge!("deflookup_listener_connected", "channel" => self.channel.clone());
+        gauge.set(if up { 1.0 } else { 0.0 });
+    }
+
     /// `LISTEN` is established on `session` (or the polling connection is open).
     fn connected(&self, session: &Session, reconnected: bool) {
         {
@@ -246,6 +263,10 @@ impl Shared {
             if reconnected {
                 stats.reconnects += 1;
             }
+        }
+        self.set_connected(true);
+        if reconnected {
+            self.count("deflookup_listener_reconnects_total");
         }
         tracing::info!(
             url = %self.redacted_url,
@@ -263,12 +284,14 @@ impl Shared {
         let event = match recovery {
             Recovery::CaughtUp(replayed) => {
                 self.stats().catch_ups += 1;
+                self.count("deflookup_listener_catch_ups_total");
                 tracing::info!(channel = %self.channel, replayed, "caught up after reconnect: replayed the invalidations missed");
                 ListenerEvent::CaughtUp { replayed }
             }
             Recovery::Resync(reason) => {
                 self.sink.resync();
                 self.stats().resyncs += 1;
+                self.count("deflookup_listener_resyncs_total");
                 tracing::info!(channel = %self.channel, %reason, "resynced after reconnect: bumped the global generation");
                 ListenerEvent::Resync { reason }
             }
@@ -291,8 +314,9 @@ impl Shared {
     }
 
     fn disconnected(&self, error: String) {
-        // From now until the resync, peers' invalidations go unheard.
+        // From now until the catch-up (or resync), peers' invalidations go unheard.
         self.sink.connection_lost();
+        self.set_connected(false);
         tracing::warn!(
             url = %self.redacted_url,
             channel = %self.channel,
@@ -330,7 +354,7 @@ impl Shared {
                 match parse_outcome(note.payload()) {
                     Ok((key, outcome)) => populate.key_outcome(key, outcome),
                     Err(error) => {
-                        self.stats().malformed_payloads += 1;
+                        self.malformed();
                         warnings.note(&self.populate_outcome, note.payload(), &error);
                     }
                 }
@@ -352,10 +376,11 @@ impl Shared {
             Ok(key) => {
                 populate.key_populated(key);
                 self.stats().populated_payloads += 1;
+                self.count("deflookup_listener_populated_total");
                 self.emit(ListenerEvent::Populated { key });
             }
             Err(error) => {
-                self.stats().malformed_payloads += 1;
+                self.malformed();
                 warnings.note(channel, payload, &error);
                 self.emit(ListenerEvent::Malformed { payload: payload.to_owned() });
             }
@@ -372,7 +397,7 @@ impl Shared {
         let parsed = match parse_payload(payload) {
             Ok(parsed) => parsed,
             Err(error) => {
-                self.stats().malformed_payloads += 1;
+                self.malformed();
                 warnings.note(&self.channel, payload, &error);
                 self.emit(ListenerEvent::Malformed { payload: payload.to_owned() });
                 return None;
@@ -386,6 +411,7 @@ impl Shared {
                 && !matches!(parsed.invalidation, Invalidation::Modules { .. }));
         if untracked {
             self.stats().untracked_payloads += 1;
+            self.count("deflookup_listener_untracked_payloads_total");
             if self.catch_up {
                 warnings.untracked(&self.channel);
             }
@@ -405,6 +431,18 @@ impl Shared {
     fn apply(&self, invalidation: Invalidation, replayed: bool) {
         self.sink.apply(&invalidation);
         tracing::debug!(channel = %self.channel, ?invalidation, replayed, "replayed invalidation");
+        let kind = match &invalidation {
+            Invalidation::Modules { .. } => "module",
+            Invalidation::Realm { .. } => "realm",
+            Invalidation::Global => "global",
+        };
+        metrics::counter!(
+            "deflookup_listener_invalidations_total",
+            "channel" => self.channel.clone(),
+            "kind" => kind,
+            "replayed" => if replayed { "true" } else { "false" },
+        )
+        .increment(1);
         let event = {
             let mut stats = self.stats();
             if replayed {
@@ -690,12 +728,14 @@ impl Task {
                 }
             };
             self.shared.stats().polls += 1;
+            self.shared.count("deflookup_listener_polls_total");
             if read.gaps.is_empty() {
                 self.shared.replay_read(&read, false);
             } else {
                 // Fell more than the guard's horizon behind (a stalled process).
                 self.shared.sink.resync();
                 self.shared.stats().resyncs += 1;
+                self.shared.count("deflookup_listener_resyncs_total");
                 let reason = format!(
                     "the poller fell behind the invalidation log's horizon in {} realm(s)",
                     read.gaps.len()
@@ -717,6 +757,7 @@ impl Drop for Task {
             stats.connected = false;
             stats.backend_pid = None;
         }
+        self.shared.set_connected(false);
         // Peers' invalidations are no longer heard. (Not while unwinding from a panicking
         // sink: calling it again could panic twice and abort the process.)
         if !std::thread::panicking() {

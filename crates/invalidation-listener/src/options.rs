@@ -1,9 +1,7 @@
 //! Tuning knobs, and the reconnect backoff they drive.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use adapter_pg::{PgPopulateCoordinator, PopulateCoordinator as _, PopulateSink};
 
@@ -130,8 +128,8 @@ pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
-    // Seeded with per-process random keys by the standard library; enough for jitter.
-    random: RandomState,
+    /// Randomly seeded per backoff; enough for jitter.
+    random: fastrand::Rng,
 }
 
 impl Backoff {
@@ -140,7 +138,7 @@ impl Backoff {
             initial: options.initial_backoff,
             max: options.max_backoff,
             attempt: 0,
-            random: RandomState::new(),
+            random: fastrand::Rng::new(),
         }
     }
 
@@ -163,19 +161,10 @@ impl Backoff {
     /// The delay to wait before the next attempt; advances the attempt counter.
     pub(crate) fn next_delay(&mut self) -> Duration {
         let half = self.ceiling() / 2;
-        let delay = half + half.mul_f64(self.unit_random());
+        // `f64()` is in [0, 1).
+        let delay = half + half.mul_f64(self.random.f64());
         self.attempt = self.attempt.saturating_add(1);
         delay
-    }
-
-    /// A number in `[0, 1)`, from the process-random hasher keys, the attempt and the clock.
-    fn unit_random(&self) -> f64 {
-        let mut hasher = self.random.build_hasher();
-        hasher.write_u32(self.attempt);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        hasher.write_u128(nanos);
-        // The top 53 bits make an exactly representable fraction.
-        (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

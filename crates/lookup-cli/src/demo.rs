@@ -53,7 +53,7 @@ fn step(title: &str) -> Result<()> {
 }
 
 /// Runs the demo. `delay` is the prerender delay (the concurrency step uses at least 200 ms).
-pub async fn run(delay: Duration) -> Result<()> {
+pub(crate) async fn run(delay: Duration) -> Result<()> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let realm_dir = dir.path().join("realm");
     std::fs::create_dir(&realm_dir)

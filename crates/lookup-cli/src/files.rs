@@ -47,7 +47,7 @@
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lookup_core::urls::{canonical_url, file_alias, normalise_deps, population_candidates};
@@ -71,8 +71,6 @@ pub(crate) struct FilePrerenderer {
     delay: Duration,
     /// The most each render waits on top of `delay`: a random 0..=max milliseconds.
     jitter_max_ms: u64,
-    /// State of the jitter's random sequence, shared by every clone (see [`splitmix64`]).
-    jitter_state: Arc<AtomicU64>,
     /// Prerender calls so far, shared by every clone.
     count: Arc<AtomicUsize>,
     /// The largest module source read; a larger one is a module error.
@@ -125,7 +123,6 @@ impl FilePrerenderer {
             realms,
             delay: Duration::ZERO,
             jitter_max_ms: 0,
-            jitter_state: Arc::new(AtomicU64::new(random_seed())),
             count: Arc::new(AtomicUsize::new(0)),
             max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
         }
@@ -158,11 +155,9 @@ impl FilePrerenderer {
         if self.jitter_max_ms == 0 {
             return self.delay;
         }
-        // fetch_add makes every draw, on any clone and any thread, use its own state.
-        let state = self.jitter_state.fetch_add(SPLITMIX_GAMMA, Ordering::Relaxed);
-        let jitter = splitmix64(state.wrapping_add(SPLITMIX_GAMMA))
-            % self.jitter_max_ms.saturating_add(1).max(1);
-        self.delay + Duration::from_millis(jitter)
+        // fastrand's thread-local generator, randomly seeded: draws differ between renders,
+        // threads and processes, which is all the jitter needs.
+        self.delay + Duration::from_millis(fastrand::u64(0..=self.jitter_max_ms))
     }
 
     /// How many times `prerender` has been called, on this prerenderer or any clone of it.
@@ -195,10 +190,10 @@ impl FilePrerenderer {
     /// dependency can no more probe outside the realm than a module can.
     async fn dependency_exists(&self, dep: &str) -> bool {
         for candidate in population_candidates(dep) {
-            if let Location::File { root, path } = self.locate(&candidate) {
-                if matches!(contained(&root, &path).await, Target::File(_)) {
-                    return true;
-                }
+            if let Location::File { root, path } = self.locate(&candidate)
+                && matches!(contained(&root, &path).await, Target::File(_))
+            {
+                return true;
             }
         }
         false
@@ -336,27 +331,6 @@ pub(crate) fn source_version(source: &str) -> Option<u64> {
         let number = comment.trim_start().strip_prefix("version:")?;
         number.trim().parse().ok()
     })
-}
-
-/// The increment of the SplitMix64 sequence.
-const SPLITMIX_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// SplitMix64's output function: a well-mixed 64-bit value from a counter. The jitter only
-/// needs "different delays for different renders", not a statistically strong generator,
-/// so a few lines of arithmetic do.
-pub(crate) fn splitmix64(state: u64) -> u64 {
-    let mut z = state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// A seed that differs between processes and between prerenderers of one process.
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    hasher.finish()
 }
 
 /// Resolves `path`'s symbolic links and checks that it stays inside the realm directory

@@ -6,13 +6,13 @@
 
 #![forbid(unsafe_code)]
 
-mod bench;
 mod demo;
 mod files;
 mod out;
-mod plot;
-mod scan;
 mod soak_worker;
+
+// The scanner lives in the package's library, which `deflookup-bench` measures too.
+use lookup_cli::scan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,15 +139,16 @@ enum Command {
     ClearAll,
     /// Print every invalidation broadcast on the database, one JSON object per line, until
     /// Ctrl-C or SIGTERM (Postgres only).
-    Listen,
+    Listen {
+        /// Also serve the listener's metrics in the Prometheus text format on this address
+        /// (`host:port`), at any path.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
     /// One worker of `cargo xtask soak`: random lookups, edits and invalidations over the
     /// first `--realm`'s modules `m0.gts`…, then one JSON summary line (Postgres only).
     #[command(hide = true)]
     SoakWorker(soak_worker::SoakArgs),
-    /// `cargo xtask bench`'s measurements with their baselines: a table on stdout and, with
-    /// `--out`, a JSON summary (Postgres only; SQLite is measured in a temporary file).
-    #[command(hide = true)]
-    Bench(bench::BenchArgs),
 }
 
 fn parse_realm(text: &str) -> Result<(String, PathBuf), String> {
@@ -168,7 +169,7 @@ fn parse_realm(text: &str) -> Result<(String, PathBuf), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    lookup_cli::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -200,32 +201,9 @@ fn dedup_chain(chain: Vec<String>) -> Vec<String> {
     out
 }
 
-fn init_logging() {
-    // RUST_LOG uses the `target=level` syntax; warnings and errors are shown by default.
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN)
-        });
-    use std::io::IsTerminal as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    // Colours only for a person at a terminal who has not asked for none (`NO_COLOR`).
-    let colour = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
-    let _ = tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour))
-        .with(filter)
-        .try_init();
-}
-
 async fn run(cli: Cli) -> Result<()> {
     if matches!(cli.command, Command::Demo) {
         return demo::run(Duration::from_millis(cli.prerender_delay_ms)).await;
-    }
-    if let Command::Bench(args) = cli.command {
-        return bench::run(args, cli.db).await;
     }
     let db_url = cli
         .db
@@ -233,7 +211,7 @@ async fn run(cli: Cli) -> Result<()> {
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| DEFAULT_DB.to_owned());
     if db_url.starts_with("sqlite:") {
-        if matches!(cli.command, Command::Listen) {
+        if matches!(cli.command, Command::Listen { .. }) {
             bail!("`listen` needs a Postgres database: SQLite has no broadcast");
         }
         if matches!(cli.command, Command::SoakWorker(_)) {
@@ -271,7 +249,7 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn run_postgres(config: PgConfig, cli: Cli) -> Result<()> {
-    if matches!(cli.command, Command::Listen) {
+    if matches!(cli.command, Command::Listen { .. }) {
         // Only the LISTEN connection: watching needs no pool and no table.
         return listen(&config, &cli).await;
     }
@@ -394,6 +372,13 @@ fn listener_options(cli: &Cli) -> ListenerOptions {
 async fn listen(config: &PgConfig, cli: &Cli) -> Result<()> {
     use tokio::io::AsyncWriteExt as _;
     use tokio::sync::broadcast::error::RecvError;
+    if let Command::Listen { metrics_addr: Some(addr), .. } = &cli.command {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(*addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%addr, "serving metrics in the Prometheus text format");
+    }
     let options = listener_options(cli);
     let listener = PgInvalidationListener::start_with(config, None, Arc::new(IgnoreBumps), options)
         .await
@@ -502,7 +487,7 @@ async fn execute<D: DbAdapter, C: PopulateCoordinator>(
 ) -> Result<()> {
     let renders_before = lookup.prerenderer().prerender_count();
     match &cli.command {
-        Command::Demo | Command::Listen | Command::SoakWorker(_) | Command::Bench(_) => {
+        Command::Demo | Command::Listen { .. } | Command::SoakWorker(_) => {
             unreachable!("run without `execute`")
         }
         Command::Lookup { module, name } => {

@@ -56,7 +56,7 @@ use std::collections::HashSet;
 
 /// What [`scan`] found in one module.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct ModuleScan {
+pub struct ModuleScan {
     /// Exported names, in order of appearance, de-duplicated by name.
     pub exports: Vec<Export>,
     /// Static import and re-export specifiers exactly as written, in order, de-duplicated.
@@ -65,7 +65,7 @@ pub(crate) struct ModuleScan {
 
 /// One exported name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Export {
+pub struct Export {
     /// The exported name; `default` for a default export.
     pub name: String,
     /// What kind of declaration exports it.
@@ -77,7 +77,7 @@ pub(crate) struct Export {
 
 /// The declaration an [`Export`] comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ExportKind {
+pub enum ExportKind {
     /// `export class N`.
     Class,
     /// `export function N` (also `async` and generator functions).
@@ -94,7 +94,7 @@ pub(crate) enum ExportKind {
 
 impl ExportKind {
     /// The lower-case name used in definition documents (`"class"`, `"function"`, …).
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ExportKind::Class => "class",
             ExportKind::Function => "function",
@@ -113,7 +113,7 @@ impl ExportKind {
 /// every forward search a statement needs (the end of an import clause or of a brace list,
 /// the `>` closing type parameters) is answered from a table built in one pass, and names
 /// and specifiers are de-duplicated through hash sets.
-pub(crate) fn scan(source: &str) -> ModuleScan {
+pub fn scan(source: &str) -> ModuleScan {
     let tokens = tokenize(source);
     let mut out = Found { jumps: Jumps::new(&tokens), ..Found::default() };
     let mut i = 0;
@@ -238,10 +238,11 @@ fn parse_export<'t>(tokens: &'t [Token<'_>], at: usize, out: &mut Found<'t>) -> 
             let extends = if tokens.get(c) == Some(&Token::Word("class")) {
                 // The name of a default-exported class is optional.
                 let mut h = c + 1;
-                if let Some(Token::Word(name)) = tokens.get(h) {
-                    if *name != "extends" && *name != "implements" {
-                        h += 1;
-                    }
+                if let Some(Token::Word(name)) = tokens.get(h)
+                    && *name != "extends"
+                    && *name != "implements"
+                {
+                    h += 1;
                 }
                 heritage(tokens, &out.jumps, h)
             } else {

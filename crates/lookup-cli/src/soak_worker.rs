@@ -41,7 +41,7 @@ use invalidation_listener::PgInvalidationListener;
 use lookup_core::InvalidationSink;
 use lookup_core::{CachingLookup, CodeRef, NoRemoteRealms};
 
-use crate::files::{FilePrerenderer, source_version, splitmix64};
+use crate::files::{FilePrerenderer, source_version};
 
 /// How long one lookup or invalidation may take before it counts as failed. Bounded so that a
 /// worker ends close to its deadline even when the server hangs.
@@ -202,7 +202,7 @@ pub(crate) async fn run(
         _ => bail!("--pause-file and --ack-file go together"),
     };
     let mut tasks = Vec::new();
-    for task in 0..args.tasks {
+    for (task, rng) in (0..args.tasks).zip(task_rngs(args.seed)) {
         let worker = Task {
             lookup: lookup.clone(),
             realm_url: realm_url.clone(),
@@ -211,7 +211,7 @@ pub(crate) async fn run(
             deadline,
             pause: Arc::clone(&pause),
             counters: Arc::clone(&counters),
-            rng: XorShift::new(args.seed, task),
+            rng,
             temp_tag: format!("{}-{task}", std::process::id()),
         };
         tasks.push(tokio::spawn(worker.run()));
@@ -254,7 +254,7 @@ struct Task {
     deadline: Instant,
     pause: Arc<Pause>,
     counters: Arc<Counters>,
-    rng: XorShift,
+    rng: fastrand::Rng,
     /// Makes this task's temporary file names unique across processes and tasks.
     temp_tag: String,
 }
@@ -265,8 +265,8 @@ impl Task {
             if !self.pause.wait_while_paused(self.deadline).await {
                 break;
             }
-            let index = self.rng.below(self.modules);
-            match self.rng.below(100) {
+            let index = self.rng.u64(..self.modules);
+            match self.rng.u8(..100) {
                 0..75 => self.lookup_one(index).await,
                 75..90 => self.edit_one(index).await,
                 _ => {
@@ -279,7 +279,7 @@ impl Task {
     async fn lookup_one(&mut self, index: u64) {
         // Both spellings: the extensionless one goes through the population candidates and
         // the alias match, the other straight to the file.
-        let module = if self.rng.below(2) == 0 {
+        let module = if self.rng.bool() {
             format!("{}m{index}", self.realm_url)
         } else {
             format!("{}{}", self.realm_url, module_file(index))
@@ -474,33 +474,11 @@ impl Drop for LockFile {
     }
 }
 
-/// xorshift64*: small, fast, and plenty for picking operations (no random number crate is
-/// needed, and reproducing a worker's exact sequence of choices matters less than different
-/// workers making different ones).
-#[derive(Debug)]
-struct XorShift(u64);
-
-impl XorShift {
-    /// The generator of task `stream` of a worker seeded with `seed`.
-    fn new(seed: u64, stream: u64) -> Self {
-        let state = splitmix64(seed ^ splitmix64(stream.wrapping_add(1)));
-        // Zero is xorshift's one fixed point.
-        XorShift(if state == 0 { 0x9e37_79b9_7f4a_7c15 } else { state })
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A value in `0..n` (`n > 0`; the modulo bias is irrelevant here).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+/// The generators of a worker's tasks, in task order: forks of one generator seeded with
+/// `seed`, so each task draws its own sequence and a seed reproduces them all.
+fn task_rngs(seed: u64) -> impl Iterator<Item = fastrand::Rng> {
+    let mut worker = fastrand::Rng::with_seed(seed);
+    std::iter::repeat_with(move || worker.fork())
 }
 
 #[cfg(test)]
@@ -542,13 +520,12 @@ mod tests {
 
     #[test]
     fn streams_differ_and_stay_in_range() {
-        let mut a = XorShift::new(7, 0);
-        let mut b = XorShift::new(7, 1);
-        let xs: Vec<u64> = (0..32).map(|_| a.below(100)).collect();
-        let ys: Vec<u64> = (0..32).map(|_| b.below(100)).collect();
+        let draws = |mut rng: fastrand::Rng| (0..32).map(|_| rng.u64(..100)).collect::<Vec<_>>();
+        let mut rngs = task_rngs(7);
+        let (xs, ys) = (draws(rngs.next().unwrap()), draws(rngs.next().unwrap()));
         assert_ne!(xs, ys);
         assert!(xs.iter().chain(&ys).all(|x| *x < 100));
-        let mut again = XorShift::new(7, 0);
-        assert_eq!(xs, (0..32).map(|_| again.below(100)).collect::<Vec<_>>(), "reproducible");
+        assert_ne!(xs, draws(task_rngs(8).next().unwrap()), "seeds differ");
+        assert_eq!(xs, draws(task_rngs(7).next().unwrap()), "reproducible");
     }
 }

@@ -192,6 +192,8 @@ fn bad_input_is_a_clear_error() {
 fn fresh_pg_database(test: &str) -> Option<String> {
     let url = behaviour_suite::database_url(test)?;
     let name = behaviour_suite::unique_name("cli");
+    // Before creating anything: a connection string that is no URL fails here.
+    let fresh = with_database(&url, &name);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
         let (client, connection) =
@@ -201,12 +203,28 @@ fn fresh_pg_database(test: &str) -> Option<String> {
         tokio::spawn(connection);
         client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
     });
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url.as_str(), String::new()),
-    };
-    let base = base.rsplit_once('/').map_or(base, |(head, _)| head);
-    Some(format!("{base}/{name}{query}"))
+    Some(fresh)
+}
+
+/// `url` naming the database `name` instead of its own, everything else kept. URLs only: the
+/// CLI's `--db` takes no `key=value` connection strings.
+fn with_database(url: &str, name: &str) -> String {
+    let mut url = url::Url::parse(url)
+        .unwrap_or_else(|error| panic!("DATABASE_URL must be a postgres://… URL here: {error}"));
+    url.set_path(&format!("/{name}"));
+    url.into()
+}
+
+#[test]
+fn fresh_database_urls_keep_host_port_user_and_query() {
+    for (url, expected) in [
+        ("postgres://u@h:5432", "postgres://u@h:5432/cli_1"),
+        ("postgres://u@h:5432/", "postgres://u@h:5432/cli_1"),
+        ("postgres://u@h/db?x=1", "postgres://u@h/cli_1?x=1"),
+        ("postgresql://u:p@127.0.0.1:5544/postgres", "postgresql://u:p@127.0.0.1:5544/cli_1"),
+    ] {
+        assert_eq!(with_database(url, "cli_1"), expected, "{url}");
+    }
 }
 
 impl Fixture {
@@ -261,6 +279,50 @@ fn wait_for_line(reader: &mut impl std::io::BufRead, needle: &str) -> String {
 #[test]
 fn listen_prints_peers_invalidations_as_json_lines() {
     listen_prints_invalidations(&["listen"]);
+}
+
+#[test]
+fn listen_serves_its_metrics_in_the_prometheus_format() {
+    let Some(db) = fresh_pg_database("listen_metrics") else { return };
+    let f = Fixture::new();
+    f.json_on(&db, &["lookup", "pet.gts", "Pet"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut listener = Command::new(env!("CARGO_BIN_EXE_deflookup"))
+        .args(["--db", &db, "listen", "--metrics-addr", &addr])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("listen starts");
+    let mut out = std::io::BufReader::new(listener.stdout.take().expect("stdout"));
+    wait_for_line(&mut out, "connected");
+    f.json_on(&db, &["invalidate", "pet.gts"]);
+    wait_for_line(&mut out, "module");
+    let scrape = || -> String {
+        use std::io::{Read as _, Write as _};
+        let mut socket = std::net::TcpStream::connect(&addr).expect("the metrics endpoint");
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        socket.read_to_string(&mut response).expect("response");
+        response
+    };
+    let body = scrape();
+    let _ = Command::new("kill").args(["-TERM", &listener.id().to_string()]).status();
+    let status = listener.wait().expect("listen exits");
+    assert!(status.success(), "SIGTERM ends listen cleanly: {status}");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let channel = "channel=\"module_cache_invalidated\"";
+    assert!(body.contains(&format!("deflookup_listener_connected{{{channel}}} 1")), "{body}");
+    assert!(
+        body.contains(&format!(
+            "deflookup_listener_invalidations_total{{{channel},kind=\"module\",replayed=\"false\"}} 1"
+        )),
+        "{body}"
+    );
 }
 
 #[test]
@@ -525,96 +587,10 @@ fn unsafe_is_a_documented_global_flag_and_soak_worker_is_hidden() {
     assert!(output.status.success(), "{}", stderr(&output));
 }
 
-/// Every key of the bench summary, each either a number or listed in `not_measured`.
-const BENCH_KEYS: [&str; 31] = [
-    "bare_select_p50_us",
-    "hit_p50_us",
-    "hit_ratio",
-    "bare_notify_p50_us",
-    "propagation_p50_us",
-    "propagation_p99_us",
-    "propagation_ratio",
-    "fanout_10k_ms",
-    "fanout_naive_10k_ms",
-    "fanout_speedup",
-    "coalesce_1000_prerenders",
-    "generation_state_bytes_after_1m_invalidations",
-    "l1_hit_p50_us",
-    "sqlite_hit_p50_us",
-    "sqlite_miss_p50_us",
-    "propagation_applied_before_return_fraction",
-    "propagation_after_return_p50_us",
-    "propagation_after_return_p99_us",
-    "miss_p50_us",
-    "coordinated_miss_p50_us",
-    "populate_miss_overhead_us",
-    "hit_unnamed_p50_us",
-    "hit_unnamed_ratio",
-    "hit_pgbouncer_p50_us",
-    "hit_tls_p50_us",
-    "connect_plain_p50_ms",
-    "connect_tls_p50_ms",
-    "scan_20k_exports_ms",
-    "scan_40k_exports_ms",
-    "scan_doubling_ratio",
-    "scan_40k_imports_ms",
-];
-
 #[test]
-fn bench_quick_writes_a_summary_with_every_key() {
-    let Some(db) = fresh_pg_database("bench_quick_writes_a_summary") else { return };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("bench").join("summary.json");
-    let out_arg = out.display().to_string();
-    let mut args = vec!["bench", "--db", &db, "--quick", "--scale", "0.01", "--out", &out_arg];
-    // The connection-mode figures need the PgBouncer and the TLS cluster of xtask.
-    let bouncer = through_pgbouncer("bench_quick_writes_a_summary", &db);
-    let tls = behaviour_suite::xtask_setting("bench_quick_writes_a_summary", "DEFLOOKUP_TLS_PORT")
-        .map(|port| {
-            let ca = std::env::var("DEFLOOKUP_TLS_CA").expect("set with DEFLOOKUP_TLS_PORT");
-            format!(
-                "postgres://postgres@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={ca}"
-            )
-        });
-    if let (Some(bouncer), Some(tls)) = (&bouncer, &tls) {
-        args.extend(["--pgbouncer-db", bouncer, "--tls-db", tls]);
-    }
-    let output = deflookup(&args);
-    assert!(output.status.success(), "bench failed: {}", stderr(&output));
-    let table = String::from_utf8_lossy(&output.stdout);
-    assert!(table.contains("hit_ratio"), "the table is printed: {table}");
-    let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(&out).expect("summary written"))
-            .expect("the summary is JSON");
-    let missing: Vec<&str> = summary["not_measured"]
-        .as_array()
-        .expect("not_measured is an array")
-        .iter()
-        .map(|entry| entry["key"].as_str().expect("a key"))
-        .collect();
-    for key in BENCH_KEYS {
-        match summary.get(key) {
-            Some(value) => {
-                assert!(value.is_number(), "{key} is a number: {value}");
-                assert!(!missing.contains(&key), "{key} is both measured and not");
-            }
-            None => assert!(missing.contains(&key), "{key} is neither measured nor explained"),
-        }
-    }
-    if bouncer.is_some() && tls.is_some() {
-        assert!(missing.is_empty(), "every key is measured: {missing:?}");
-    }
-    // Deterministic outcomes, unlike timings: a test may check them.
-    assert_eq!(summary["coalesce_1000_prerenders"], 1.0);
-    let plot = std::fs::read_to_string(out.with_file_name("propagation.svg")).expect("plot");
-    assert!(plot.starts_with("<svg") && plot.matches("<polyline").count() == 2, "{plot}");
-}
-
-#[test]
-fn bench_is_hidden_and_needs_postgres() {
-    let help = deflookup(&["--help"]);
-    assert!(!String::from_utf8_lossy(&help.stdout).contains("bench"), "bench is hidden");
-    assert_fails_with(&deflookup(&["bench", "--db", "sqlite::memory:"]), "postgres");
+fn bench_is_not_a_command_of_the_product() {
+    // The benchmark is its own binary, `deflookup-bench` (crate `lookup-bench`).
+    assert_usage_error(&deflookup(&["bench", "--db", "sqlite::memory:"]), "bench");
 }
 
 /// `fresh_pg_database`'s database through the PgBouncer of `cargo xtask test-pg`.

@@ -1,19 +1,4 @@
-//! `lookup-core`: a cache of expensive, prerendered module definitions that stays correct
-//! when many processes share one database.
-//!
-//! Depend on this crate to look definitions up ([`CachingLookup`]), to write a storage backend
-//! ([`DbAdapter`]), a renderer ([`Prerenderer`]) or a remote realm probe ([`RealmProbe`]), or to
-//! feed invalidations heard from peers ([`InvalidationSink`]). Cross-process populate
-//! coalescing plugs in through [`PopulateCoordinator`] (implemented by `adapter-pg`).
-//!
-//! It deliberately does no I/O: no sockets, files or database drivers. Backends live in
-//! `adapter-sqlite` and `adapter-pg`; the cross-process listener in `invalidation-listener`.
-//! The only runtime it needs is tokio's task spawning (coalesced loads run as tasks, so one
-//! cancelled caller never cancels the load others wait on).
-//!
-//! Comments across the workspace cite the behaviour as "BEHAVIOUR §N": the sections of
-//! `docs/BEHAVIOUR.md` in the repository.
-
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod builder;
@@ -22,6 +7,7 @@ mod generations;
 mod l1;
 mod lookup;
 mod populate;
+pub mod telemetry;
 mod traits;
 mod types;
 pub mod urls;

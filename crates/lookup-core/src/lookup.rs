@@ -13,6 +13,7 @@ use crate::error::LookupError;
 use crate::generations::{Generations, Snapshot};
 use crate::l1::{L1, L1Config, L1Stats};
 use crate::populate::{NoRow, PopulateCoordinator, PopulateLease, Uncoordinated, Woken};
+use crate::telemetry;
 use crate::traits::{
     DbAdapter, InvalidationSink, NoRemoteRealms, PersistOutcome, Prerenderer, RealmProbe, RowStore,
 };
@@ -344,6 +345,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         // BEHAVIOUR §5: the snapshot is taken before the first await, so an invalidation that runs
         // while we resolve the realm still counts against this load.
         let snapshot = self.inner.generations.snapshot();
+        let started = std::time::Instant::now();
         let url = absolute_url(module_url)?;
         let context = self
             .inner
@@ -357,17 +359,28 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
                 self.inner.read_cached(&self.inner.db, &context.scope, &url).await?
                 && !self.inner.is_expired(&entry)
             {
+                telemetry::hit("db", started);
                 return Ok(Arc::new(entry));
             }
-            return Ok(self.join_or_start(context, url, snapshot).await?.entry);
+            let loaded = self.join_or_start(context, url, snapshot).await?;
+            telemetry::miss(started);
+            return Ok(loaded.entry);
         };
         let key = LoadKey { scope: context.scope.clone(), url: url.clone() };
         if let Some(entry) = l1.get(&key) {
+            telemetry::hit("l1", started);
             return Ok(entry);
         }
         let loaded = match self.inner.read_cached(&self.inner.db, &context.scope, &url).await? {
-            Some(entry) if !self.inner.is_expired(&entry) => Loaded::stored(Arc::new(entry)),
-            _ => self.join_or_start(context, url, snapshot.clone()).await?,
+            Some(entry) if !self.inner.is_expired(&entry) => {
+                telemetry::hit("db", started);
+                Loaded::stored(Arc::new(entry))
+            }
+            _ => {
+                let loaded = self.join_or_start(context, url, snapshot.clone()).await?;
+                telemetry::miss(started);
+                loaded
+            }
         };
         // Errors expire on their own schedule, and a result the database does not hold would
         // be named by no fan-out: only stored, good entries go to the tier.
@@ -387,7 +400,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         let mut result = {
             let mut slots = self.inner.slots();
             match slots.get(&key) {
-                Some(slot) => slot.result.subscribe(),
+                Some(slot) => {
+                    telemetry::coalesced_waiter();
+                    slot.result.subscribe()
+                }
                 None => {
                     let id = self.inner.next_slot.fetch_add(1, Ordering::Relaxed);
                     let (tx, rx) = watch::channel(None);
@@ -488,6 +504,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         // Held until the bump: no load of this process persists (checks its snapshot, then
         // writes) while the rows are deleted and the bump is not yet made, so one that
         // started before this invalidation sees the bump when it gets the gate.
+        let started = std::time::Instant::now();
         let _exclusive = self.inner.persist_gate.write().await;
         let variants = urls::variants(&url);
         let outcome = self.inner.db.invalidate_modules(&realm.url, &variants).await;
@@ -504,6 +521,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         // No await between the bump and dropping the slots: a caller arriving after this
         // point can neither join an old load nor see an old load persist.
         self.inner.bump_modules(&realm.url, &done.urls);
+        telemetry::invalidation("module", started);
         let (list, deleted) = (done.urls, done.deleted);
         tracing::debug!(module = %url, invalidated = list.len(), deleted, "invalidated module");
         Ok(list)
@@ -513,6 +531,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     /// need not be registered.
     pub async fn clear_realm(&self, realm_url: &str) -> Result<u64, LookupError> {
         let realm_url = absolute_url(realm_url)?;
+        let started = std::time::Instant::now();
         // As in `invalidate`: persists wait for the whole clear, and the bump follows the
         // DELETE, so a lookup that read a row before the DELETE cannot put it in the
         // in-process tier after the bump. On an error the bump happens all the same.
@@ -524,16 +543,19 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
             .await;
         self.inner.bump_realm(&realm_url);
         let deleted = outcome?;
+        telemetry::invalidation("realm", started);
         tracing::debug!(realm = %realm_url, deleted, "cleared realm");
         Ok(deleted)
     }
 
     /// Drops every cached row, here and (through the backend) in peers.
     pub async fn clear_all(&self) -> Result<u64, LookupError> {
+        let started = std::time::Instant::now();
         let _exclusive = self.inner.persist_gate.write().await;
         let outcome = self.inner.db.apply_invalidation(&Invalidation::Global).await;
         self.inner.bump_global();
         let deleted = outcome?;
+        telemetry::invalidation("global", started);
         tracing::debug!(deleted, "cleared all");
         Ok(deleted)
     }
@@ -792,11 +814,13 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
             let mut ticket = coordinator.signals().register(&key);
             if let Some(lease) = coordinator.try_acquire(&key).await? {
                 drop(ticket);
+                telemetry::populate("won");
                 return self.run_as_winner(lease, &key, context, url, first.take()).await;
             }
             if round > rounds {
                 break;
             }
+            telemetry::populate("waited");
             tracing::debug!(%key, round, "another process is populating this module; waiting");
             let deadline = tokio::time::Instant::now() + settings.wait_timeout;
             loop {
@@ -804,7 +828,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
                 last_wait = ticket.wait_part(probe.min(left)).await;
                 match last_wait {
                     Woken::Signalled => ticket.count(last_wait),
-                    Woken::TimedOut if left <= probe => ticket.count(last_wait),
+                    Woken::TimedOut if left <= probe => {
+                        telemetry::populate("timed_out");
+                        ticket.count(last_wait)
+                    }
                     _ => {}
                 }
                 // A recheck (announcements may have been missed) is a probe now, in this round.
@@ -828,6 +855,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
                     return Ok(Loaded::stored(Arc::new(entry)));
                 }
                 if let Some(lease) = coordinator.try_acquire(&key).await? {
+                    telemetry::populate("took_over");
                     tracing::info!(%key, "took over a populate whose holder went away without announcing");
                     drop(ticket);
                     return self.run_as_winner(lease, &key, context, url, first.take()).await;
@@ -894,26 +922,25 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
     ) -> Result<Attempt, LookupError> {
         let realm_url = &context.scope.realm_url;
         let stamp = store.begin_load(realm_url, url).await?;
-        if read_first {
-            if let Some(entry) = self.read_cached(store, &context.scope, url).await? {
-                if !self.is_expired(&entry) {
-                    return Ok(Attempt::Done(Arc::new(entry)));
-                }
-            }
+        if read_first
+            && let Some(entry) = self.read_cached(store, &context.scope, url).await?
+            && !self.is_expired(&entry)
+        {
+            return Ok(Attempt::Done(Arc::new(entry)));
         }
         for candidate in urls::population_candidates(url) {
-            if candidate != url {
-                if let Some(entry) = self.read_cached(store, &context.scope, &candidate).await? {
-                    if !self.is_expired(&entry) {
-                        return Ok(Attempt::Done(Arc::new(entry)));
-                    }
-                }
+            if candidate != url
+                && let Some(entry) = self.read_cached(store, &context.scope, &candidate).await?
+                && !self.is_expired(&entry)
+            {
+                return Ok(Attempt::Done(Arc::new(entry)));
             }
             let request = PrerenderRequest {
                 module_url: candidate.clone(),
                 realm_url: realm_url.clone(),
                 user: context.prerender_user.clone(),
             };
+            telemetry::prerender();
             let response = self.prerenderer.prerender(&request).await?;
             if is_missing_module(&response, &candidate) {
                 continue;
@@ -928,7 +955,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
             }
             return match store.upsert(&entry, stamp).await? {
                 PersistOutcome::Written => Ok(Attempt::Done(entry)),
-                PersistOutcome::Stale => Ok(Attempt::Discarded(entry)),
+                PersistOutcome::Stale => {
+                    telemetry::guard_refusal();
+                    Ok(Attempt::Discarded(entry))
+                }
             };
         }
         Err(LookupError::ModuleNotFound { url: url.to_owned() })

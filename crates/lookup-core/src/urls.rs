@@ -66,18 +66,19 @@ fn normalise_escapes(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let byte = (high * 16 + low) as u8;
-                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-                    out.push(char::from(byte));
-                } else {
-                    out.push('%');
-                    out.push_str(&segment[i + 1..i + 3].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            let byte = (high * 16 + low) as u8;
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                out.push(char::from(byte));
+            } else {
+                out.push('%');
+                out.push_str(&segment[i + 1..i + 3].to_ascii_uppercase());
             }
+            i += 3;
+            continue;
         }
         let c = segment[i..].chars().next().expect("in bounds");
         out.push(c);

@@ -97,6 +97,7 @@ fn module_urls(events: &[ListenerEvent]) -> Vec<(String, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_cut_off_again_and_again_misses_no_invalidation_and_never_resyncs() {
     let Some(db) = TestDb::from_env("catch_up_repeated") else { return };
+    let totals = behaviour_suite::metrics::Totals::install();
     let config = shared_config(&db, "catch_up_repeated");
     let a = peer(&config).await;
     let role = ListenerRole::create(&db, config.get_schema().unwrap()).await;
@@ -147,6 +148,15 @@ async fn a_listener_cut_off_again_and_again_misses_no_invalidation_and_never_res
     let stats = listener.stats();
     assert_eq!((stats.reconnects, stats.catch_ups, stats.resyncs), (5, 5, 0), "{stats:?}");
     assert_eq!(stats.replayed_invalidations, 10);
+    // The same, as metrics (A's listener shares the channel label but never reconnected).
+    let channel = [("channel", config.get_channel())];
+    assert_eq!(totals.counter("deflookup_listener_reconnects_total", &channel), 5);
+    assert_eq!(totals.counter("deflookup_listener_catch_ups_total", &channel), 5);
+    assert_eq!(totals.counter("deflookup_listener_resyncs_total", &channel), 0);
+    for kind in ["module", "realm"] {
+        let labels = [("channel", config.get_channel()), ("kind", kind), ("replayed", "true")];
+        assert_eq!(totals.counter("deflookup_listener_invalidations_total", &labels), 5, "{kind}");
+    }
     assert_eq!(stats.untracked_payloads, 0, "every payload of A's is in the log");
     // A writer outside the log (a bare NOTIFY, as a reference server sends) is noticed.
     let raw = r#"{"k":"realm","r":"https://raw.test/"}"#;

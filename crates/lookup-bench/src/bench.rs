@@ -1,6 +1,6 @@
-//! The hidden `bench` command: measurements of the cache, each next to a baseline measured in
-//! the same process and run (a bare query, a bare NOTIFY hop, a naive walk), printed as a table
-//! and written as a JSON summary. `cargo xtask bench` builds the release binary and runs it.
+//! The measurements of `deflookup-bench`, each next to a baseline measured in the same process
+//! and run (a bare query, a bare NOTIFY hop, a naive walk), printed as a table and written as a
+//! JSON summary. `cargo xtask bench` builds the release binary and runs it.
 //!
 //! Every Postgres measurement runs in a schema and on channels of its own, dropped at the end.
 //! Latencies are p50/p99 of individual samples; where a measurement and its baseline are both
@@ -21,7 +21,8 @@
 //! `l1_hit_p50_us` is a `lookup_definition` answered by the in-process tier (`LookupConfig::l1`)
 //! over the same row; its baseline is the same lookup without the tier (`hit_p50_us`).
 
-use crate::out::outln;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,13 +53,16 @@ const HOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the coalescing measurement may wait for its lookups to gather.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `deflookup bench` options.
-#[derive(Debug, clap::Args)]
+/// The cache's measurements with their baselines (what `cargo xtask bench` runs): a table on
+/// stdout and, with `--out`, a JSON summary (Postgres only; SQLite is measured in a temporary
+/// file).
+#[derive(Debug, clap::Parser)]
+#[command(name = "deflookup-bench", version)]
 pub(crate) struct BenchArgs {
     /// Fewer samples (a couple of minutes on a 2-core machine).
     #[arg(long)]
     quick: bool,
-    /// Postgres URL (`postgres://…`). Defaults to the global `--db`, then $DATABASE_URL.
+    /// Postgres URL (`postgres://…`). Defaults to $DATABASE_URL.
     #[arg(long = "db", value_name = "URL")]
     db: Option<String>,
     /// Where to write the JSON summary.
@@ -106,14 +110,13 @@ impl Sizes {
 }
 
 /// Runs every measurement, prints the table, writes the summary.
-pub(crate) async fn run(args: BenchArgs, global_db: Option<String>) -> Result<()> {
+pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if !(args.scale > 0.0 && args.scale.is_finite()) {
         bail!("--scale must be a positive number");
     }
     let url = args
         .db
         .clone()
-        .or(global_db)
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(|s| !s.is_empty()))
         .context("bench needs a Postgres database: pass --db postgres://… or set DATABASE_URL")?;
     if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
@@ -146,7 +149,7 @@ pub(crate) async fn run(args: BenchArgs, global_db: Option<String>) -> Result<()
         let text = serde_json::to_string_pretty(&summary.to_json(&sizes, args.quick))?;
         std::fs::write(out, text + "\n")
             .with_context(|| format!("cannot write {}", out.display()))?;
-        outln!("summary written to {}", out.display())?;
+        write_stdout(&format!("summary written to {}\n", out.display()))?;
         if let Some((bare, library)) = &summary.propagation_samples {
             let chart = crate::plot::cdf_svg(
                 "Invalidation propagation to a peer vs a bare NOTIFY hop",
@@ -166,10 +169,20 @@ pub(crate) async fn run(args: BenchArgs, global_db: Option<String>) -> Result<()
             let svg = out.with_file_name("propagation.svg");
             std::fs::write(&svg, chart)
                 .with_context(|| format!("cannot write {}", svg.display()))?;
-            outln!("plot written to {}", svg.display())?;
+            write_stdout(&format!("plot written to {}\n", svg.display()))?;
         }
     }
     Ok(())
+}
+
+/// Writes `text` (whole lines) to stdout, flushed: a failed write is an error to report, not
+/// `print!`'s panic.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")
 }
 
 /// A name for the run's schema and channels: `deflookup_bench_<pid>_<millis>`.
@@ -274,20 +287,21 @@ impl Summary {
         ];
         let mode = if quick { "quick" } else { "full" };
         let scaled = if scale == 1.0 { String::new() } else { format!(", scale {scale}") };
-        outln!("deflookup bench ({mode}{scaled}, {:.0} s)", elapsed.as_secs_f64())?;
-        outln!("{:<48} {:>14}  goal", "measurement", "value")?;
-        outln!("{}", "-".repeat(74))?;
+        let mut table = String::new();
+        writeln!(table, "deflookup bench ({mode}{scaled}, {:.0} s)", elapsed.as_secs_f64())?;
+        writeln!(table, "{:<48} {:>14}  goal", "measurement", "value")?;
+        writeln!(table, "{}", "-".repeat(74))?;
         for (key, goal) in ROWS {
             let value = match self.get(key) {
                 Some(value) => format!("{value:.2}"),
                 None => "not measured".to_owned(),
             };
-            outln!("{key:<48} {value:>14}  {goal}")?;
+            writeln!(table, "{key:<48} {value:>14}  {goal}")?;
         }
         for (key, reason) in &self.missing {
-            outln!("not measured: {key}: {reason}")?;
+            writeln!(table, "not measured: {key}: {reason}")?;
         }
-        Ok(())
+        write_stdout(&table)
     }
 }
 
@@ -880,7 +894,7 @@ fn measure_scanner(sizes: &Sizes, summary: &mut Summary) {
         (0..rounds)
             .map(|_| {
                 let started = Instant::now();
-                std::hint::black_box(crate::scan::scan(source));
+                std::hint::black_box(lookup_cli::scan::scan(source));
                 started.elapsed().as_secs_f64() * 1000.0
             })
             .fold(f64::INFINITY, f64::min)

@@ -1,0 +1,118 @@
+//! End-to-end tests of the `deflookup-bench` binary on the Postgres of `DATABASE_URL` (with the
+//! PgBouncer and TLS cluster of `cargo xtask test-pg` when it provides them).
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The binary with `args`, its environment free of `DATABASE_URL` and `RUST_LOG`.
+fn bench(args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_deflookup-bench"));
+    command.args(args).env_remove("DATABASE_URL").env_remove("RUST_LOG");
+    command.output().expect("deflookup-bench runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Every key of the bench summary, each either a number or listed in `not_measured`.
+const BENCH_KEYS: [&str; 31] = [
+    "bare_select_p50_us",
+    "hit_p50_us",
+    "hit_ratio",
+    "bare_notify_p50_us",
+    "propagation_p50_us",
+    "propagation_p99_us",
+    "propagation_ratio",
+    "fanout_10k_ms",
+    "fanout_naive_10k_ms",
+    "fanout_speedup",
+    "coalesce_1000_prerenders",
+    "generation_state_bytes_after_1m_invalidations",
+    "l1_hit_p50_us",
+    "sqlite_hit_p50_us",
+    "sqlite_miss_p50_us",
+    "propagation_applied_before_return_fraction",
+    "propagation_after_return_p50_us",
+    "propagation_after_return_p99_us",
+    "miss_p50_us",
+    "coordinated_miss_p50_us",
+    "populate_miss_overhead_us",
+    "hit_unnamed_p50_us",
+    "hit_unnamed_ratio",
+    "hit_pgbouncer_p50_us",
+    "hit_tls_p50_us",
+    "connect_plain_p50_ms",
+    "connect_tls_p50_ms",
+    "scan_20k_exports_ms",
+    "scan_40k_exports_ms",
+    "scan_doubling_ratio",
+    "scan_40k_imports_ms",
+];
+
+#[test]
+fn bench_quick_writes_a_summary_with_every_key() {
+    // The run works in a schema and on channels of its own, and drops them at the end.
+    let Some(db) = behaviour_suite::database_url("bench_quick_writes_a_summary") else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("bench").join("summary.json");
+    let out_arg = out.display().to_string();
+    let mut args = vec!["--db", &db, "--quick", "--scale", "0.01", "--out", &out_arg];
+    // The connection-mode figures need the PgBouncer and the TLS cluster of xtask.
+    let bouncer =
+        behaviour_suite::xtask_setting("bench_quick_writes_a_summary", "DEFLOOKUP_PGBOUNCER_URL")
+            .map(|bouncer| {
+                let mut bouncer = url::Url::parse(&bouncer).expect("a URL");
+                bouncer.set_path(url::Url::parse(&db).expect("a URL").path());
+                bouncer.to_string()
+            });
+    let tls = behaviour_suite::xtask_setting("bench_quick_writes_a_summary", "DEFLOOKUP_TLS_PORT")
+        .map(|port| {
+            let ca = std::env::var("DEFLOOKUP_TLS_CA").expect("set with DEFLOOKUP_TLS_PORT");
+            format!(
+                "postgres://postgres@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={ca}"
+            )
+        });
+    if let (Some(bouncer), Some(tls)) = (&bouncer, &tls) {
+        args.extend(["--pgbouncer-db", bouncer, "--tls-db", tls]);
+    }
+    let output = bench(&args);
+    assert!(output.status.success(), "bench failed: {}", stderr(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("hit_ratio"), "the table is printed: {table}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("summary written"))
+            .expect("the summary is JSON");
+    let missing: Vec<&str> = summary["not_measured"]
+        .as_array()
+        .expect("not_measured is an array")
+        .iter()
+        .map(|entry| entry["key"].as_str().expect("a key"))
+        .collect();
+    for key in BENCH_KEYS {
+        match summary.get(key) {
+            Some(value) => {
+                assert!(value.is_number(), "{key} is a number: {value}");
+                assert!(!missing.contains(&key), "{key} is both measured and not");
+            }
+            None => assert!(missing.contains(&key), "{key} is neither measured nor explained"),
+        }
+    }
+    if bouncer.is_some() && tls.is_some() {
+        assert!(missing.is_empty(), "every key is measured: {missing:?}");
+    }
+    // Deterministic outcomes, unlike timings: a test may check them.
+    assert_eq!(summary["coalesce_1000_prerenders"], 1.0);
+    let plot = std::fs::read_to_string(out.with_file_name("propagation.svg")).expect("plot");
+    assert!(plot.starts_with("<svg") && plot.matches("<polyline").count() == 2, "{plot}");
+}
+
+#[test]
+fn bench_needs_postgres() {
+    let output = bench(&["--db", "sqlite::memory:"]);
+    assert!(!output.status.success(), "expected failure, got success");
+    let err = stderr(&output);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line on stderr, got {err:?}");
+    assert!(err.contains("postgres"), "stderr {err:?} should mention postgres");
+}
