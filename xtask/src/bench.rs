@@ -11,8 +11,7 @@ use anyhow::{Result, bail};
 
 use crate::pg::Server;
 use crate::services::Extras;
-use crate::soak::release_binary;
-use crate::{catch_interrupts, run_step, workspace_root};
+use crate::{catch_interrupts, release_binary, run_step, workspace_root};
 
 fn usage() -> &'static str {
     "cargo xtask bench [--quick]: builds deflookup-bench in release mode and runs its measurements \

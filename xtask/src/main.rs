@@ -2,9 +2,10 @@
 //!
 //! - `test`: formatting check, clippy with warnings denied, and every test of the workspace,
 //!   the Postgres tests included (`test.rs`).
-//! - `test-pg`: the tests of the crates that need Postgres (`test_pg.rs`).
+//! - `test-pg`: the tests of the crates that need Postgres (`test_pg.rs`). Both run their
+//!   tests through `tests_run.rs`.
 //! - `soak`: many `deflookup` processes on one database under injected faults, then an
-//!   audit of stale rows (`soak.rs`). Not part of `test`: it runs for a minute by default.
+//!   audit of stale rows (`soak/`). Not part of `test`: it runs for a minute by default.
 //!
 //! - `bench`: the benchmarks of `deflookup-bench` (crate `lookup-bench`) against their
 //!   baselines, on a release build (`bench.rs`); writes `target/bench/summary.json`.
@@ -23,6 +24,7 @@ mod services;
 mod soak;
 mod test;
 mod test_pg;
+mod tests_run;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,6 +86,24 @@ pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(workspace_root());
     command
+}
+
+/// Where the release binary `name` lands: `<target dir>/release/<name>`.
+pub fn release_binary(name: &str) -> Result<PathBuf> {
+    let mut metadata = cargo();
+    metadata.args(["metadata", "--format-version", "1", "--no-deps"]);
+    let output = metadata.output().context("cannot run cargo metadata")?;
+    if !output.status.success() {
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("cargo metadata printed no JSON")?;
+    let target = metadata["target_directory"].as_str().context("no target_directory")?;
+    let binary = Path::new(target).join("release").join(name);
+    if !binary.is_file() {
+        bail!("the build left no binary at {}", binary.display());
+    }
+    Ok(binary)
 }
 
 /// Runs a command, announcing it, and fails if it fails.

@@ -972,7 +972,7 @@ fn measure_generations(sizes: &Sizes, summary: &mut Summary) -> Result<()> {
             batch.clear();
         }
     }
-    let bytes = lookup.generations().approx_heap_bytes();
+    let bytes = lookup.generation_state_bytes();
     summary.set("generation_state_bytes_after_1m_invalidations", bytes as f64);
     Ok(())
 }

@@ -58,6 +58,8 @@ use serde_json::{Map, Value, json};
 use url::Url;
 
 use crate::scan::{ModuleScan, scan};
+// The `// version: N` line a definition records (the soak audits it).
+use crate::soak_protocol::source_version;
 
 /// A prerenderer that reads modules from realm directories (see the module documentation).
 ///
@@ -320,17 +322,6 @@ impl Prerenderer for FilePrerenderer {
         }
         Ok(response)
     }
-}
-
-/// The `N` of the first line that is exactly a line comment `// version: N` (spaces around
-/// the parts allowed), if any. Anything else on the line, or an `N` that is not a `u64`,
-/// makes it an ordinary comment.
-pub(crate) fn source_version(source: &str) -> Option<u64> {
-    source.lines().find_map(|line| {
-        let comment = line.trim().strip_prefix("//")?;
-        let number = comment.trim_start().strip_prefix("version:")?;
-        number.trim().parse().ok()
-    })
 }
 
 /// Resolves `path`'s symbolic links and checks that it stays inside the realm directory
@@ -909,25 +900,6 @@ mod tests {
         let base =
             response.definitions["https://r.test/realm/base/Base"].as_object().expect("object");
         assert!(!base.contains_key("version"), "{base:?}");
-    }
-
-    #[test]
-    fn only_a_well_formed_line_comment_is_a_version() {
-        assert_eq!(source_version("// version: 3\n"), Some(3));
-        assert_eq!(source_version("  //version:4  \r\nexport class A {}"), Some(4));
-        assert_eq!(
-            source_version("export class A {}\n// version: 18446744073709551615"),
-            Some(u64::MAX)
-        );
-        // The first well-formed line wins; malformed ones are ordinary comments.
-        assert_eq!(source_version("// version: x\n// version: 5\n// version: 6\n"), Some(5));
-        assert_eq!(source_version("// version: -1\n"), None);
-        assert_eq!(source_version("// version: 18446744073709551616\n"), None);
-        assert_eq!(source_version("// version: 3 (draft)\n"), None);
-        assert_eq!(source_version("/* version: 3 */\n"), None);
-        assert_eq!(source_version("const a = 1; // version: 3\n"), None);
-        assert_eq!(source_version("// the version: 3\n"), None);
-        assert_eq!(source_version(""), None);
     }
 
     #[tokio::test]

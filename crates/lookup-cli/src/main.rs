@@ -2,13 +2,14 @@
 //! cache work in a narrated demo.
 //!
 //! Realms are directories of module files (`--realm URL=DIR`); modules are "prerendered" by a
-//! small source scanner (see `scan.rs`). The database is an embedded SQLite file by default.
+//! small source scanner (see `scan/`). The database is an embedded SQLite file by default.
 
 #![forbid(unsafe_code)]
 
 mod demo;
 mod files;
 mod out;
+mod soak_protocol;
 mod soak_worker;
 
 // The scanner lives in the package's library, which `deflookup-bench` measures too.

@@ -1,9 +1,10 @@
 //! `deflookup soak-worker`: one process' worth of random work for `cargo xtask soak`.
 //!
 //! The realm (the first `--realm`) holds the modules `m0.gts` … `m{M-1}.gts`, module `mI`
-//! exporting the class `MI` and carrying a `// version: N` line (see `files.rs`). Several
-//! tasks share one lookup (so one process' generations, coalescing and listener) and, until
-//! the time is up, each repeatedly picks a random module and:
+//! exporting the class `MI` and carrying a `// version: N` line (the protocol shared with the
+//! orchestrator: `soak_protocol.rs`). Several tasks share one lookup (so one process'
+//! generations, coalescing and listener) and, until the time is up, each repeatedly picks a
+//! random module and:
 //!
 //! - about 75%: looks its export up (by `mI` or `mI.gts`, at random);
 //! - about 15%: **edits** it — writes a strictly higher version atomically (temporary file
@@ -41,7 +42,8 @@ use invalidation_listener::PgInvalidationListener;
 use lookup_core::InvalidationSink;
 use lookup_core::{CachingLookup, CodeRef, NoRemoteRealms};
 
-use crate::files::{FilePrerenderer, source_version};
+use crate::files::FilePrerenderer;
+use crate::soak_protocol::{class_name, module_file, module_name, source_version, with_version};
 
 /// How long one lookup or invalidation may take before it counts as failed. Bounded so that a
 /// worker ends close to its deadline even when the server hangs.
@@ -183,9 +185,10 @@ pub(crate) async fn run(
         let path = dir.join(module_file(index));
         if !path.is_file() {
             bail!(
-                "{} is missing: the realm must hold m0.gts … m{}.gts",
+                "{} is missing: the realm must hold {} … {}",
                 path.display(),
-                args.modules - 1
+                module_file(0),
+                module_file(args.modules - 1)
             );
         }
     }
@@ -280,11 +283,11 @@ impl Task {
         // Both spellings: the extensionless one goes through the population candidates and
         // the alias match, the other straight to the file.
         let module = if self.rng.bool() {
-            format!("{}m{index}", self.realm_url)
+            format!("{}{}", self.realm_url, module_name(index))
         } else {
             format!("{}{}", self.realm_url, module_file(index))
         };
-        let code_ref = CodeRef::new(module, format!("M{index}"));
+        let code_ref = CodeRef::new(module, class_name(index));
         match tokio::time::timeout(OP_TIMEOUT, self.lookup.lookup_definition(&code_ref, None)).await
         {
             Ok(Ok(_)) => {
@@ -385,11 +388,6 @@ impl Pause {
     }
 }
 
-/// The file of module `index`.
-fn module_file(index: u64) -> String {
-    format!("m{index}.gts")
-}
-
 /// Gives module `index` a new version, strictly higher than its current one: the current
 /// time in microseconds since the epoch, or one more than the current version if that is not
 /// higher. Returns the version written.
@@ -411,24 +409,6 @@ fn edit_module(dir: &Path, index: u64, temp_tag: &str) -> std::io::Result<u64> {
     std::fs::write(&temporary, updated)?;
     std::fs::rename(&temporary, &path)?;
     Ok(version)
-}
-
-/// `source` with its first `// version:` line replaced by one for `version` (or such a line
-/// added on top when it has none).
-fn with_version(source: &str, version: u64) -> String {
-    let line = format!("// version: {version}");
-    let mut replaced = false;
-    let mut out = String::with_capacity(source.len() + 8);
-    for original in source.lines() {
-        if !replaced && source_version(original).is_some() {
-            out.push_str(&line);
-            replaced = true;
-        } else {
-            out.push_str(original);
-        }
-        out.push('\n');
-    }
-    if replaced { out } else { format!("{line}\n{out}") }
 }
 
 fn now_micros() -> u64 {
@@ -484,16 +464,6 @@ fn task_rngs(seed: u64) -> impl Iterator<Item = fastrand::Rng> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_edit_replaces_the_version_line_and_keeps_the_rest() {
-        let source = "// version: 1\nimport { M0 } from './m0';\nexport class M1 extends M0 {}\n";
-        assert_eq!(
-            with_version(source, 42),
-            "// version: 42\nimport { M0 } from './m0';\nexport class M1 extends M0 {}\n"
-        );
-        assert_eq!(with_version("export class A {}\n", 7), "// version: 7\nexport class A {}\n");
-    }
 
     #[test]
     fn edits_raise_the_version_strictly() {

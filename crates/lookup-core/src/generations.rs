@@ -71,7 +71,7 @@ impl State {
 
 /// Generation tracking shared by a lookup and its listener.
 #[derive(Debug, Default)]
-pub struct Generations {
+pub(crate) struct Generations {
     state: Mutex<State>,
 }
 
@@ -83,7 +83,7 @@ impl Generations {
     }
 
     /// Takes a snapshot; hold it for as long as the load runs.
-    pub fn snapshot(self: &Arc<Self>) -> Snapshot {
+    pub(crate) fn snapshot(self: &Arc<Self>) -> Snapshot {
         let mut state = self.lock();
         let epoch = state.epoch;
         *state.live.entry(epoch).or_default() += 1;
@@ -91,7 +91,7 @@ impl Generations {
     }
 
     /// Records that `urls` of `realm_url` were invalidated.
-    pub fn bump_modules(&self, realm_url: &str, urls: &[String]) {
+    pub(crate) fn bump_modules(&self, realm_url: &str, urls: &[String]) {
         let mut state = self.lock();
         let Some(epoch) = state.bump() else { return };
         let realm = state.modules.entry(realm_url.to_owned()).or_default();
@@ -108,7 +108,7 @@ impl Generations {
     }
 
     /// Records that a whole realm was invalidated.
-    pub fn bump_realm(&self, realm_url: &str) {
+    pub(crate) fn bump_realm(&self, realm_url: &str) {
         let mut state = self.lock();
         if let Some(epoch) = state.bump() {
             state.realms.insert(realm_url.to_owned(), epoch);
@@ -116,7 +116,7 @@ impl Generations {
     }
 
     /// Records that everything was invalidated.
-    pub fn bump_global(&self) {
+    pub(crate) fn bump_global(&self) {
         let mut state = self.lock();
         if let Some(epoch) = state.bump() {
             state.global = epoch;
@@ -124,7 +124,7 @@ impl Generations {
     }
 
     /// Approximate heap bytes held by remembered bumps (for the memory benchmark).
-    pub fn approx_heap_bytes(&self) -> usize {
+    pub(crate) fn approx_heap_bytes(&self) -> usize {
         let state = self.lock();
         let entry = std::mem::size_of::<(String, u64)>() + 1;
         let mut bytes = state.realms.capacity() * entry
@@ -140,7 +140,8 @@ impl Generations {
     }
 
     /// Number of bumps currently remembered (module and realm).
-    pub fn remembered_bumps(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn remembered_bumps(&self) -> usize {
         let state = self.lock();
         state.module_count + state.realms.len()
     }
@@ -148,14 +149,14 @@ impl Generations {
 
 /// A load's view of the generations when it started. Dropping it releases what it pinned.
 #[derive(Debug)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     generations: Arc<Generations>,
     epoch: u64,
 }
 
 impl Snapshot {
     /// Whether nothing covering `realm_url` or any of `urls` was invalidated since the snapshot.
-    pub fn is_current<S: AsRef<str>>(&self, realm_url: &str, urls: &[S]) -> bool {
+    pub(crate) fn is_current<S: AsRef<str>>(&self, realm_url: &str, urls: &[S]) -> bool {
         let state = self.generations.lock();
         if state.global > self.epoch {
             return false;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use hashlink::LruCache;
 
 use crate::generations::Snapshot;
-use crate::lookup::LoadKey;
+use crate::key::LoadKey;
 use crate::types::CacheEntry;
 
 /// Settings of the in-process tier.

@@ -4,7 +4,9 @@
 mod builder;
 mod error;
 mod generations;
+mod key;
 mod l1;
+mod load;
 mod lookup;
 mod populate;
 pub mod telemetry;
@@ -15,7 +17,6 @@ pub mod wire;
 
 pub use builder::LookupBuilder;
 pub use error::{LookupError, SharedError};
-pub use generations::{Generations, Snapshot};
 pub use l1::{L1Config, L1Stats};
 pub use lookup::{CachingLookup, LookupConfig, fan_out};
 pub use populate::{
