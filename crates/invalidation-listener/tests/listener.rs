@@ -176,6 +176,20 @@ async fn expect_event(events: &mut broadcast::Receiver<ListenerEvent>, expected:
     assert_eq!(got, expected);
 }
 
+/// Ends `listener`'s session from the server side and waits for its `Disconnected` event.
+async fn terminate_listener(
+    db: &TestDb,
+    listener: &PgInvalidationListener,
+    events: &mut broadcast::Receiver<ListenerEvent>,
+) {
+    let pid = listener.backend_pid().expect("connected");
+    db.client().await.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("kill");
+    match next_event(events, "Disconnected").await {
+        ListenerEvent::Disconnected { .. } => {}
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+}
+
 /// The very next event must be a resync.
 async fn expect_resync(events: &mut broadcast::Receiver<ListenerEvent>) -> String {
     match next_event(events, "Resync").await {

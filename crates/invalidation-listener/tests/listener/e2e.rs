@@ -106,12 +106,7 @@ async fn l1_follows_a_peers_invalidation_and_is_bypassed_while_disconnected_then
 
     // A lost connection bypasses the tier until the listener is back; it caught up with
     // nothing missed, so the tier kept its entry.
-    let pid = b.listener.backend_pid().expect("pid");
-    db.client().await.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("kill");
-    assert!(matches!(
-        next_event(&mut b.events, "Disconnected").await,
-        ListenerEvent::Disconnected { .. }
-    ));
+    terminate_listener(&db, &b.listener, &mut b.events).await;
     // The sink was told before the event was sent.
     assert!(b.lookup.l1_stats().expect("on").suspended);
     expect_event(&mut b.events, ListenerEvent::Connected).await;

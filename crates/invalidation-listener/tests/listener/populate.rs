@@ -411,13 +411,7 @@ async fn populate_a_listener_reconnect_makes_every_waiter_probe_without_losing_i
     let config = populate_config(&db, "populate_resync");
     let mut a = populator(&config, announced_only()).await;
     let mut ticket = a.signals.register(&key_of(&a.coordinator, &format!("{REALM}card.gts")));
-    let pid = a.listener.backend_pid().expect("pid");
-    let client = db.client().await;
-    client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("terminate");
-    assert!(matches!(
-        next_event(&mut a.events, "Disconnected").await,
-        ListenerEvent::Disconnected { .. }
-    ));
+    terminate_listener(&db, &a.listener, &mut a.events).await;
     expect_event(&mut a.events, ListenerEvent::Connected).await;
     expect_event(&mut a.events, ListenerEvent::CaughtUp { replayed: 0 }).await;
     // Announcements sent while away are in no log: the waiter is asked to probe now, which
@@ -443,12 +437,7 @@ async fn populate_a_waiter_keeps_its_round_across_a_listener_reconnect() {
     let lease = a.coordinator.try_acquire(&key).await.expect("try").expect("A wins");
     let waiting = spawn_load(&b.lookup, &url);
     until("B to park", || b.coordinator.stats().contended == 1 && b.signals.waiting() == 1).await;
-    let pid = b.listener.backend_pid().expect("pid");
-    db.client().await.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.expect("kill");
-    assert!(matches!(
-        next_event(&mut b.events, "Disconnected").await,
-        ListenerEvent::Disconnected { .. }
-    ));
+    terminate_listener(&db, &b.listener, &mut b.events).await;
     expect_event(&mut b.events, ListenerEvent::Connected).await;
     expect_event(&mut b.events, ListenerEvent::CaughtUp { replayed: 0 }).await;
     until("B's probe", || b.coordinator.stats().contended == 2).await;
