@@ -1,9 +1,13 @@
-//! `cargo xtask bench [--quick]`: the benchmarks of `deflookup-bench` (crate `lookup-bench`),
-//! each with its baseline measured in the same process and run, on a release build.
+//! `cargo xtask bench [--quick] [--scale]`: the benchmarks of `deflookup-bench` (crate
+//! `lookup-bench`), each with its baseline measured in the same process and run, on a release
+//! build.
 //!
-//! The server is `$DATABASE_URL`'s or a throwaway cluster ([`Server`], as for the soak); the
-//! binary works in a schema and on channels of its own and drops them at the end. The binary
-//! prints the table (passed through to stdout) and writes `target/bench/summary.json`.
+//! The server is `$DATABASE_URL`'s or a throwaway cluster with `initdb`'s durability settings
+//! ([`Server::durable`]: `fsync` and `synchronous_commit` on, so a commit that wrote WAL waits
+//! for its flush, as in production); the binary works in a schema and on channels of its own
+//! and drops them at the end. The binary prints the table (passed through to stdout) and
+//! writes `target/bench/summary.json` and `target/bench/propagation.svg`; with `--scale`, the
+//! scale curves instead: `target/bench/scale.json` and `target/bench/scale.svg`.
 
 use std::process::Command;
 
@@ -14,17 +18,21 @@ use crate::services::Extras;
 use crate::{catch_interrupts, release_binary, run_step, workspace_root};
 
 fn usage() -> &'static str {
-    "cargo xtask bench [--quick]: builds deflookup-bench in release mode and runs its measurements \
-     against their baselines on $DATABASE_URL or a throwaway Postgres cluster; prints a table \
-     and writes target/bench/summary.json. --quick takes fewer samples (a few minutes)."
+    "cargo xtask bench [--quick] [--scale]: builds deflookup-bench in release mode and runs its \
+     measurements against their baselines on $DATABASE_URL or a throwaway Postgres cluster \
+     (fsync on); prints a table and writes target/bench/summary.json. --quick takes fewer \
+     samples (a few minutes). --scale measures the scale curves instead (1-50 listening \
+     processes, 1-16 invalidators, 1-32 concurrent lookups, each against a bare baseline; a \
+     few minutes) and writes target/bench/scale.json and target/bench/scale.svg."
 }
 
 /// Runs the benchmarks (see the module documentation).
 pub(crate) fn run(args: &[String]) -> Result<()> {
-    let mut quick = false;
+    let (mut quick, mut scale) = (false, false);
     for arg in args {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--scale" => scale = true,
             "--help" | "-h" => {
                 println!("{}", usage());
                 return Ok(());
@@ -38,16 +46,20 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     run_step("cargo build --release -p lookup-bench", build)?;
     let binary = release_binary("deflookup-bench")?;
 
-    let server = Server::from_env_or_start()?;
+    let server = Server::durable()?;
     // On a cluster of our own, also the TLS cluster and PgBouncer of the tests, for the
-    // connection-mode figures (stopped before the main cluster).
+    // connection-mode figures (stopped before the main cluster); the curves need neither.
     let extras = match &server {
-        Server::Ephemeral(pg) => Some(Extras::start(pg)?),
-        Server::Given { .. } => None,
+        Server::Ephemeral(pg) if !scale => Some(Extras::start(pg)?),
+        _ => None,
     };
-    let out = workspace_root().join("target").join("bench").join("summary.json");
+    let file = if scale { "scale.json" } else { "summary.json" };
+    let out = workspace_root().join("target").join("bench").join(file);
     let mut bench = Command::new(&binary);
     bench.arg("--db").arg(server.url()).arg("--out").arg(&out);
+    if scale {
+        bench.arg("--curves");
+    }
     if let Some(extras) = &extras {
         bench.arg("--pgbouncer-db").arg(extras.pgbouncer_url());
         bench.arg("--tls-db").arg(extras.tls_url());

@@ -8,7 +8,8 @@
 //!   audit of stale rows (`soak/`). Not part of `test`: it runs for a minute by default.
 //!
 //! - `bench`: the benchmarks of `deflookup-bench` (crate `lookup-bench`) against their
-//!   baselines, on a release build (`bench.rs`); writes `target/bench/summary.json`.
+//!   baselines, on a release build (`bench.rs`); writes `target/bench/summary.json` (with
+//!   `--scale`, the scale curves: `target/bench/scale.json`).
 //!
 //! `test` and `test-pg` run the Postgres tests on `$DATABASE_URL` when it is set. Otherwise they start a
 //! throwaway cluster with the machine's `initdb` and `pg_ctl` (`pg.rs`), pass its URL to the
@@ -68,8 +69,9 @@ fn print_help() {
     println!("                             P deflookup processes (3) for N seconds (60) under");
     println!("                             injected faults, then an audit; last line:");
     println!("                             `stale rows: S of R rows; invalidations: I; …`");
-    println!("  bench [--quick]            measurements against their baselines on a release");
-    println!("                             build; a table, and target/bench/summary.json\n");
+    println!("  bench [--quick] [--scale]  measurements against their baselines on a release");
+    println!("                             build; a table, and target/bench/summary.json;");
+    println!("                             --scale: the scale curves, target/bench/scale.json\n");
     println!("The Postgres tests use $DATABASE_URL when it is set; the server-restart tests then");
     println!("run only if $DEFLOOKUP_PG_RESTART holds a shell command that restarts that server.");
     println!("Otherwise xtask starts a throwaway cluster with initdb and pg_ctl (from PATH or");

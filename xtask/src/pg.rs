@@ -2,7 +2,9 @@
 //!
 //! The cluster lives in one fresh temporary directory (data directory, socket directory and
 //! server log), listens on a free loopback port, trusts every local connection, and trades
-//! durability for speed (`fsync=off` and friends). Dropping the guard stops the server and
+//! durability for speed (`fsync=off` and friends), except the bench's ([`Server::durable`]:
+//! `initdb`'s defaults, so a commit that wrote WAL waits for its flush, as in production).
+//! Dropping the guard stops the server and
 //! removes the directory, whatever happened in between: tests that fail, a panic, or Ctrl-C
 //! (see [`crate::catch_interrupts`]).
 //!
@@ -32,10 +34,13 @@ const TCP_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const PORT_ATTEMPTS: usize = 3;
 /// Lines of the server log printed when something fails.
 const LOG_TAIL_LINES: usize = 40;
-/// The Postgres settings of the cluster, besides port and socket directory. `max_connections`
-/// is high because test binaries run many tests at once, each with a pool and a listener.
-const SERVER_SETTINGS: &str = "-c listen_addresses=127.0.0.1 -c max_connections=300 \
-     -c fsync=off -c synchronous_commit=off -c full_page_writes=off";
+/// The Postgres settings of every cluster, besides port and socket directory.
+/// `max_connections` is high because test binaries run many tests at once, each with a pool
+/// and a listener (and the bench's scale curves open about 110 connections at most).
+const SERVER_SETTINGS: &str = "-c listen_addresses=127.0.0.1 -c max_connections=300";
+/// What a test cluster adds: durability traded for speed. Not the bench's: it measures what
+/// a commit costs.
+const FAST_SETTINGS: &str = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off";
 
 /// A running throwaway Postgres cluster, stopped and deleted on drop.
 #[derive(Debug)]
@@ -52,21 +57,29 @@ pub(crate) struct EphemeralPg {
     launched: bool,
     /// The server certificate and key of a TLS-only cluster.
     tls: Option<(PathBuf, PathBuf)>,
+    /// Whether the cluster keeps `initdb`'s durability settings (no [`FAST_SETTINGS`]).
+    durable: bool,
 }
 
 impl EphemeralPg {
     /// Creates, starts and waits for a new cluster.
     pub(crate) fn start() -> Result<Self> {
-        Self::start_with(None)
+        Self::start_with(None, false)
+    }
+
+    /// Creates, starts and waits for a new cluster with `initdb`'s durability settings
+    /// (`fsync`, `synchronous_commit` and `full_page_writes` on): the bench's.
+    pub(crate) fn start_durable() -> Result<Self> {
+        Self::start_with(None, true)
     }
 
     /// Creates and starts a cluster that accepts only TLS connections over TCP (`hostssl`),
     /// with `files`' server certificate.
     pub(crate) fn start_tls(files: &crate::services::TlsFiles) -> Result<Self> {
-        Self::start_with(Some((files.server_cert.clone(), files.server_key.clone())))
+        Self::start_with(Some((files.server_cert.clone(), files.server_key.clone())), false)
     }
 
-    fn start_with(tls: Option<(PathBuf, PathBuf)>) -> Result<Self> {
+    fn start_with(tls: Option<(PathBuf, PathBuf)>, durable: bool) -> Result<Self> {
         // Before the first child: from now on Ctrl-C only sets a flag, and the guard cleans up.
         catch_interrupts()?;
         let began = Instant::now();
@@ -74,7 +87,7 @@ impl EphemeralPg {
         let as_postgres = running_as_root()?;
         let dir = temp_dir("deflookup-pg")?;
         // From here on the guard exists, so every early return below removes the directory.
-        let mut pg = EphemeralPg { dir, bin, as_postgres, port: 0, launched: false, tls };
+        let mut pg = EphemeralPg { dir, bin, as_postgres, port: 0, launched: false, tls, durable };
         let result = pg.init_and_launch(began);
         if let Err(error) = result {
             if !interrupted() {
@@ -137,7 +150,8 @@ impl EphemeralPg {
     /// The `-o` argument of `pg_ctl`. pg_ctl hands it to `/bin/sh`, hence the quoted path.
     fn server_options(&self) -> String {
         let socket_dir = shell_quote(&path_str(&self.socket_dir()));
-        format!("-p {} -k {socket_dir} {SERVER_SETTINGS}", self.port)
+        let fast = if self.durable { "" } else { FAST_SETTINGS };
+        format!("-p {} -k {socket_dir} {SERVER_SETTINGS} {fast}", self.port).trim_end().to_owned()
     }
 
     fn init_and_launch(&mut self, began: Instant) -> Result<()> {
@@ -441,6 +455,15 @@ impl Server {
                 Ok(Server::Given { url, restart: non_empty("DEFLOOKUP_PG_RESTART") })
             }
             None => Ok(Server::Ephemeral(EphemeralPg::start()?)),
+        }
+    }
+
+    /// As [`from_env_or_start`](Self::from_env_or_start), but a cluster started now keeps
+    /// `initdb`'s durability settings ([`EphemeralPg::start_durable`]): the bench's.
+    pub(crate) fn durable() -> Result<Self> {
+        match std::env::var("DATABASE_URL").ok().filter(|value| !value.is_empty()) {
+            Some(_) => Self::from_env_or_start(),
+            None => Ok(Server::Ephemeral(EphemeralPg::start_durable()?)),
         }
     }
 

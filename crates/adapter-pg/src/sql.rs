@@ -11,7 +11,13 @@
 //! Statements name their tables with the configured schema (`_S_` in the texts below), so no
 //! session state (`search_path`) is needed either.
 
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use deadpool_postgres::ClientWrapper;
+use tokio::time::{Instant, Sleep};
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -52,6 +58,7 @@ pub(crate) struct Sql {
     pub(crate) begin: Stmt,
     pub(crate) commit: Stmt,
     pub(crate) row_count: Stmt,
+    keeper: TimerKeeper,
 }
 
 impl Sql {
@@ -92,6 +99,7 @@ impl Sql {
             commit: stmt("COMMIT", types::NONE),
             row_count: stmt("SELECT count(*) FROM _S_modules", types::NONE),
             prefix,
+            keeper: TimerKeeper::default(),
         }
     }
 
@@ -128,6 +136,9 @@ impl Sql {
         statement: &Stmt,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        // Before the operation's timeout registers its timer, which happens once this first
+        // poll is pending.
+        self.keeper.keep();
         if self.unnamed {
             debug_assert_eq!(params.len(), statement.types.len(), "{}", statement.text);
             let typed: Vec<(&(dyn ToSql + Sync), Type)> =
@@ -137,6 +148,68 @@ impl Sql {
             let prepared = client.prepare_cached(&statement.text).await?;
             client.query(&prepared, params).await
         }
+    }
+}
+
+/// How far ahead the [`TimerKeeper`]'s timer is due: shorter than any sensible operation
+/// timeout (15 s by default), long enough that re-arming it costs nothing measurable.
+const KEEPER_PERIOD: Duration = Duration::from_secs(1);
+
+/// Keeps a timer of the adapter's pending in the runtime's timer wheel, so that registering an
+/// operation's timeout does not wake the timer driver.
+///
+/// Every operation runs under a timeout (`PgAdapter::bounded`). Tokio wakes its timer driver
+/// (a system call, and a worker thread that wakes up for nothing) whenever a timer is
+/// registered that is due sooner than any the driver knew of when it went to sleep, which is
+/// always when it knew of none: on a runtime with no other timer, one more wake-up per query,
+/// a couple of microseconds of a cache hit (measured). This timer is due within
+/// [`KEEPER_PERIOD`], before any operation's deadline, so an operation's timer is never the
+/// soonest and registering it wakes nobody. Nothing runs when it fires; the next query arms it
+/// again (at most once a period while queries flow, not at all once they stop).
+#[derive(Default)]
+struct TimerKeeper {
+    /// When the armed timer is due, in nanoseconds after `origin` (0: none armed yet).
+    due: AtomicU64,
+    origin: std::sync::OnceLock<Instant>,
+    /// The timer, in the runtime it was made in (a timer must not be touched from another
+    /// runtime, which may be gone).
+    timer: Mutex<Option<(tokio::runtime::Id, Pin<Box<Sleep>>)>>,
+}
+
+impl std::fmt::Debug for TimerKeeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimerKeeper").field("due", &self.due).finish_non_exhaustive()
+    }
+}
+
+impl TimerKeeper {
+    fn keep(&self) {
+        let now = Instant::now();
+        let origin = *self.origin.get_or_init(|| now);
+        let nanos = |at: Instant| {
+            u64::try_from(at.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
+        };
+        if self.due.load(Ordering::Relaxed) > nanos(now) {
+            return;
+        }
+        // Outside a runtime there is no timer to keep; when another query is arming it, that
+        // one is enough.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(mut timer) = self.timer.try_lock() else {
+            return;
+        };
+        let deadline = now + KEEPER_PERIOD;
+        let sleep = match &mut *timer {
+            Some((id, sleep)) if *id == runtime.id() => sleep,
+            slot => {
+                &mut slot.insert((runtime.id(), Box::pin(tokio::time::sleep_until(deadline)))).1
+            }
+        };
+        // Registers the timer with the driver; no task waits on it.
+        sleep.as_mut().reset(deadline);
+        self.due.store(nanos(deadline), Ordering::Relaxed);
     }
 }
 
@@ -168,4 +241,33 @@ pub(crate) mod types {
         Type::TEXT,
         Type::JSONB,
     ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_keeper_needs_a_runtime() {
+        let keeper = TimerKeeper::default();
+        keeper.keep();
+        assert_eq!(keeper.due.load(Ordering::Relaxed), 0);
+        assert!(keeper.timer.lock().expect("not poisoned").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_keeper_arms_its_timer_once_a_period() {
+        let keeper = TimerKeeper::default();
+        keeper.keep();
+        let due = keeper.due.load(Ordering::Relaxed);
+        assert!(due > 0);
+        {
+            let timer = keeper.timer.lock().expect("not poisoned");
+            let (id, sleep) = timer.as_ref().expect("armed");
+            assert_eq!(*id, tokio::runtime::Handle::current().id());
+            assert!(!sleep.is_elapsed());
+        }
+        keeper.keep();
+        assert_eq!(keeper.due.load(Ordering::Relaxed), due, "still armed: left alone");
+    }
 }

@@ -8,7 +8,7 @@ use deadpool_postgres::{ClientWrapper, Object};
 use lookup_core::{CacheEntry, CacheScope, EntryScope, ErrorDoc, LoadStamp, PersistOutcome};
 use serde_json::{Map, Value};
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{FromSql, ToSql, Type};
 
 use crate::error::PgError;
 use crate::guard;
@@ -18,6 +18,21 @@ use crate::sql::Sql;
 /// `timing_diagnostics` in a table of the reference's seed-era revision).
 const SELECT_COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, \
                               deps, error_doc, created_at, file_alias, _D_ AS diagnostics";
+
+/// The positions of [`SELECT_COLUMNS`] in a row read: rows are decoded by position, without
+/// looking each column up by name.
+mod col {
+    pub(super) const URL: usize = 0;
+    pub(super) const CACHE_SCOPE: usize = 1;
+    pub(super) const AUTH_USER_ID: usize = 2;
+    pub(super) const RESOLVED_REALM_URL: usize = 3;
+    pub(super) const DEFINITIONS: usize = 4;
+    pub(super) const DEPS: usize = 5;
+    pub(super) const ERROR_DOC: usize = 6;
+    pub(super) const CREATED_AT: usize = 7;
+    pub(super) const FILE_ALIAS: usize = 8;
+    pub(super) const DIAGNOSTICS: usize = 9;
+}
 
 /// The columns written.
 const COLUMNS: &str = "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
@@ -207,49 +222,79 @@ pub(crate) async fn guarded_insert(
     Ok(if written.is_empty() { PersistOutcome::Stale } else { PersistOutcome::Written })
 }
 
-pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(
+/// The text of a `jsonb` (or `json`) value, borrowed from its row, for decoding straight into
+/// a type rather than through a [`Value`].
+struct JsonText<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for JsonText<'a> {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty != Type::JSONB {
+            return Ok(JsonText(raw));
+        }
+        // As the driver's own `Json`: a version byte, 1, then the text.
+        match raw.split_first() {
+            Some((1, text)) => Ok(JsonText(text)),
+            _ => Err("unsupported JSONB encoding version".into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::JSON | Type::JSONB)
+    }
+}
+
+/// A JSON column decoded as `T`; SQL `NULL` and JSON `null` are `None`. A document that is not
+/// a `T` is a [`PgError::CorruptRow`].
+fn decode_json<T: serde::de::DeserializeOwned>(
+    row: &Row,
     row_url: &str,
+    index: usize,
     column: &'static str,
-    value: Option<Value>,
 ) -> Result<Option<T>, PgError> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(value) => serde_json::from_value(value).map(Some).map_err(|e| PgError::CorruptRow {
-            url: row_url.to_owned(),
-            column,
-            source: Box::new(e),
-        }),
+    let corrupt = |source: Box<dyn std::error::Error + Sync + Send>| PgError::CorruptRow {
+        url: row_url.to_owned(),
+        column,
+        source,
+    };
+    match row.try_get::<_, Option<JsonText<'_>>>(index).map_err(|e| corrupt(Box::new(e)))? {
+        None => Ok(None),
+        Some(JsonText(text)) => {
+            serde_json::from_slice::<Option<T>>(text).map_err(|e| corrupt(Box::new(e)))
+        }
     }
 }
 
 fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {
-    let url: String = row.get("url");
-    let scope_text: String = row.get("cache_scope");
-    let cache_scope = CacheScope::parse(&scope_text).ok_or_else(|| PgError::CorruptRow {
+    let url: String = row.get(col::URL);
+    let scope_text: &str = row.get(col::CACHE_SCOPE);
+    let cache_scope = CacheScope::parse(scope_text).ok_or_else(|| PgError::CorruptRow {
         url: url.clone(),
         column: "cache_scope",
         source: format!("unknown scope {scope_text:?}").into(),
     })?;
     // Lenient with rows another writer stored (the reference system shares the table): a
     // `null` or odd `definitions` reads as none, `deps` keeps its strings.
-    let definitions: Map<String, Value> = match row.get::<_, Option<Value>>("definitions") {
+    let definitions: Map<String, Value> = match row.get::<_, Option<Value>>(col::DEFINITIONS) {
         Some(Value::Object(map)) => map,
         _ => Map::new(),
     };
-    let deps = string_list(row.get("deps"));
-    let error: Option<ErrorDoc> = decode_json(&url, "error_doc", row.get("error_doc"))?;
-    let file_alias: Option<String> = row.get("file_alias");
+    let deps = string_list(row.get(col::DEPS));
+    let error: Option<ErrorDoc> = decode_json(row, &url, col::ERROR_DOC, "error_doc")?;
+    let file_alias: Option<String> = row.get(col::FILE_ALIAS);
     Ok(CacheEntry {
         file_alias: file_alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
         url,
         cache_scope,
-        auth_user_id: row.get("auth_user_id"),
-        resolved_realm_url: row.get("resolved_realm_url"),
+        auth_user_id: row.get(col::AUTH_USER_ID),
+        resolved_realm_url: row.get(col::RESOLVED_REALM_URL),
         definitions,
         deps,
         error,
-        created_at: row.get("created_at"),
-        diagnostics: row.get::<_, Option<Value>>("diagnostics").filter(|v| !v.is_null()),
+        created_at: row.get(col::CREATED_AT),
+        diagnostics: row.get::<_, Option<Value>>(col::DIAGNOSTICS).filter(|v| !v.is_null()),
     })
 }
 
@@ -258,7 +303,11 @@ fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {
 pub(crate) fn string_list(value: Option<Value>) -> Vec<String> {
     match value {
         Some(Value::Array(items)) => {
-            items.into_iter().filter_map(|item| item.as_str().map(str::to_owned)).collect()
+            let string = |item| match item {
+                Value::String(text) => Some(text),
+                _ => None,
+            };
+            items.into_iter().filter_map(string).collect()
         }
         _ => Vec::new(),
     }
@@ -301,6 +350,35 @@ impl Drop for Checkout {
     fn drop(&mut self) {
         if let Some(client) = self.client.take() {
             drop(Object::take(client));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_column_positions_follow_the_select_list() {
+        let names: Vec<&str> = SELECT_COLUMNS
+            .split(',')
+            .map(|column| column.split_whitespace().last().expect("a column"))
+            .collect();
+        let positions = [
+            ("url", col::URL),
+            ("cache_scope", col::CACHE_SCOPE),
+            ("auth_user_id", col::AUTH_USER_ID),
+            ("resolved_realm_url", col::RESOLVED_REALM_URL),
+            ("definitions", col::DEFINITIONS),
+            ("deps", col::DEPS),
+            ("error_doc", col::ERROR_DOC),
+            ("created_at", col::CREATED_AT),
+            ("file_alias", col::FILE_ALIAS),
+            ("diagnostics", col::DIAGNOSTICS),
+        ];
+        assert_eq!(names.len(), positions.len());
+        for (name, position) in positions {
+            assert_eq!(names[position], name);
         }
     }
 }

@@ -20,6 +20,15 @@
 //!
 //! `l1_hit_p50_us` is a `lookup_definition` answered by the in-process tier (`LookupConfig::l1`)
 //! over the same row; its baseline is the same lookup without the tier (`hit_p50_us`).
+//!
+//! Floors: `durable_floor_p50_us` is the least a coherent invalidation can cost, one round trip
+//! carrying `BEGIN`, a logged INSERT (a guard-like record), the DELETE of one `modules` row,
+//! `pg_notify` and `COMMIT` (a WAL flush on a durable server), timed like propagation to a bare
+//! listener's receipt; `fanout_floor_10k_ms` deletes the fan-out's rows by one DELETE of the
+//! known URLs and sends the same payloads, in one pipelined transaction. The ratios say how far
+//! the library is from them. `invalidate_round_trips` is counted through a relay (`relay.rs`).
+//!
+//! With `--curves`, the scale curves instead (`curves.rs`).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -33,23 +42,28 @@ use adapter_pg::{PgAdapter, PgConfig, PgPopulateCoordinator, PopulateSettings, P
 use adapter_sqlite::SqliteAdapter;
 use anyhow::{Context as _, Result, bail};
 use invalidation_listener::{ListenerOptions, PgInvalidationListener};
+use lookup_core::wire::encode_payloads;
 use lookup_core::{
-    CachingLookup, CodeRef, DbAdapter, InvalidationSink, L1Config, LookupConfig, LookupError,
-    NoRemoteRealms, PrerenderRequest, PrerenderResponse, Prerenderer, Realm, urls,
+    CachingLookup, CodeRef, DbAdapter, Invalidation, InvalidationSink, L1Config, LookupConfig,
+    LookupError, NoRemoteRealms, PrerenderRequest, PrerenderResponse, Prerenderer, Realm, urls,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 /// The realm of the latency measurements.
-const REALM: &str = "http://bench.test/realm/";
+pub(crate) const REALM: &str = "http://bench.test/realm/";
+/// The realm of the rows the durable floor deletes (no lookup serves it).
+pub(crate) const FLOOR_REALM: &str = "http://bench.test/floor/";
 /// The realm holding the fan-out graph.
 const FANOUT_REALM: &str = "http://bench.test/fanout/";
 /// The realm of the coalescing measurement.
 const COALESCE_REALM: &str = "http://bench.test/coalesce/";
 /// The exported name every bench module defines.
-const EXPORT: &str = "Thing";
+pub(crate) const EXPORT: &str = "Thing";
 /// How long a propagation or NOTIFY sample may take before the run fails.
 const HOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the counting relay holds each server reply back by, to count round trips.
+const ROUND_TRIP_DELAY: Duration = Duration::from_millis(25);
 /// How long the coalescing measurement may wait for its lookups to gather.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -61,13 +75,13 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) struct BenchArgs {
     /// Fewer samples (a couple of minutes on a 2-core machine).
     #[arg(long)]
-    quick: bool,
+    pub(crate) quick: bool,
     /// Postgres URL (`postgres://…`). Defaults to $DATABASE_URL.
     #[arg(long = "db", value_name = "URL")]
     db: Option<String>,
     /// Where to write the JSON summary.
     #[arg(long, value_name = "PATH")]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// The same database through a transaction pooler (`…?pgbouncer=true`): measures the hit
     /// path through it (`cargo xtask bench` passes its own PgBouncer's).
     #[arg(long, value_name = "URL")]
@@ -78,7 +92,12 @@ pub(crate) struct BenchArgs {
     tls_db: Option<String>,
     /// Multiplies every sample count and size (for tests: `--scale 0.01`).
     #[arg(long, value_name = "F", default_value_t = 1.0, hide = true)]
-    scale: f64,
+    pub(crate) scale: f64,
+    /// The scale curves instead (listening processes, concurrent invalidators, concurrent
+    /// lookups, each against a bare baseline): `--out` is then the curves' JSON, and the plot
+    /// is written next to it as `scale.svg`.
+    #[arg(long)]
+    pub(crate) curves: bool,
 }
 
 /// Sample counts and sizes of one run.
@@ -122,14 +141,22 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
         bail!("bench needs a postgres://… URL");
     }
+    if args.curves {
+        return crate::curves::run(&args, url).await;
+    }
     let sizes = Sizes::new(args.quick, args.scale);
     let began = Instant::now();
     let mut summary = Summary::default();
 
     let name = unique_name();
-    let config = PgConfig::new(url).schema(name.clone()).channel(name.clone());
+    let config = PgConfig::new(url.clone()).schema(name.clone()).channel(name.clone());
     let bench = PgBench::connect(config).await?;
+    summary.server = bench.server_settings().await.unwrap_or_default();
     let mut measured = bench.measure_all(&sizes, &mut summary).await;
+    if measured.is_ok() {
+        eprintln!("bench: round trips of one invalidation, through a counting relay");
+        measured = bench.measure_round_trips(&url, &sizes, &mut summary).await;
+    }
     if measured.is_ok() {
         measured = bench.measure_connection_modes(&args, &sizes, &mut summary).await;
     }
@@ -177,7 +204,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
 
 /// Writes `text` (whole lines) to stdout, flushed: a failed write is an error to report, not
 /// `print!`'s panic.
-fn write_stdout(text: &str) -> Result<()> {
+pub(crate) fn write_stdout(text: &str) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(text.as_bytes())
@@ -186,7 +213,7 @@ fn write_stdout(text: &str) -> Result<()> {
 }
 
 /// A name for the run's schema and channels: `deflookup_bench_<pid>_<millis>`.
-fn unique_name() -> String {
+pub(crate) fn unique_name() -> String {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -201,6 +228,8 @@ struct Summary {
     missing: Vec<(String, String)>,
     /// Propagation samples (µs), for the plot: the bare hop, then the library's.
     propagation_samples: Option<(Vec<f64>, Vec<f64>)>,
+    /// The server's durability settings and version (`server` in the summary).
+    server: Map<String, Value>,
 }
 
 impl Summary {
@@ -230,6 +259,7 @@ impl Summary {
             .map(|(key, reason)| json!({"key": key, "reason": reason}))
             .collect();
         out.insert("not_measured".to_owned(), Value::Array(missing));
+        out.insert("server".to_owned(), Value::Object(self.server.clone()));
         out.insert(
             "run".to_owned(),
             json!({
@@ -241,6 +271,7 @@ impl Summary {
                 "generation_bumps": sizes.generation_bumps,
                 "sqlite_samples": sizes.sqlite_samples,
                 "poll_samples": sizes.poll_samples,
+                "load_average": load_average(),
             }),
         );
         Value::Object(out)
@@ -262,6 +293,11 @@ impl Summary {
             ("propagation_p50_us", ""),
             ("propagation_p99_us", ""),
             ("propagation_ratio", "<= 1.5"),
+            ("durable_floor_p50_us", ""),
+            ("propagation_vs_durable_ratio", "<= 1.5"),
+            ("invalidate_round_trips", ""),
+            ("invalidate_round_trips_by_delay", ""),
+            ("durable_floor_round_trips", ""),
             ("propagation_after_return_p50_us", ""),
             ("propagation_after_return_p99_us", ""),
             ("invalidate_call_p50_us", ""),
@@ -271,6 +307,8 @@ impl Summary {
             ("fanout_10k_ms", ""),
             ("fanout_naive_10k_ms", ""),
             ("fanout_speedup", ">= 20"),
+            ("fanout_floor_10k_ms", ""),
+            ("fanout_vs_floor_ratio", "<= 2"),
             ("fanout_closure_query_10k_ms", ""),
             ("coalesce_1000_prerenders", "1"),
             ("miss_p50_us", ""),
@@ -301,6 +339,9 @@ impl Summary {
         for (key, reason) in &self.missing {
             writeln!(table, "not measured: {key}: {reason}")?;
         }
+        if !self.server.is_empty() {
+            writeln!(table, "server: {}", server_line(&self.server))?;
+        }
         write_stdout(&table)
     }
 }
@@ -308,7 +349,7 @@ impl Summary {
 /// A prerenderer that counts its calls; every module defines [`EXPORT`] and depends on
 /// nothing. A gated one holds every render until [`CountingRenderer::open`].
 #[derive(Debug, Clone, Default)]
-struct CountingRenderer {
+pub(crate) struct CountingRenderer {
     gate: Option<Arc<tokio::sync::watch::Sender<bool>>>,
     count: Arc<AtomicU64>,
 }
@@ -325,7 +366,7 @@ impl CountingRenderer {
         }
     }
 
-    fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
     }
 }
@@ -347,12 +388,12 @@ impl Prerenderer for CountingRenderer {
     }
 }
 
-fn public_realm(url: &str) -> Realm {
+pub(crate) fn public_realm(url: &str) -> Realm {
     Realm { url: url.to_owned(), owner: "@bench:localhost".to_owned(), public: true }
 }
 
 /// Sorted samples → the value at quantile `q` (nearest rank).
-fn quantile(samples: &mut [f64], q: f64) -> f64 {
+pub(crate) fn quantile(samples: &mut [f64], q: f64) -> f64 {
     if samples.is_empty() {
         return f64::NAN;
     }
@@ -361,29 +402,69 @@ fn quantile(samples: &mut [f64], q: f64) -> f64 {
     samples[rank - 1]
 }
 
-fn micros(duration: Duration) -> f64 {
+pub(crate) fn micros(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e6
 }
 
-type PgLookup = CachingLookup<PgAdapter, CountingRenderer>;
+pub(crate) type PgLookup = CachingLookup<PgAdapter, CountingRenderer>;
 
 /// The Postgres side of the run: process A's lookup, a plain client for baselines and
 /// setup, and the schema they share.
-struct PgBench {
-    config: PgConfig,
-    lookup: PgLookup,
-    client: tokio_postgres::Client,
+pub(crate) struct PgBench {
+    pub(crate) config: PgConfig,
+    pub(crate) lookup: PgLookup,
+    pub(crate) client: tokio_postgres::Client,
 }
 
 impl PgBench {
-    async fn connect(config: PgConfig) -> Result<PgBench> {
+    pub(crate) async fn connect(config: PgConfig) -> Result<PgBench> {
         let db = PgAdapter::connect(config.clone()).await.context("cannot open Postgres")?;
         let lookup = CachingLookup::new(db, CountingRenderer::default());
         for realm in [REALM, FANOUT_REALM] {
             lookup.register_realm(public_realm(realm))?;
         }
         let client = plain_client(&config).await?;
+        // The durable floor's record: a logged table keyed like the guard's records.
+        client
+            .batch_execute(
+                "CREATE TABLE floor_guard (realm text NOT NULL, url text NOT NULL, \
+                 seq bigint NOT NULL, at timestamptz NOT NULL DEFAULT now()); \
+                 CREATE UNIQUE INDEX floor_guard_key ON floor_guard (md5(realm), md5(url))",
+            )
+            .await
+            .context("cannot create the durable floor's table")?;
         Ok(PgBench { config, lookup, client })
+    }
+
+    /// The server's version and the settings that decide what a commit costs.
+    pub(crate) async fn server_settings(&self) -> Result<Map<String, Value>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('server_version', \
+                 'fsync', 'synchronous_commit', 'full_page_writes', 'wal_sync_method', \
+                 'max_connections') ORDER BY name",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, String>(0), json!(row.get::<_, String>(1))))
+            .collect())
+    }
+
+    /// Inserts a cached row for `url` in `realm` (its alias too), if it is not there.
+    pub(crate) async fn seed_row(&self, realm: &str, url: &str) -> Result<()> {
+        self.client
+            .execute(
+                "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, \
+                 definitions, deps, created_at, file_alias) \
+                 VALUES ($2, 'public', '', $1, '{}'::jsonb, '[]'::jsonb, 0, $3) \
+                 ON CONFLICT DO NOTHING",
+                &[&realm, &url, &urls::file_alias(url)],
+            )
+            .await?;
+        Ok(())
     }
 
     async fn measure_all(&self, sizes: &Sizes, summary: &mut Summary) -> Result<()> {
@@ -407,7 +488,7 @@ impl PgBench {
     }
 
     /// Drops the run's schema. Best effort: a failure is only reported.
-    async fn cleanup(&self) {
+    pub(crate) async fn cleanup(&self) {
         let schema = self.config.get_schema().unwrap_or_default();
         if let Err(error) =
             self.client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await
@@ -552,13 +633,19 @@ impl PgBench {
             bare_listener(&self.config, &bare_channel, heard_tx).await?;
         let notify = self.client.prepare("SELECT pg_notify($1, $2)").await?;
 
+        let origin = self.lookup.db().origin().to_owned();
         let result = async {
             let (mut bare, mut propagation, mut calls) = (Vec::new(), Vec::new(), Vec::new());
-            let mut after_return = Vec::new();
+            let (mut after_return, mut floor) = (Vec::new(), Vec::new());
             let warmup = (sizes.hop_samples / 10).max(1);
             let mut early = 0_usize;
             for i in 0..warmup + sizes.hop_samples {
-                // Both hops are timed from the start of the call that sends the notification:
+                // Each invalidation deletes a cached row, the library's as the floor's.
+                let module = format!("{REALM}p{i}.gts");
+                let floor_module = format!("{FLOOR_REALM}p{i}.gts");
+                self.seed_row(REALM, &module).await?;
+                self.seed_row(FLOOR_REALM, &floor_module).await?;
+                // Every hop is timed from the start of the call that sends the notification:
                 // timed from its return, they are mostly zero, because Postgres delivers a
                 // NOTIFY at commit, before the sender has its reply.
                 let payload = format!("bench {i}");
@@ -567,13 +654,21 @@ impl PgBench {
                 let arrived = receive(&mut heard, "the bare NOTIFY").await?;
                 let bare_time = arrived.saturating_duration_since(started);
 
+                // The durable floor: one round trip, one transaction, one WAL flush.
+                let sql = floor_sql(&floor_module, i as i64, &bare_channel, &origin);
                 let started = Instant::now();
-                self.lookup.invalidate(&format!("{REALM}p{i}.gts")).await?;
+                self.client.batch_execute(&sql).await?;
+                let arrived = receive(&mut heard, "the durable floor's NOTIFY").await?;
+                let floor_time = arrived.saturating_duration_since(started);
+
+                let started = Instant::now();
+                self.lookup.invalidate(&module).await?;
                 let returned = Instant::now();
                 let applied_at = receive(&mut applied, "the propagated invalidation").await?;
                 let propagation_time = applied_at.saturating_duration_since(started);
                 if i >= warmup {
                     bare.push(micros(bare_time));
+                    floor.push(micros(floor_time));
                     propagation.push(micros(propagation_time));
                     calls.push(micros(returned - started));
                     after_return.push(micros(applied_at.saturating_duration_since(returned)));
@@ -586,6 +681,9 @@ impl PgBench {
             summary.set("propagation_p50_us", p50);
             summary.set("propagation_p99_us", quantile(&mut propagation, 0.99));
             summary.set("propagation_ratio", p50 / bare_p50);
+            let floor_p50 = quantile(&mut floor, 0.5);
+            summary.set("durable_floor_p50_us", floor_p50);
+            summary.set("propagation_vs_durable_ratio", p50 / floor_p50);
             // The goal's literal wording: from the call's return (zero when the bump was applied
             // before the call returned).
             summary.set("propagation_after_return_p50_us", quantile(&mut after_return, 0.5));
@@ -655,6 +753,11 @@ impl PgBench {
         let library = started.elapsed();
         self.check_graph_gone(modules, list.len()).await?;
 
+        // The floor: the same rows (the URLs are known), the same payloads, fewest statements.
+        self.build_graph(modules).await?;
+        let floor = self.fanout_floor(&list).await?;
+        self.check_graph_gone(modules, list.len()).await?;
+
         self.build_graph(modules).await?;
         let started = Instant::now();
         let walked = self.naive_invalidate(&root).await?;
@@ -665,6 +768,138 @@ impl PgBench {
         summary.set("fanout_10k_ms", library);
         summary.set("fanout_naive_10k_ms", naive);
         summary.set("fanout_speedup", naive / library);
+        let floor = floor.as_secs_f64() * 1e3;
+        summary.set("fanout_floor_10k_ms", floor);
+        summary.set("fanout_vs_floor_ratio", library / floor);
+        Ok(())
+    }
+
+    /// The fewest-statements floor of a fan-out whose URLs are known: one pipelined
+    /// transaction of `BEGIN`, one DELETE of the rows named by `list`, one statement sending
+    /// the payloads the library sends for that list (encoded by the same function), `COMMIT`.
+    async fn fanout_floor(&self, list: &[String]) -> Result<Duration> {
+        let invalidation =
+            Invalidation::Modules { realm_url: FANOUT_REALM.to_owned(), urls: list.to_vec() };
+        let payloads = encode_payloads(&invalidation, Some(self.lookup.db().origin()), Some(1));
+        let channel = self.config.get_channel();
+        let c = &self.client;
+        let begin = c.prepare("BEGIN").await?;
+        let delete = c
+            .prepare("DELETE FROM modules WHERE resolved_realm_url = $1 AND url = ANY ($2::text[])")
+            .await?;
+        let notify = c.prepare("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p").await?;
+        let commit = c.prepare("COMMIT").await?;
+        let started = Instant::now();
+        let replies = pipelined(vec![
+            Box::pin(c.execute(&begin, &[])),
+            Box::pin(c.execute(&delete, &[&FANOUT_REALM, &list])),
+            Box::pin(c.execute(&notify, &[&channel, &payloads])),
+            Box::pin(c.execute(&commit, &[])),
+        ])
+        .await;
+        let elapsed = started.elapsed();
+        let counts = replies.into_iter().collect::<Result<Vec<u64>, _>>()?;
+        if counts[2] != payloads.len() as u64 {
+            bail!("the fan-out floor sent {} of {} payloads", counts[2], payloads.len());
+        }
+        Ok(elapsed)
+    }
+
+    /// Counts the round trips of one module invalidation (and, to check the method, of the
+    /// durable floor's one simple query) through a relay (`relay.rs`): client flights under a
+    /// delay, and the call's growth under that delay.
+    async fn measure_round_trips(
+        &self,
+        url: &str,
+        sizes: &Sizes,
+        summary: &mut Summary,
+    ) -> Result<()> {
+        let keys = ["invalidate_round_trips", "invalidate_round_trips_by_delay"];
+        let Some(upstream) = tcp_upstream(url).await? else {
+            for key in keys.into_iter().chain(["durable_floor_round_trips"]) {
+                summary.not_measured(key, "the server is not reached over TCP");
+            }
+            return Ok(());
+        };
+        let relay = crate::relay::Relay::start(upstream).await?;
+        let mut through = url::Url::parse(url).context("the database URL")?;
+        through.set_host(Some("127.0.0.1")).context("cannot point the URL at the relay")?;
+        if through.set_port(Some(relay.port())).is_err() {
+            bail!("cannot point the database URL at the relay's port");
+        }
+        let config = PgConfig::new(through.to_string())
+            .schema(self.config.get_schema().unwrap_or_default().to_owned())
+            .channel(self.config.get_channel().to_owned());
+        let db =
+            PgAdapter::connect(config.clone()).await.context("cannot connect through the relay")?;
+        let lookup = CachingLookup::new(db, CountingRenderer::default());
+        lookup.register_realm(public_realm(REALM))?;
+        let client = plain_client(&config).await?;
+        let origin = lookup.db().origin().to_owned();
+        let channel = format!("{}_bare", self.config.get_channel());
+        let samples = (sizes.hop_samples / 30).max(3);
+
+        // Statements are prepared once per connection: the first calls are not counted.
+        for i in 0..3 {
+            lookup.invalidate(&format!("{REALM}rt-warm{i}.gts")).await?;
+        }
+        let (mut flights, mut plain, mut delayed) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut floor_flights, mut floor_plain, mut floor_delayed) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..samples {
+            for (delay, tag) in [(Duration::ZERO, "a"), (ROUND_TRIP_DELAY, "b")] {
+                let module = format!("{REALM}rt-{tag}{i}.gts");
+                let floor_module = format!("{FLOOR_REALM}rt-{tag}{i}.gts");
+                self.seed_row(REALM, &module).await?;
+                self.seed_row(FLOOR_REALM, &floor_module).await?;
+                relay.set_delay(delay);
+                let before = relay.flights();
+                let started = Instant::now();
+                lookup.invalidate(&module).await?;
+                let call = micros(started.elapsed());
+                let counted = (relay.flights() - before) as f64;
+
+                let sql = floor_sql(&floor_module, -(i as i64) - 1, &channel, &origin);
+                let floor_before = relay.flights();
+                let started = Instant::now();
+                client.batch_execute(&sql).await?;
+                let floor_call = micros(started.elapsed());
+                let floor_counted = (relay.flights() - floor_before) as f64;
+                if delay.is_zero() {
+                    plain.push(call);
+                    floor_plain.push(floor_call);
+                } else {
+                    delayed.push(call);
+                    flights.push(counted);
+                    floor_delayed.push(floor_call);
+                    floor_flights.push(floor_counted);
+                }
+            }
+        }
+        relay.set_delay(Duration::ZERO);
+        let per_delay = micros(ROUND_TRIP_DELAY);
+        let by_delay = (quantile(&mut delayed, 0.5) - quantile(&mut plain, 0.5)) / per_delay;
+        let floor_by_delay =
+            (quantile(&mut floor_delayed, 0.5) - quantile(&mut floor_plain, 0.5)) / per_delay;
+        let (counted, floor_counted) =
+            (quantile(&mut flights, 0.5), quantile(&mut floor_flights, 0.5));
+        summary.set("invalidate_round_trips_by_delay", by_delay);
+        // A count is reported only when the two methods agree.
+        for (key, counted, by_delay) in [
+            ("invalidate_round_trips", counted, by_delay),
+            ("durable_floor_round_trips", floor_counted, floor_by_delay),
+        ] {
+            if (counted - by_delay).abs() < 0.5 {
+                summary.set(key, counted);
+            } else {
+                summary.not_measured(
+                    key,
+                    &format!(
+                        "{counted} flights counted, but the delay added {by_delay:.2} round trips"
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -816,9 +1051,9 @@ impl PgBench {
 }
 
 /// Process B's sink: the lookup's own bump, then the time it was applied.
-struct TimedSink {
-    inner: PgLookup,
-    applied: mpsc::UnboundedSender<Instant>,
+pub(crate) struct TimedSink {
+    pub(crate) inner: PgLookup,
+    pub(crate) applied: mpsc::UnboundedSender<Instant>,
 }
 
 impl InvalidationSink for TimedSink {
@@ -834,6 +1069,85 @@ impl InvalidationSink for TimedSink {
     fn bump_global(&self) {
         self.inner.bump_global();
     }
+}
+
+/// The durable floor's transaction, as one simple-query string (one round trip): a logged
+/// guard-like record, the DELETE of `module`'s row in [`FLOOR_REALM`], the NOTIFY the library
+/// would send for it on `channel` (encoded by the library's own function), and `COMMIT`.
+pub(crate) fn floor_sql(module: &str, seq: i64, channel: &str, origin: &str) -> String {
+    let invalidation =
+        Invalidation::Modules { realm_url: FLOOR_REALM.to_owned(), urls: urls::variants(module) };
+    let payload = encode_payloads(&invalidation, Some(origin), Some(seq)).swap_remove(0);
+    let (realm, module, channel, payload) =
+        (literal(FLOOR_REALM), literal(module), literal(channel), literal(&payload));
+    format!(
+        "BEGIN; INSERT INTO floor_guard (realm, url, seq) VALUES ({realm}, {module}, {seq}); \
+         DELETE FROM modules WHERE resolved_realm_url = {realm} AND url_hash = md5({module}); \
+         SELECT pg_notify({channel}, {payload}); COMMIT"
+    )
+}
+
+/// `text` as an SQL string literal (`standard_conforming_strings` is on since Postgres 9.1).
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The machine's load averages (1, 5 and 15 minutes) at the end of the run, from
+/// `/proc/loadavg` (empty elsewhere): on a shared machine, what else was running.
+pub(crate) fn load_average() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.split_whitespace().take(3).filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// One line naming the server's settings, for the table.
+pub(crate) fn server_line(server: &Map<String, Value>) -> String {
+    server
+        .iter()
+        .map(|(name, value)| format!("{name}={}", value.as_str().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+type Reply<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Awaits every reply of a flight. Each future is polled once, in order, before any is polled
+/// again, and tokio-postgres sends a request at its future's first poll: the requests leave
+/// in order, before any reply is awaited (one round trip).
+async fn pipelined(mut flight: Vec<Reply<'_>>) -> Vec<Result<u64, tokio_postgres::Error>> {
+    let mut replies: Vec<Option<Result<u64, tokio_postgres::Error>>> =
+        flight.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (future, reply) in flight.iter_mut().zip(replies.iter_mut()) {
+            if reply.is_none()
+                && let std::task::Poll::Ready(done) = future.as_mut().poll(cx)
+            {
+                *reply = Some(done);
+            }
+        }
+        if replies.iter().all(Option::is_some) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    replies.into_iter().flatten().collect()
+}
+
+/// The address of a `postgres://host:port/…` URL's server, or `None` when it is not reached
+/// over TCP (a Unix socket directory as host).
+async fn tcp_upstream(url: &str) -> Result<Option<std::net::SocketAddr>> {
+    let parsed = url::Url::parse(url).context("the database URL")?;
+    let Some(host) = parsed.host_str().filter(|host| !host.is_empty()) else { return Ok(None) };
+    if parsed.query_pairs().any(|(key, _)| key == "host" || key == "hostaddr") {
+        return Ok(None);
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = parsed.port().unwrap_or(5432);
+    let mut found = tokio::net::lookup_host((host, port)).await?;
+    Ok(found.next())
 }
 
 /// A plain tokio-postgres connection (the run's schema on its search path), driven by a task.
@@ -913,7 +1227,7 @@ fn measure_scanner(sizes: &Sizes, summary: &mut Summary) {
     summary.set("scan_40k_imports_ms", best_ms(&imports(40_000)));
 }
 
-async fn plain_client(config: &PgConfig) -> Result<tokio_postgres::Client> {
+pub(crate) async fn plain_client(config: &PgConfig) -> Result<tokio_postgres::Client> {
     let mut pg = config.tokio_postgres_config()?;
     pg.application_name("deflookup-bench");
     let (client, connection) = pg.connect(NoTls).await.context("cannot connect to Postgres")?;
@@ -926,7 +1240,7 @@ async fn plain_client(config: &PgConfig) -> Result<tokio_postgres::Client> {
 
 /// A plain connection LISTENing on `channel`, driven through `poll_message` by a task that
 /// sends the arrival time of each notification. The client must be kept alive meanwhile.
-async fn bare_listener(
+pub(crate) async fn bare_listener(
     config: &PgConfig,
     channel: &str,
     heard: mpsc::UnboundedSender<Instant>,
@@ -950,7 +1264,10 @@ async fn bare_listener(
     Ok((client, task))
 }
 
-async fn receive(rx: &mut mpsc::UnboundedReceiver<Instant>, what: &str) -> Result<Instant> {
+pub(crate) async fn receive(
+    rx: &mut mpsc::UnboundedReceiver<Instant>,
+    what: &str,
+) -> Result<Instant> {
     match tokio::time::timeout(HOP_TIMEOUT, rx.recv()).await {
         Ok(Some(at)) => Ok(at),
         Ok(None) => bail!("{what}: the receiving side stopped"),

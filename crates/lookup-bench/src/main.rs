@@ -8,7 +8,9 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod curves;
 mod plot;
+mod relay;
 
 use std::process::ExitCode;
 

@@ -17,7 +17,7 @@ fn stderr(output: &Output) -> String {
 }
 
 /// Every key of the bench summary, each either a number or listed in `not_measured`.
-const BENCH_KEYS: [&str; 31] = [
+const BENCH_KEYS: [&str; 38] = [
     "bare_select_p50_us",
     "hit_p50_us",
     "hit_ratio",
@@ -49,6 +49,13 @@ const BENCH_KEYS: [&str; 31] = [
     "scan_40k_exports_ms",
     "scan_doubling_ratio",
     "scan_40k_imports_ms",
+    "durable_floor_p50_us",
+    "propagation_vs_durable_ratio",
+    "invalidate_round_trips",
+    "invalidate_round_trips_by_delay",
+    "durable_floor_round_trips",
+    "fanout_floor_10k_ms",
+    "fanout_vs_floor_ratio",
 ];
 
 #[test]
@@ -104,8 +111,49 @@ fn bench_quick_writes_a_summary_with_every_key() {
     }
     // Deterministic outcomes, unlike timings: a test may check them.
     assert_eq!(summary["coalesce_1000_prerenders"], 1.0);
+    // Round trips are reported only when the flight count and the delay agree (a machine busy
+    // enough to blur a 25 ms delay leaves them not measured); when reported, they are exact.
+    for (key, expected) in [("durable_floor_round_trips", 1.0), ("invalidate_round_trips", 2.0)] {
+        if let Some(counted) = summary.get(key).and_then(Value::as_f64) {
+            assert_eq!(counted, expected, "{key}");
+        }
+    }
+    assert!(summary["server"]["fsync"].is_string(), "the server's settings are recorded");
     let plot = std::fs::read_to_string(out.with_file_name("propagation.svg")).expect("plot");
     assert!(plot.starts_with("<svg") && plot.matches("<polyline").count() == 2, "{plot}");
+}
+
+#[test]
+fn bench_curves_write_every_curve_and_the_plot() {
+    let Some(db) = behaviour_suite::database_url("bench_curves_write_every_curve") else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("scale.json");
+    let out_arg = out.display().to_string();
+    let output = bench(&["--db", &db, "--curves", "--quick", "--scale", "0.05", "--out", &out_arg]);
+    assert!(output.status.success(), "bench failed: {}", stderr(&output));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("invalidators") && table.contains("lookups"), "{table}");
+    let curves: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("curves written"))
+            .expect("the curves are JSON");
+    let loads = |curve: &str, key: &str| -> Vec<f64> {
+        let points = curves[curve].as_array().unwrap_or_else(|| panic!("{curve} is an array"));
+        points.iter().map(|point| point[key].as_f64().expect("a number")).collect()
+    };
+    assert_eq!(loads("listeners", "listeners"), [1.0, 10.0, 50.0]);
+    assert_eq!(loads("invalidators", "invalidators"), [1.0, 4.0, 16.0]);
+    assert_eq!(loads("lookups", "lookups"), [1.0, 8.0, 32.0]);
+    for (curve, key) in [
+        ("listeners", "propagation_p50_us"),
+        ("listeners", "durable_floor_p50_us"),
+        ("invalidators", "one_realm_per_s"),
+        ("invalidators", "bare_durable_per_s"),
+        ("lookups", "hits_per_s"),
+    ] {
+        assert!(loads(curve, key).iter().all(|v| *v > 0.0), "{curve}.{key} measured");
+    }
+    let plot = std::fs::read_to_string(out.with_file_name("scale.svg")).expect("plot");
+    assert!(plot.starts_with("<svg") && plot.matches("<polyline").count() == 10, "{plot}");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! forget a bump as soon as no live snapshot predates it. With no load in flight, nothing is
 //! stored, however many URLs are invalidated.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Above this many remembered bumps, they are folded into one global bump. That only costs
@@ -28,7 +28,7 @@ struct State {
     /// Number of remembered module bumps (the sum of the inner maps' sizes).
     module_count: usize,
     /// Snapshot epoch → number of live snapshots taken at it.
-    live: BTreeMap<u64, usize>,
+    live: Live,
 }
 
 impl State {
@@ -40,16 +40,21 @@ impl State {
 
     fn forget_everything(&mut self) {
         self.global = 0;
-        // Replace rather than clear, so a burst does not keep its capacity allocated.
-        self.realms = HashMap::new();
-        self.modules = HashMap::new();
+        // Replace rather than clear, so a burst does not keep its capacity allocated (and
+        // leave alone what holds nothing, as after every lookup in a quiet process).
+        if self.realms.capacity() > 0 {
+            self.realms = HashMap::new();
+        }
+        if self.modules.capacity() > 0 {
+            self.modules = HashMap::new();
+        }
         self.module_count = 0;
     }
 
     /// Drops bumps no live snapshot predates, then folds the rest into a global bump if there
     /// are still too many.
     fn prune(&mut self) {
-        let Some((&oldest, _)) = self.live.first_key_value() else {
+        let Some(oldest) = self.live.oldest() else {
             self.forget_everything();
             return;
         };
@@ -66,6 +71,59 @@ impl State {
             self.forget_everything();
             self.global = epoch;
         }
+    }
+}
+
+/// The epochs of the live snapshots with how many were taken at each, oldest first. A snapshot
+/// is taken at the current epoch, which never goes back, so a new one goes at the end (or
+/// counts at the last epoch): no allocation per snapshot, as a map's node would be.
+#[derive(Debug, Default)]
+struct Live {
+    epochs: VecDeque<(u64, usize)>,
+}
+
+impl Live {
+    fn is_empty(&self) -> bool {
+        self.epochs.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.epochs.len()
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        self.epochs.front().map(|&(epoch, _)| epoch)
+    }
+
+    fn pin(&mut self, epoch: u64) {
+        match self.epochs.back_mut() {
+            Some((last, count)) if *last == epoch => *count += 1,
+            Some((last, _)) if *last > epoch => {
+                // A clone of an older snapshot (whose epoch is live already).
+                match self.epochs.binary_search_by_key(&epoch, |&(e, _)| e) {
+                    Ok(at) => self.epochs[at].1 += 1,
+                    Err(at) => self.epochs.insert(at, (epoch, 1)),
+                }
+            }
+            _ => self.epochs.push_back((epoch, 1)),
+        }
+    }
+
+    /// Releases one snapshot of `epoch`; `true` when it was the last one at that epoch.
+    fn unpin(&mut self, epoch: u64) -> bool {
+        let Ok(at) = self.epochs.binary_search_by_key(&epoch, |&(e, _)| e) else {
+            return false;
+        };
+        self.epochs[at].1 -= 1;
+        if self.epochs[at].1 > 0 {
+            return false;
+        }
+        self.epochs.remove(at);
+        // What a burst of loads needed is not kept once they are gone.
+        if self.epochs.is_empty() && self.epochs.capacity() > 64 {
+            self.epochs = VecDeque::new();
+        }
+        true
     }
 }
 
@@ -86,7 +144,7 @@ impl Generations {
     pub(crate) fn snapshot(self: &Arc<Self>) -> Snapshot {
         let mut state = self.lock();
         let epoch = state.epoch;
-        *state.live.entry(epoch).or_default() += 1;
+        state.live.pin(epoch);
         Snapshot { generations: Arc::clone(self), epoch }
     }
 
@@ -177,7 +235,7 @@ impl Clone for Snapshot {
     /// Another snapshot at the same epoch (pinning what this one pins).
     fn clone(&self) -> Self {
         let mut state = self.generations.lock();
-        *state.live.entry(self.epoch).or_default() += 1;
+        state.live.pin(self.epoch);
         Snapshot { generations: Arc::clone(&self.generations), epoch: self.epoch }
     }
 }
@@ -185,15 +243,11 @@ impl Clone for Snapshot {
 impl Drop for Snapshot {
     fn drop(&mut self) {
         let mut state = self.generations.lock();
-        if let Some(count) = state.live.get_mut(&self.epoch) {
-            *count -= 1;
-            if *count == 0 {
-                state.live.remove(&self.epoch);
-                // Only the oldest snapshot leaving can make remembered bumps forgettable.
-                let oldest_left = state.live.first_key_value().is_none_or(|(e, _)| *e > self.epoch);
-                if oldest_left {
-                    state.prune();
-                }
+        if state.live.unpin(self.epoch) {
+            // Only the oldest snapshot leaving can make remembered bumps forgettable.
+            let oldest_left = state.live.oldest().is_none_or(|e| e > self.epoch);
+            if oldest_left {
+                state.prune();
             }
         }
     }

@@ -17,8 +17,8 @@ use crate::populate::{NoRow, PopulateCoordinator, PopulateLease, Woken};
 use crate::telemetry;
 use crate::traits::{DbAdapter, PersistOutcome, Prerenderer, RealmProbe, RowStore};
 use crate::types::{
-    CacheEntry, EntryScope, ErrorDetail, PrerenderRequest, PrerenderResponse, PrerenderStatus,
-    Realm,
+    CacheEntry, CacheScope, EntryScope, ErrorDetail, PrerenderRequest, PrerenderResponse,
+    PrerenderStatus, Realm,
 };
 use crate::urls;
 
@@ -46,6 +46,34 @@ impl Default for LookupConfig {
 pub(crate) struct Context {
     pub(crate) scope: EntryScope,
     pub(crate) prerender_user: String,
+}
+
+/// A registered local realm, with the context its modules are read in, made once at
+/// registration (a lookup shares it instead of building one).
+pub(crate) struct LocalRealm {
+    pub(crate) realm: Realm,
+    pub(crate) context: Arc<Context>,
+}
+
+impl LocalRealm {
+    pub(crate) fn new(realm: Realm) -> Self {
+        let (scope, user) = if realm.public {
+            (CacheScope::Public, String::new())
+        } else {
+            (CacheScope::RealmAuth, realm.owner.clone())
+        };
+        let context = Arc::new(Context {
+            scope: EntryScope { realm_url: realm.url.clone(), scope, user },
+            prerender_user: realm.owner.clone(),
+        });
+        LocalRealm { realm, context }
+    }
+}
+
+impl std::fmt::Debug for LocalRealm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.realm.fmt(f)
+    }
 }
 
 /// What a load hands its callers: the entry, and whether it is what the database holds (read
@@ -100,7 +128,7 @@ pub(crate) struct Inner<D, P, R, C> {
     pub(crate) coordinator: Option<C>,
     pub(crate) config: LookupConfig,
     pub(crate) l1: Option<L1>,
-    pub(crate) realms: RwLock<Vec<Realm>>,
+    pub(crate) realms: RwLock<Vec<LocalRealm>>,
     pub(crate) generations: Arc<Generations>,
     pub(crate) in_flight: Mutex<HashMap<LoadKey, Slot>>,
     pub(crate) next_slot: AtomicU64,
@@ -167,7 +195,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
 
     pub(crate) async fn join_or_start(
         self: &Arc<Self>,
-        context: Context,
+        context: Arc<Context>,
         url: String,
         snapshot: Snapshot,
     ) -> SharedResult {

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -13,9 +14,9 @@ use crate::generations::Generations;
 use crate::key::LoadKey;
 use crate::l1::{L1, L1Stats};
 pub use crate::load::LookupConfig;
-use crate::load::{Context, Inner, Loaded};
+use crate::load::{Context, Inner, Loaded, LocalRealm};
 use crate::populate::{PopulateCoordinator, Uncoordinated};
-use crate::telemetry;
+use crate::telemetry::{self, Tier};
 use crate::traits::{DbAdapter, InvalidationSink, NoRemoteRealms, Prerenderer, RealmProbe};
 use crate::types::{CacheEntry, CacheScope, CodeRef, ConsumerRow, EntryScope, Realm};
 use crate::urls;
@@ -46,16 +47,21 @@ impl<D, P, R, C> std::fmt::Debug for CachingLookup<D, P, R, C> {
     }
 }
 
+/// The canonical form of a URL that must be absolute and hierarchical.
 fn absolute_url(raw: &str) -> Result<String, LookupError> {
-    let canonical = urls::canonical_url(raw);
-    match url::Url::parse(&canonical) {
-        Ok(parsed) if !parsed.cannot_be_a_base() => Ok(canonical),
-        Ok(_) => Err(LookupError::InvalidUrl {
-            url: raw.to_owned(),
-            reason: "not a hierarchical URL".to_owned(),
-        }),
-        Err(e) => Err(LookupError::InvalidUrl { url: raw.to_owned(), reason: e.to_string() }),
-    }
+    urls::canonical_hierarchical_url(raw)
+        .map_err(|reason| LookupError::InvalidUrl { url: raw.to_owned(), reason })
+}
+
+/// The key of `name` in the `definitions` of the module whose canonical URL is `url` (what
+/// [`CodeRef::definition_key`] gives, without canonicalising the URL again).
+fn definition_key(url: &str, name: &str) -> String {
+    let alias = urls::alias_of(url);
+    let mut key = String::with_capacity(alias.len() + 1 + name.len());
+    key.push_str(alias);
+    key.push('/');
+    key.push_str(name);
+    key
 }
 
 impl<D: DbAdapter, P: Prerenderer> CachingLookup<D, P, NoRemoteRealms> {
@@ -170,10 +176,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
             });
         }
         let mut realms = self.inner.realms.write().unwrap_or_else(|p| p.into_inner());
-        if realms.iter().any(|r| r.url == url) {
+        if realms.iter().any(|r| r.realm.url == url) {
             return Err(LookupError::RealmAlreadyRegistered { url });
         }
-        realms.push(Realm { url, ..realm });
+        realms.push(LocalRealm::new(Realm { url, ..realm }));
         Ok(())
     }
 
@@ -185,7 +191,8 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
 
     /// The registered local realms, in registration order.
     pub fn realms(&self) -> Vec<Realm> {
-        self.inner.realms.read().unwrap_or_else(|p| p.into_inner()).clone()
+        let realms = self.inner.realms.read().unwrap_or_else(|p| p.into_inner());
+        realms.iter().map(|r| r.realm.clone()).collect()
     }
 
     /// Looks up one definition, prerendering its module on a miss.
@@ -196,8 +203,12 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         code_ref: &CodeRef,
         for_realm: Option<&str>,
     ) -> Result<Value, LookupError> {
-        let entry = self.get_module_entry(&code_ref.module, for_realm).await?;
-        definition_from(&entry, code_ref)
+        let started = Instant::now();
+        let url = absolute_url(&code_ref.module)?;
+        let key = definition_key(&url, &code_ref.name);
+        // An errored module's entry is a `ModuleError`, as from `get_module_entry`.
+        let entry = self.load_canonical(url, for_realm, started).await?;
+        take_definition(entry, key)
     }
 
     /// Looks up one definition from the cache only: `Ok(None)` when no row is cached (or the
@@ -207,8 +218,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         code_ref: &CodeRef,
         for_realm: Option<&str>,
     ) -> Result<Option<Value>, LookupError> {
-        match self.get_cached_entry(&code_ref.module, for_realm).await? {
-            Some(entry) => definition_from(&entry, code_ref).map(Some),
+        let url = absolute_url(&code_ref.module)?;
+        let key = definition_key(&url, &code_ref.name);
+        match self.cached_canonical(url, for_realm).await? {
+            Some(entry) => definition_out_of(entry, key).map(Some),
             None => Ok(None),
         }
     }
@@ -237,11 +250,22 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         module_url: &str,
         for_realm: Option<&str>,
     ) -> Result<Arc<CacheEntry>, LookupError> {
+        let started = Instant::now();
+        let url = absolute_url(module_url)?;
+        self.load_canonical(url, for_realm, started).await
+    }
+
+    /// [`load_entry`](Self::load_entry) of a canonical URL; `started` is when the call began
+    /// (for the metrics).
+    async fn load_canonical(
+        &self,
+        url: String,
+        for_realm: Option<&str>,
+        started: Instant,
+    ) -> Result<Arc<CacheEntry>, LookupError> {
         // BEHAVIOUR §5: the snapshot is taken before the first await, so an invalidation that runs
         // while we resolve the realm still counts against this load.
         let snapshot = self.inner.generations.snapshot();
-        let started = std::time::Instant::now();
-        let url = absolute_url(module_url)?;
         let context = self
             .inner
             .context(&url, for_realm)
@@ -254,7 +278,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
                 self.inner.read_cached(&self.inner.db, &context.scope, &url).await?
                 && !self.inner.is_expired(&entry)
             {
-                telemetry::hit("db", started);
+                telemetry::hit(Tier::Db, started);
                 return Ok(Arc::new(entry));
             }
             let loaded = self.inner.join_or_start(context, url, snapshot).await?;
@@ -263,12 +287,12 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         };
         let key = LoadKey { scope: context.scope.clone(), url: url.clone() };
         if let Some(entry) = l1.get(&key) {
-            telemetry::hit("l1", started);
+            telemetry::hit(Tier::L1, started);
             return Ok(entry);
         }
         let loaded = match self.inner.read_cached(&self.inner.db, &context.scope, &url).await? {
             Some(entry) if !self.inner.is_expired(&entry) => {
-                telemetry::hit("db", started);
+                telemetry::hit(Tier::Db, started);
                 Loaded::stored(Arc::new(entry))
             }
             _ => {
@@ -292,7 +316,15 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         module_url: &str,
         for_realm: Option<&str>,
     ) -> Result<Option<CacheEntry>, LookupError> {
-        let url = absolute_url(module_url)?;
+        self.cached_canonical(absolute_url(module_url)?, for_realm).await
+    }
+
+    /// [`get_cached_entry`](Self::get_cached_entry) of a canonical URL.
+    async fn cached_canonical(
+        &self,
+        url: String,
+        for_realm: Option<&str>,
+    ) -> Result<Option<CacheEntry>, LookupError> {
         let Some(context) = self.inner.context(&url, for_realm).await? else {
             return Ok(None);
         };
@@ -315,7 +347,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
             let names = match by_scope.iter_mut().find(|(s, _)| *s == context.scope) {
                 Some((_, names)) => names,
                 None => {
-                    by_scope.push((context.scope, Vec::new()));
+                    by_scope.push((context.scope.clone(), Vec::new()));
                     &mut by_scope.last_mut().expect("just pushed").1
                 }
             };
@@ -343,7 +375,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         // Held until the bump: no load of this process persists (checks its snapshot, then
         // writes) while the rows are deleted and the bump is not yet made, so one that
         // started before this invalidation sees the bump when it gets the gate.
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let _exclusive = self.inner.persist_gate.write().await;
         let variants = urls::variants(&url);
         let outcome = self.inner.db.invalidate_modules(&realm.url, &variants).await;
@@ -370,7 +402,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     /// need not be registered.
     pub async fn clear_realm(&self, realm_url: &str) -> Result<u64, LookupError> {
         let realm_url = absolute_url(realm_url)?;
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // As in `invalidate`: persists wait for the whole clear, and the bump follows the
         // DELETE, so a lookup that read a row before the DELETE cannot put it in the
         // in-process tier after the bump. On an error the bump happens all the same.
@@ -389,7 +421,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
 
     /// Drops every cached row, here and (through the backend) in peers.
     pub async fn clear_all(&self) -> Result<u64, LookupError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let _exclusive = self.inner.persist_gate.write().await;
         let outcome = self.inner.db.apply_invalidation(&Invalidation::Global).await;
         self.inner.bump_global();
@@ -431,19 +463,41 @@ pub fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String
     list
 }
 
-fn definition_from(entry: &CacheEntry, code_ref: &CodeRef) -> Result<Value, LookupError> {
+/// The definition under `key` (see [`definition_key`]) in `entry`.
+fn definition_from(entry: &CacheEntry, key: String) -> Result<Value, LookupError> {
+    let key = check_definition(entry, key)?;
+    Ok(entry.definitions.get(&key).cloned().unwrap_or_default())
+}
+
+/// [`definition_from`], taking the definition out of the entry instead of copying it when
+/// nobody else holds the entry (a row just read, as on a hit without the in-process tier).
+fn take_definition(entry: Arc<CacheEntry>, key: String) -> Result<Value, LookupError> {
+    match Arc::try_unwrap(entry) {
+        Ok(entry) => definition_out_of(entry, key),
+        Err(shared) => definition_from(&shared, key),
+    }
+}
+
+/// [`definition_from`] an entry of our own, moved out of it.
+fn definition_out_of(mut entry: CacheEntry, key: String) -> Result<Value, LookupError> {
+    let key = check_definition(&entry, key)?;
+    Ok(entry.definitions.remove(&key).unwrap_or_default())
+}
+
+/// `key` back if `entry` holds a good definition under it (it is then present), otherwise
+/// the error a lookup of it returns.
+fn check_definition(entry: &CacheEntry, key: String) -> Result<String, LookupError> {
     if let Some(error) = &entry.error {
         return Err(LookupError::ModuleError {
             url: entry.url.clone(),
             error: Box::new(error.clone()),
         });
     }
-    let key = code_ref.definition_key();
     let Some(value) = entry.definitions.get(&key) else {
         return Err(LookupError::DefinitionNotFound { key });
     };
     if value.get("type").and_then(Value::as_str) == Some("definition") {
-        return Ok(value.clone());
+        return Ok(key);
     }
     let message = value
         .pointer("/error/message")
@@ -459,8 +513,18 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
     /// nested in another's URL space owns its own modules (and its rows are filed under it,
     /// where clearing it finds them).
     pub(crate) fn local_realm(&self, url: &str) -> Option<Realm> {
+        self.owner_of(url, |local| local.realm.clone())
+    }
+
+    /// What `map` makes of the registered realm that owns `url` (see
+    /// [`local_realm`](Self::local_realm)), read under the lock.
+    fn owner_of<T>(&self, url: &str, map: impl FnOnce(&LocalRealm) -> T) -> Option<T> {
         let realms = self.realms.read().unwrap_or_else(|p| p.into_inner());
-        realms.iter().filter(|r| urls::is_under(url, &r.url)).max_by_key(|r| r.url.len()).cloned()
+        realms
+            .iter()
+            .filter(|r| urls::is_under(url, &r.realm.url))
+            .max_by_key(|r| r.realm.url.len())
+            .map(map)
     }
 
     /// BEHAVIOUR §3.2: a local realm decides; otherwise, for a caller acting for a local realm, the
@@ -469,25 +533,17 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         &self,
         url: &str,
         for_realm: Option<&str>,
-    ) -> Result<Option<Context>, LookupError> {
-        if let Some(realm) = self.local_realm(url) {
-            let (scope, user) = if realm.public {
-                (CacheScope::Public, String::new())
-            } else {
-                (CacheScope::RealmAuth, realm.owner.clone())
-            };
-            return Ok(Some(Context {
-                scope: EntryScope { realm_url: realm.url, scope, user },
-                prerender_user: realm.owner,
-            }));
+    ) -> Result<Option<Arc<Context>>, LookupError> {
+        if let Some(context) = self.owner_of(url, |local| Arc::clone(&local.context)) {
+            return Ok(Some(context));
         }
         let Some(requesting) = for_realm.map(urls::canonical_url) else {
             return Ok(None);
         };
         let owner = {
             let realms = self.realms.read().unwrap_or_else(|p| p.into_inner());
-            match realms.iter().find(|r| r.url == requesting) {
-                Some(realm) => realm.owner.clone(),
+            match realms.iter().find(|r| r.realm.url == requesting) {
+                Some(local) => local.realm.owner.clone(),
                 None => {
                     tracing::debug!(%requesting, "requesting realm is not registered");
                     return Ok(None);
@@ -501,10 +557,10 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
                 } else {
                     (CacheScope::RealmAuth, owner.clone())
                 };
-                Ok(Some(Context {
+                Ok(Some(Arc::new(Context {
                     scope: EntryScope { realm_url: found.resolved_realm_url, scope, user },
                     prerender_user: owner,
-                }))
+                })))
             }
             Ok(None) => Ok(None),
             Err(error) => {

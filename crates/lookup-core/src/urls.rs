@@ -19,23 +19,146 @@ const CANDIDATE_EXTENSIONS: [&str; 4] = [".gts", ".ts", ".gjs", ".js"];
 /// A string that does not parse as a URL is cut at its first `#`, then at its first `?`, and
 /// otherwise kept.
 pub fn canonical_url(raw: &str) -> String {
+    if is_plainly_canonical(raw) {
+        return raw.to_owned();
+    }
     match Url::parse(raw) {
-        Ok(mut url) => {
-            url.set_query(None);
-            url.set_fragment(None);
-            if !url.cannot_be_a_base() {
-                let path = normalise_path(url.path());
-                if path != url.path() {
-                    url.set_path(&path);
-                }
-            }
-            url.into()
+        Ok(url) => canonicalise(url),
+        Err(_) => cut_query_and_fragment(raw).to_owned(),
+    }
+}
+
+/// [`canonical_url`] of a URL that must be hierarchical (`scheme://…` or `scheme:/…`, one that
+/// can be a base): `Ok` with the canonical URL, or `Err` with why it is not such a URL. The
+/// same verdict as parsing the canonical URL again, with (usually) one parse instead of two,
+/// and none for a URL already in canonical form.
+pub(crate) fn canonical_hierarchical_url(raw: &str) -> Result<String, String> {
+    if is_plainly_canonical(raw) {
+        return Ok(raw.to_owned());
+    }
+    let hierarchical = |url: &Url| {
+        if url.cannot_be_a_base() { Err("not a hierarchical URL".to_owned()) } else { Ok(()) }
+    };
+    match Url::parse(raw) {
+        Ok(url) => {
+            // Serialising a parsed URL and parsing it again gives the same URL, so the verdict
+            // on the canonical form is the verdict on this one.
+            hierarchical(&url)?;
+            Ok(canonicalise(url))
         }
+        // The cut string is what `canonical_url` gives; it is judged as it is.
         Err(_) => {
-            let cut = raw.split('#').next().unwrap_or(raw);
-            cut.split('?').next().unwrap_or(cut).to_owned()
+            let cut = cut_query_and_fragment(raw);
+            let url = Url::parse(cut).map_err(|e| e.to_string())?;
+            hierarchical(&url)?;
+            Ok(cut.to_owned())
         }
     }
+}
+
+/// The canonical form of a parsed URL (see [`canonical_url`]).
+fn canonicalise(mut url: Url) -> String {
+    url.set_query(None);
+    url.set_fragment(None);
+    if !url.cannot_be_a_base() {
+        let path = normalise_path(url.path());
+        if path != url.path() {
+            url.set_path(&path);
+        }
+    }
+    url.into()
+}
+
+/// A string that is no URL, without its fragment and query.
+fn cut_query_and_fragment(raw: &str) -> &str {
+    let cut = raw.split('#').next().unwrap_or(raw);
+    cut.split('?').next().unwrap_or(cut)
+}
+
+/// Whether `raw` is, by a conservative check, an `http` or `https` URL that [`canonical_url`]
+/// returns unchanged, so that the parse can be skipped: a lower-case host name (letters,
+/// digits, `-`; no IP address, no punycode), a port only if not the default one, a path whose
+/// segments hold only characters that need no escape (no `%`), none empty but the last and
+/// none `.` or `..`, and no query, fragment or user info. Anything else (which may well be
+/// canonical too) goes through the parser.
+fn is_plainly_canonical(raw: &str) -> bool {
+    let (rest, default_port) = if let Some(rest) = raw.strip_prefix("https://") {
+        (rest, "443")
+    } else if let Some(rest) = raw.strip_prefix("http://") {
+        (rest, "80")
+    } else {
+        return false;
+    };
+    let Some(slash) = rest.find('/') else {
+        return false;
+    };
+    let (authority, path) = rest.split_at(slash);
+    let (host, port) = match authority.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    };
+    if let Some(port) = port {
+        let digits =
+            !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+        if !digits || port.starts_with('0') || port == default_port {
+            return false;
+        }
+        if port.parse::<u32>().map_or(true, |n| n > u32::from(u16::MAX)) {
+            return false;
+        }
+    }
+    // A domain whose last label starts with a letter is never read as an IPv4 address, and
+    // ASCII labels without `xn--` pass the IDNA mapping unchanged.
+    let mut last_label = "";
+    for label in host.split('.') {
+        let plain =
+            label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if label.is_empty() || !plain || label.starts_with("xn--") {
+            return false;
+        }
+        last_label = label;
+    }
+    if !last_label.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return false;
+    }
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        if segment.is_empty() {
+            if segments.peek().is_some() {
+                return false;
+            }
+            continue;
+        }
+        if segment == "." || segment == ".." || !segment.bytes().all(plain_path_byte) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A path byte that a URL keeps as it is and [`normalise_escapes`] leaves alone: unreserved
+/// characters and sub-delimiters, `:` and `@` (RFC 3986 `pchar` without `%`).
+fn plain_path_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+        || matches!(
+            byte,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+        )
 }
 
 /// A parsed URL's path in one spelling (see [`canonical_url`]).
@@ -96,7 +219,12 @@ pub fn has_executable_extension(url: &str) -> bool {
 /// The `file_alias` of a URL: the URL with one trailing executable extension removed
 /// (`x.d.ts` becomes `x.d`, as in the reference).
 pub fn file_alias(url: &str) -> String {
-    EXECUTABLE_EXTENSIONS.iter().find_map(|ext| url.strip_suffix(ext)).unwrap_or(url).to_owned()
+    alias_of(url).to_owned()
+}
+
+/// [`file_alias`], borrowed from `url`.
+pub(crate) fn alias_of(url: &str) -> &str {
+    EXECUTABLE_EXTENSIONS.iter().find_map(|ext| url.strip_suffix(ext)).unwrap_or(url)
 }
 
 /// The variants of a URL used by invalidation: the URL, its alias and, unless it ends with
@@ -188,6 +316,129 @@ mod tests {
         // An escaped dot segment names a file: it is not resolved away.
         assert_eq!(canonical_url("http://r.test/a/%2E%2E%2Fx"), "http://r.test/a/..%2Fx");
         assert_eq!(normalise_path("/a/%2e%2e/b"), "/a/%2E%2E/b");
+    }
+
+    /// `canonical_url` as it was before the plainly-canonical shortcut, and the absolute-URL
+    /// check as it was (parse the canonical form again): what the shortcuts must agree with.
+    fn reference_canonical(raw: &str) -> String {
+        match Url::parse(raw) {
+            Ok(mut url) => {
+                url.set_query(None);
+                url.set_fragment(None);
+                if !url.cannot_be_a_base() {
+                    let path = normalise_path(url.path());
+                    if path != url.path() {
+                        url.set_path(&path);
+                    }
+                }
+                url.into()
+            }
+            Err(_) => {
+                let cut = raw.split('#').next().unwrap_or(raw);
+                cut.split('?').next().unwrap_or(cut).to_owned()
+            }
+        }
+    }
+
+    fn reference_hierarchical(raw: &str) -> Result<String, String> {
+        let canonical = reference_canonical(raw);
+        match Url::parse(&canonical) {
+            Ok(parsed) if !parsed.cannot_be_a_base() => Ok(canonical),
+            Ok(_) => Err("not a hierarchical URL".to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn assert_agrees(raw: &str) {
+        assert_eq!(canonical_url(raw), reference_canonical(raw), "canonical_url({raw:?})");
+        assert_eq!(
+            canonical_hierarchical_url(raw),
+            reference_hierarchical(raw),
+            "canonical_hierarchical_url({raw:?})"
+        );
+    }
+
+    #[test]
+    fn the_shortcuts_agree_with_parsing_on_the_edge_cases() {
+        for raw in [
+            "http://r.test/a/b.gts",
+            "https://r.test:8443/a/",
+            "https://r.test:443/a",
+            "http://r.test:80/a",
+            "http://r.test:080/a",
+            "http://r.test:0/a",
+            "http://r.test:65535/a",
+            "http://r.test:65536/a",
+            "http://r.test:/a",
+            "http://r.test",
+            "http://r.test/",
+            "http://R.test/a",
+            "http://r.test./a",
+            "http://.r.test/a",
+            "http://1.2.3.4/a",
+            "http://1.2.3/a",
+            "http://r.0x1/a",
+            "http://r.1x/a",
+            "http://xn--a.test/a",
+            "http://xn--nxasmq6b.test/a",
+            "http://a--b.test/a",
+            "http://-.test/-",
+            "http://u@r.test/a",
+            "http://r.test/a//b",
+            "http://r.test/a/./b",
+            "http://r.test/a/../b",
+            "http://r.test/a/..",
+            "http://r.test/a/.",
+            "http://r.test/.../b",
+            "http://r.test/a%2Fb",
+            "http://r.test/a b",
+            "http://r.test/a?b#c",
+            "http://r.test/a\\b",
+            "http://r.test/a\tb",
+            " http://r.test/a",
+            "http://r.test/~a_b-c.d!$&'()*+,;=:@",
+            "http://r.test/a`b",
+            "http://r.test/a{b}",
+            "http://r.test/a^b|c",
+            "http://r.test/é",
+            "HTTP://r.test/a",
+            "file:///C:/a/../b",
+            "mailto:someone@r.test",
+            "foo:/a//b",
+            "foo://h/a",
+            "not a url#frag?q",
+            "http://[::1]/a",
+            "http://exa mple.test/a?q",
+            "",
+        ] {
+            assert_agrees(raw);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn the_shortcuts_agree_with_parsing(
+            scheme in "(http|https|HTTP|file|foo|)(://|:/|:)?",
+            host in "([a-zA-Z0-9-]{0,4}|xn--[a-z]{1,3}|0x[0-9a-f]{1,2}|[0-9]{1,3}|\\[::1\\]|u@r)(\\.([a-z0-9-]{0,4}|0x1|[0-9]{1,3}))*\\.?",
+            port in "(:([0-9]{0,6}))?",
+            path in "(/([a-zA-Z0-9._~!$&'()*+,;=:@%-]|%2[eE]|%[0-9a-fA-F]{2}|\\.|\\.\\.| |\\\\|`|\\^|é){0,4}){0,4}",
+            tail in "(\\?[a-z]*)?(#[a-z?]*)?",
+        ) {
+            assert_agrees(&format!("{scheme}{host}{port}{path}{tail}"));
+        }
+
+        /// Mostly URLs the shortcut takes, and their near misses.
+        #[test]
+        fn the_shortcut_agrees_with_parsing_near_canonical_urls(
+            scheme in "https?://",
+            host in "[a-z0-9-]{1,5}(\\.[a-z0-9-]{1,5}){0,2}",
+            port in "(:[0-9]{1,5})?",
+            path in "(/[a-zA-Z0-9._~!$&'()*+,;=:@-]{0,5}){1,4}",
+        ) {
+            assert_agrees(&format!("{scheme}{host}{port}{path}"));
+        }
     }
 
     #[test]
