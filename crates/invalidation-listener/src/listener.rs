@@ -288,13 +288,7 @@ impl Shared {
                 tracing::info!(channel = %self.channel, replayed, "caught up after reconnect: replayed the invalidations missed");
                 ListenerEvent::CaughtUp { replayed }
             }
-            Recovery::Resync(reason) => {
-                self.sink.resync();
-                self.stats().resyncs += 1;
-                self.count("deflookup_listener_resyncs_total");
-                tracing::info!(channel = %self.channel, %reason, "resynced after reconnect: bumped the global generation");
-                ListenerEvent::Resync { reason }
-            }
+            Recovery::Resync(reason) => self.resync(reason),
         };
         self.sink.connection_restored();
         // Announcements sent while away are not in any log: every populate waiter probes now.
@@ -303,6 +297,16 @@ impl Shared {
         }
         // Last: a receiver of the event may rely on all of the above.
         self.emit(event);
+    }
+
+    /// Bumps everything because the listener cannot prove it saw every invalidation, counts
+    /// it, and returns the event to send (once the caller has done the rest of its step).
+    fn resync(&self, reason: String) -> ListenerEvent {
+        self.sink.resync();
+        self.stats().resyncs += 1;
+        self.count("deflookup_listener_resyncs_total");
+        tracing::info!(channel = %self.channel, %reason, "resynced: bumped the global generation");
+        ListenerEvent::Resync { reason }
     }
 
     /// Replays what a read of the log found; returns how many invalidations.
@@ -733,15 +737,12 @@ impl Task {
                 self.shared.replay_read(&read, false);
             } else {
                 // Fell more than the guard's horizon behind (a stalled process).
-                self.shared.sink.resync();
-                self.shared.stats().resyncs += 1;
-                self.shared.count("deflookup_listener_resyncs_total");
                 let reason = format!(
                     "the poller fell behind the invalidation log's horizon in {} realm(s)",
                     read.gaps.len()
                 );
-                tracing::warn!(%reason, "resynced: bumped the global generation");
-                self.shared.emit(ListenerEvent::Resync { reason });
+                let event = self.shared.resync(reason);
+                self.shared.emit(event);
             }
             position.advance(&read);
         }

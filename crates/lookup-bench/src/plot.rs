@@ -43,18 +43,7 @@ pub(crate) fn cdf_svg(title: &str, series: &[Series<'_>]) -> String {
     let x = |us: f64| LEFT + (us.log10() - d0) / (d1 - d0) * plot_w;
     let y = |fraction: f64| TOP + (1.0 - fraction) * plot_h;
 
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
-        WIDTH / 2.0,
-        escape(title)
-    );
+    let mut svg = svg_start(HEIGHT, title);
     // Grid: 1, 2, 5 × each decade.
     let mut decade = d0;
     while decade < d1 + 0.5 {
@@ -187,11 +176,8 @@ fn tick_step(max: f64) -> f64 {
         .unwrap_or(power)
 }
 
-/// The panels stacked under one title, each with its own axes and legend. Curves without
-/// points are left out.
-pub(crate) fn curves_svg(title: &str, panels: &[Panel<'_>]) -> String {
-    let height = TOP + PANEL_HEIGHT * panels.len() as f64;
-    let plot_w = WIDTH - LEFT - RIGHT - LEGEND_WIDTH;
+/// An SVG document's opening: its size, a white background and the title.
+fn svg_start(height: f64, title: &str) -> String {
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -204,6 +190,15 @@ pub(crate) fn curves_svg(title: &str, panels: &[Panel<'_>]) -> String {
         WIDTH / 2.0,
         escape(title)
     );
+    svg
+}
+
+/// The panels stacked under one title, each with its own axes and legend. Curves without
+/// points are left out.
+pub(crate) fn curves_svg(title: &str, panels: &[Panel<'_>]) -> String {
+    let height = TOP + PANEL_HEIGHT * panels.len() as f64;
+    let plot_w = WIDTH - LEFT - RIGHT - LEGEND_WIDTH;
+    let mut svg = svg_start(height, title);
     for (index, panel) in panels.iter().enumerate() {
         let top = TOP + PANEL_HEIGHT * index as f64 + 24.0;
         let plot_h = PANEL_HEIGHT - 24.0 - BOTTOM;

@@ -303,6 +303,9 @@ fn listen_serves_its_metrics_in_the_prometheus_format() {
     let scrape = || -> String {
         use std::io::{Read as _, Write as _};
         let mut socket = std::net::TcpStream::connect(&addr).expect("the metrics endpoint");
+        // Bounded: an endpoint that never closes the response fails the test, not hangs it.
+        let limit = Some(std::time::Duration::from_secs(10));
+        socket.set_read_timeout(limit).expect("read timeout");
         socket
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .expect("request");

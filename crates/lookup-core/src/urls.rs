@@ -322,17 +322,7 @@ mod tests {
     /// check as it was (parse the canonical form again): what the shortcuts must agree with.
     fn reference_canonical(raw: &str) -> String {
         match Url::parse(raw) {
-            Ok(mut url) => {
-                url.set_query(None);
-                url.set_fragment(None);
-                if !url.cannot_be_a_base() {
-                    let path = normalise_path(url.path());
-                    if path != url.path() {
-                        url.set_path(&path);
-                    }
-                }
-                url.into()
-            }
+            Ok(url) => canonicalise(url),
             Err(_) => {
                 let cut = raw.split('#').next().unwrap_or(raw);
                 cut.split('?').next().unwrap_or(cut).to_owned()
