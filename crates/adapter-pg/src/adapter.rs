@@ -372,13 +372,10 @@ impl DbAdapter for PgAdapter {
         Ok(self
             .bounded("consumer closure", async {
                 let client = Checkout::new(self.client("consumer closure").await?);
-                let rows = self
-                    .sql
-                    .query(client.client(), &self.sql.consumers, &[&realm_url, &names])
-                    .await
-                    .map_err(query_error("consumer closure"))?;
+                let rows =
+                    invalidate::closure(&self.sql, client.client(), realm_url, names).await?;
                 client.finish();
-                invalidate::consumer_rows(&rows)
+                Ok(rows)
             })
             .await?)
     }

@@ -1,17 +1,21 @@
 //! One invalidation as one transaction in two round trips.
 //!
-//! 1. `BEGIN`, the realm's (or global) advisory lock, and, for a module fan-out, the consumer
-//!    closure. The closure is its own statement, sent after the lock, so its snapshot is taken
-//!    once the lock is held: every guarded persist that committed earlier is in it, and every
-//!    later one waits for the lock and then sees this invalidation's records. A closure that
-//!    turns out large (over 512 consumers) is finished from one scan of the realm's edges
-//!    instead, at the cost of one more round trip.
-//! 2. The guard record and prune, the DELETE, every NOTIFY chunk, and `COMMIT`.
+//! 1. `BEGIN`; the realm's (or global) advisory lock, the invalidation's sequence number and
+//!    the transaction's settings, in one statement (`guard::OPEN_REALM`); and, for a module
+//!    fan-out, the consumer closure. The closure is its own statement, sent after the lock, so
+//!    its snapshot is taken once the lock is held: every guarded persist that committed
+//!    earlier is in it, and every later one waits for the lock and then sees this
+//!    invalidation's record. A closure that turns out large (over 512 consumers) is finished
+//!    from one scan of the realm's edges instead, at the cost of one more round trip.
+//! 2. The guard's record (with the prune), the DELETE, the NOTIFY payloads (one statement),
+//!    and `COMMIT`.
 //!
 //! Within a flight every statement is written to the connection before any reply is awaited
 //! (tokio-postgres sends a request on its future's first poll), so each flight costs one round
 //! trip however many statements it holds. Each statement still runs on its own, in order, with
 //! its own snapshot (READ COMMITTED); one that fails aborts the rest of the transaction.
+//! Statements are few because each one costs the server a bind and an execution of its own
+//! (about 15 µs each, measured), whatever it does.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,14 +70,18 @@ const LARGE_FAN_OUT: i64 = 512;
 /// not only those the fan-out covers.
 const GUARD_PER_URL_LIMIT: usize = 2048;
 
+/// The rows of realm `$1` named by `$2` (by URL or alias). The hashes are one `ARRAY(…)` value
+/// so that the primary key's index answers (see `store::read_batch_sql`).
 pub(crate) const DELETE_MODULES: &str = "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 AND \
-     (url_hash = ANY (SELECT md5(u) FROM unnest($2::text[]) AS u) OR file_alias = ANY ($2)) \
+     (url_hash = ANY (ARRAY(SELECT md5(u) FROM unnest($2::text[]) AS u)) OR file_alias = ANY ($2)) \
      RETURNING 1) SELECT count(*) FROM d";
 pub(crate) const DELETE_REALM: &str = "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
      RETURNING 1) SELECT count(*) FROM d";
 pub(crate) const DELETE_ALL: &str =
     "WITH d AS (DELETE FROM _S_modules RETURNING 1) SELECT count(*) FROM d";
 pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+/// Every payload `$2` on channel `$1`, in order, in one statement.
+pub(crate) const NOTIFY_ALL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
 
 /// The rows of a consumer-closure query.
 pub(crate) fn consumer_rows(rows: &[Row]) -> Result<Vec<ConsumerRow>, PgError> {
@@ -110,6 +118,30 @@ async fn pipelined(mut flight: Vec<Reply<'_>>) -> Vec<Result<Vec<Row>, tokio_pos
     })
     .await;
     replies.into_iter().map(|reply| reply.expect("every reply is in")).collect()
+}
+
+/// The consumer closure of `names` in `realm`, outside an invalidation: in a transaction of
+/// its own with the invalidation's settings (see `guard::SETTINGS`), in one round trip.
+pub(crate) async fn closure(
+    sql: &Sql,
+    client: &deadpool_postgres::ClientWrapper,
+    realm: &str,
+    names: &[String],
+) -> Result<Vec<ConsumerRow>, PgError> {
+    let statements = [&sql.begin, &sql.settings, &sql.consumers, &sql.commit];
+    sql.prepare(client, &statements).await.map_err(query_error("consumer closure"))?;
+    let params: [&(dyn ToSql + Sync); 2] = [&realm, &names];
+    let mut replies = pipelined(vec![
+        Box::pin(sql.query(client, &sql.begin, &[])),
+        Box::pin(sql.query(client, &sql.settings, &[])),
+        Box::pin(sql.query(client, &sql.consumers, &params)),
+        Box::pin(sql.query(client, &sql.commit, &[])),
+    ])
+    .await;
+    if let Some((_, error)) = first_failure(&mut replies) {
+        return Err(query_error("consumer closure")(error));
+    }
+    consumer_rows(&replies.swap_remove(2).unwrap_or_default())
 }
 
 /// The first failure of a flight (later statements only fail because of it), with its index.
@@ -165,9 +197,9 @@ pub(crate) async fn run(
         Invalidation::Realm { .. } => &sql.delete_realm,
         Invalidation::Global => &sql.delete_all,
     };
-    let lock = match request {
-        Invalidation::Global => &sql.lock_global_exclusive,
-        _ => &sql.lock_realm_exclusive,
+    let open = match request {
+        Invalidation::Global => &sql.open_global,
+        _ => &sql.open_realm,
     };
     // Every statement is prepared first (free once cached on the connection), so that a
     // fresh connection pays for preparing before it holds the realm's lock, not under it.
@@ -175,18 +207,17 @@ pub(crate) async fn run(
         &sql.begin,
         &sql.commit,
         &sql.realm_graph,
-        &sql.next_seq,
+        &sql.settings,
         &sql.record_modules,
         &sql.record_clear,
-        &sql.prune,
         delete,
-        &sql.notify,
-        lock,
+        &sql.notify_all,
+        open,
         &sql.consumers_limited,
     ];
     sql.prepare(c, &all).await.map_err(before)?;
 
-    // Flight 1: BEGIN, the lock, the closure.
+    // Flight 1: BEGIN, the lock with the number and the settings, the closure.
     let (realm, names): (&str, &[String]) = match request {
         Invalidation::Modules { realm_url, urls } => (realm_url, urls),
         Invalidation::Realm { realm_url } => (realm_url, &[]),
@@ -196,15 +227,15 @@ pub(crate) async fn run(
         [&guard::LOCK_NS_REALM, &realm, &guard::LOCK_NS_GLOBAL];
     let global_lock: [&(dyn ToSql + Sync); 1] = [&guard::LOCK_NS_GLOBAL];
     let closure_params: [&(dyn ToSql + Sync); 3] = [&realm, &names, &LARGE_FAN_OUT];
+    let is_modules = matches!(request, Invalidation::Modules { .. });
     let mut flight: Vec<Reply<'_>> = vec![Box::pin(sql.query(c, &sql.begin, &[]))];
     if plan.guarded {
         let params: &[&(dyn ToSql + Sync)] =
             if matches!(request, Invalidation::Global) { &global_lock } else { &realm_lock };
-        flight.push(Box::pin(sql.query(c, lock, params)));
-        // After the lock: see `guard::NEXT_SEQ`.
-        flight.push(Box::pin(sql.query(c, &sql.next_seq, &[])));
+        flight.push(Box::pin(sql.query(c, open, params)));
+    } else if is_modules {
+        flight.push(Box::pin(sql.query(c, &sql.settings, &[])));
     }
-    let is_modules = matches!(request, Invalidation::Modules { .. });
     if is_modules {
         flight.push(Box::pin(sql.query(c, &sql.consumers_limited, &closure_params)));
     }
@@ -212,14 +243,14 @@ pub(crate) async fn run(
     if let Some((_, error)) = first_failure(&mut replies) {
         return Err(before(error));
     }
-    // BEGIN, lock, number: the number's reply is the third.
-    let seq: Option<i64> = match replies.get(2).filter(|_| plan.guarded) {
+    // BEGIN, then the lock's reply: the number in its first column.
+    let seq: Option<i64> = match replies.get(1).filter(|_| plan.guarded) {
         Some(Ok(rows)) => match rows.first() {
             Some(row) => Some(row.try_get(0).map_err(before)?),
             None => {
                 return Err(Failure::Invalidation(PgError::Query {
                     operation: "invalidate",
-                    source: "nextval returned no row".into(),
+                    source: "the lock statement returned no row".into(),
                 }));
             }
         },
@@ -242,7 +273,7 @@ pub(crate) async fn run(
         other => other.clone(),
     };
 
-    // Flight 2: record, prune, DELETE, NOTIFY…, COMMIT.
+    // Flight 2: record (with the prune), DELETE, NOTIFY, COMMIT.
     let list: &[String] = match &effective {
         Invalidation::Modules { urls, .. } => urls,
         _ => &[],
@@ -256,20 +287,16 @@ pub(crate) async fn run(
     let channel = plan.notify.map(|(channel, _)| channel).unwrap_or_default();
     let seq_value = seq.unwrap_or_default();
     let modules_params: [&(dyn ToSql + Sync); 2] = [&realm, &list];
-    let record_modules_params: [&(dyn ToSql + Sync); 3] = [&realm, &list, &seq_value];
+    let record_modules_params: [&(dyn ToSql + Sync); 4] =
+        [&realm, &list, &seq_value, &plan.horizon_secs];
     let realm_params: [&(dyn ToSql + Sync); 1] = [&realm];
     let record_clear_params: [&(dyn ToSql + Sync); 2] = [&realm, &seq_value];
-    let prune_params: [&(dyn ToSql + Sync); 2] = [&realm, &plan.horizon_secs];
-    let notify_params: Vec<[&(dyn ToSql + Sync); 2]> =
-        payloads.iter().map(|payload| [&channel as &(dyn ToSql + Sync), payload]).collect();
+    let notify_params: [&(dyn ToSql + Sync); 2] = [&channel, &payloads];
     let mut flight: Vec<Reply<'_>> = Vec::new();
     if plan.guarded {
         let params: &[&(dyn ToSql + Sync)] =
             if per_url { &record_modules_params } else { &record_clear_params };
         flight.push(Box::pin(sql.query(c, record, params)));
-        if is_modules {
-            flight.push(Box::pin(sql.query(c, &sql.prune, &prune_params)));
-        }
     }
     let delete_index = flight.len();
     let delete_params: &[&(dyn ToSql + Sync)] = match &effective {
@@ -278,8 +305,8 @@ pub(crate) async fn run(
         Invalidation::Global => &[],
     };
     flight.push(Box::pin(sql.query(c, delete, delete_params)));
-    for params in &notify_params {
-        flight.push(Box::pin(sql.query(c, &sql.notify, params)));
+    if !payloads.is_empty() {
+        flight.push(Box::pin(sql.query(c, &sql.notify_all, &notify_params)));
     }
     // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
     flight.push(Box::pin(sql.query(c, &sql.commit, &[])));

@@ -13,9 +13,8 @@
 //! - a global clear excludes every realm invalidation, so a realm's number below a global
 //!   clear's committed before that clear: hearing the clear accounts for every realm up to it.
 //!
-//! The log forgets: the records of a URL invalidated again keep only the newest number (one
-//! replay covers both), and records older than the guard's horizon are pruned, the realm
-//! remembering the newest number pruned. A position whose mark is below that cannot be
+//! The log forgets: entries older than the guard's horizon are pruned, the realm remembering
+//! the newest number pruned. A position whose mark is below that cannot be
 //! caught up from the log; [`LogRead::gaps`] names such realms.
 
 use std::collections::{BTreeMap, HashMap};
@@ -210,7 +209,9 @@ fn collect(rows: Vec<SinceRow>) -> LogRead {
             read.invalidations.push(Invalidation::Realm { realm_url: realm_url.clone() });
         } else if !realm.urls.is_empty() {
             let mut urls = realm.urls;
+            // A URL invalidated twice past the mark: one replay covers both.
             urls.sort_unstable();
+            urls.dedup();
             modules.push(Invalidation::Modules { realm_url: realm_url.clone(), urls });
         }
         read.latest.push((realm_url, realm.latest));

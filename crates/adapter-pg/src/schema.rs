@@ -90,6 +90,26 @@ const MIGRATIONS: &[(&str, &str)] = &[
     // 5: the guard's records read as a log (listeners catching up after a lost connection,
     // or polling): a realm's records past a number, without reading the realm's others.
     ("", "CREATE INDEX modules_guard_seq_index ON _S_modules_guard (md5(realm), seq);"),
+    // 6: one log entry per invalidation (its URLs in an array) instead of one row per URL: a
+    // fan-out writes one row and one index entry instead of, per URL, a row and three index
+    // entries with a uniqueness check (measured: 0.25 ms of a one-module invalidation's
+    // 0.9 ms). A persist's check reads only the entries past its stamp (the `seq` index),
+    // and the prune walks that index from the oldest entry (see guard.rs). The records of
+    // version 5 are carried over, one entry per number, so loads in flight stay guarded.
+    (
+        "",
+        "CREATE TABLE _S_modules_guard_log (
+        realm text NOT NULL,
+        seq bigint NOT NULL,
+        urls text[] NOT NULL,
+        at timestamptz NOT NULL DEFAULT statement_timestamp()
+    );
+    CREATE INDEX modules_guard_log_seq_index ON _S_modules_guard_log (md5(realm), seq);
+    INSERT INTO _S_modules_guard_log (realm, seq, urls, at)
+        SELECT realm, seq, array_agg(url ORDER BY url), max(at) FROM _S_modules_guard
+        GROUP BY realm, seq;
+    DROP TABLE _S_modules_guard;",
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -42,16 +42,16 @@ pub(crate) struct Sql {
     pub(crate) plain_upsert: Stmt,
     pub(crate) guarded_insert: Stmt,
     pub(crate) lock_realm_shared: Stmt,
-    pub(crate) lock_realm_exclusive: Stmt,
-    pub(crate) lock_global_exclusive: Stmt,
-    pub(crate) next_seq: Stmt,
+    pub(crate) open_realm: Stmt,
+    pub(crate) open_global: Stmt,
+    pub(crate) settings: Stmt,
     pub(crate) record_modules: Stmt,
     pub(crate) record_clear: Stmt,
-    pub(crate) prune: Stmt,
     pub(crate) delete_modules: Stmt,
     pub(crate) delete_realm: Stmt,
     pub(crate) delete_all: Stmt,
     pub(crate) notify: Stmt,
+    pub(crate) notify_all: Stmt,
     pub(crate) consumers: Stmt,
     pub(crate) consumers_limited: Stmt,
     pub(crate) realm_graph: Stmt,
@@ -82,16 +82,19 @@ impl Sql {
                 &[types::ROW, &[Type::TEXT_ARRAY, Type::INT8]].concat(),
             ),
             lock_realm_shared: stmt(guard::LOCK_REALM_SHARED, types::LOCK_REALM),
-            lock_realm_exclusive: stmt(guard::LOCK_REALM_EXCLUSIVE, types::LOCK_REALM),
-            lock_global_exclusive: stmt(guard::LOCK_GLOBAL_EXCLUSIVE, types::LOCK_GLOBAL),
-            next_seq: stmt(guard::NEXT_SEQ, types::NONE),
-            record_modules: stmt(guard::RECORD_MODULES, types::TEXT_TEXTS_INT),
+            open_realm: stmt(guard::OPEN_REALM, types::LOCK_REALM),
+            open_global: stmt(guard::OPEN_GLOBAL, types::LOCK_GLOBAL),
+            settings: stmt(guard::SETTINGS, types::NONE),
+            record_modules: stmt(
+                guard::RECORD_MODULES,
+                &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::FLOAT8],
+            ),
             record_clear: stmt(guard::RECORD_CLEAR, types::TEXT_INT),
-            prune: stmt(guard::PRUNE, types::TEXT_FLOAT),
             delete_modules: stmt(invalidate::DELETE_MODULES, types::TEXT_TEXTS),
             delete_realm: stmt(invalidate::DELETE_REALM, types::TEXT),
             delete_all: stmt(invalidate::DELETE_ALL, types::NONE),
             notify: stmt(invalidate::NOTIFY, types::TWO_TEXTS),
+            notify_all: stmt(invalidate::NOTIFY_ALL, types::TEXT_TEXTS),
             consumers: stmt(invalidate::CONSUMERS, types::TEXT_TEXTS),
             consumers_limited: stmt(invalidate::CONSUMERS_LIMITED, types::TEXT_TEXTS_INT),
             realm_graph: stmt(invalidate::REALM_GRAPH, types::TEXT),
@@ -101,6 +104,35 @@ impl Sql {
             prefix,
             keeper: TimerKeeper::default(),
         }
+    }
+
+    /// Every statement, by name (for the plan tests).
+    #[cfg(test)]
+    fn named(&self) -> Vec<(&'static str, &Stmt)> {
+        vec![
+            ("read_row", &self.read_row),
+            ("read_batch", &self.read_batch),
+            ("stamp", &self.stamp),
+            ("plain_upsert", &self.plain_upsert),
+            ("guarded_insert", &self.guarded_insert),
+            ("lock_realm_shared", &self.lock_realm_shared),
+            ("open_realm", &self.open_realm),
+            ("open_global", &self.open_global),
+            ("settings", &self.settings),
+            ("record_modules", &self.record_modules),
+            ("record_clear", &self.record_clear),
+            ("delete_modules", &self.delete_modules),
+            ("delete_realm", &self.delete_realm),
+            ("delete_all", &self.delete_all),
+            ("notify", &self.notify),
+            ("notify_all", &self.notify_all),
+            ("consumers", &self.consumers),
+            ("consumers_limited", &self.consumers_limited),
+            ("realm_graph", &self.realm_graph),
+            ("begin", &self.begin),
+            ("commit", &self.commit),
+            ("row_count", &self.row_count),
+        ]
     }
 
     /// Whether statements are sent unnamed (through a transaction pooler).
@@ -220,7 +252,6 @@ pub(crate) mod types {
     pub(crate) const NONE: &[Type] = &[];
     pub(crate) const TEXT: &[Type] = &[Type::TEXT];
     pub(crate) const TEXT_TEXTS: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY];
-    pub(crate) const TEXT_FLOAT: &[Type] = &[Type::TEXT, Type::FLOAT8];
     pub(crate) const TEXT_INT: &[Type] = &[Type::TEXT, Type::INT8];
     pub(crate) const TEXT_TEXTS_INT: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8];
     pub(crate) const TWO_TEXTS: &[Type] = &[Type::TEXT, Type::TEXT];
@@ -242,6 +273,9 @@ pub(crate) mod types {
         Type::JSONB,
     ];
 }
+
+#[cfg(test)]
+mod plans;
 
 #[cfg(test)]
 mod tests {

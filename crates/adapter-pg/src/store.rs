@@ -59,12 +59,14 @@ pub(crate) fn read_row_sql() -> String {
     )
 }
 
-/// Rows of `$1..$3` whose url or alias is one of `$4`.
+/// Rows of `$1..$3` whose url or alias is one of `$4`. `ARRAY(…)` makes the hashes one value,
+/// which the primary key's index is probed with; `= ANY (SELECT …)` would be a subplan the
+/// planner can only apply as a filter, to every row of the table.
 pub(crate) fn read_batch_sql() -> String {
     format!(
         "SELECT {SELECT_COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 \
          AND cache_scope = $2 AND auth_user_id = $3 \
-         AND (url_hash = ANY (SELECT md5(n) FROM unnest($4::text[]) AS n) OR file_alias = ANY ($4))"
+         AND (url_hash = ANY (ARRAY(SELECT md5(n) FROM unnest($4::text[]) AS n)) OR file_alias = ANY ($4))"
     )
 }
 

@@ -100,7 +100,7 @@ async fn the_table_matches_the_spec_and_creation_is_idempotent_under_concurrency
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5], "each migration recorded once");
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6], "each migration recorded once");
     let columns: Vec<(String, String)> = client
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -414,7 +414,8 @@ async fn a_persist_waits_for_an_invalidation_in_progress_then_is_refused() {
     .await
     .unwrap();
     tx.execute(
-        "INSERT INTO modules_guard (realm, url, seq) VALUES ($1, $2, nextval('modules_guard_seq'))",
+        "INSERT INTO modules_guard_log (realm, seq, urls) \
+         VALUES ($1, nextval('modules_guard_seq'), ARRAY[$2::text])",
         &[&REALM, &card.url],
     )
     .await
@@ -439,6 +440,48 @@ async fn a_load_older_than_the_guard_horizon_is_stale() {
     assert_eq!(a.upsert(&z, old).await.unwrap(), PersistOutcome::Stale);
     let fresh = a.begin_load(REALM, &z.url).await.unwrap();
     assert_eq!(a.upsert(&z, fresh).await.unwrap(), PersistOutcome::Written);
+}
+
+/// The consumer closure's estimated cost grows with the table (every recursive step is
+/// assumed to multiply the rows): with the server's defaults, Postgres compiles it to machine
+/// code and sizes its hash table by that estimate, milliseconds to hundreds of milliseconds a
+/// time on a large table. Module invalidations therefore run with JIT off and a small
+/// `work_mem`; a trigger notes the settings in force inside the invalidation's transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_invalidations_run_without_jit_and_with_a_small_work_mem() {
+    let Some(config) = config("invalidation settings") else { return };
+    let guarded = PgAdapter::connect(config.clone()).await.unwrap();
+    let unguarded = PgAdapter::connect(config.clone().durable_guard(false)).await.unwrap();
+    let client = raw_client(&config).await;
+    client
+        .batch_execute(
+            "CREATE TABLE seen (jit text, work_mem text);
+             CREATE FUNCTION note_settings() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     INSERT INTO seen VALUES (current_setting('jit'), current_setting('work_mem'));
+                     RETURN NULL;
+                 END $$;
+             CREATE TRIGGER note AFTER DELETE ON modules
+                 FOR EACH STATEMENT EXECUTE FUNCTION note_settings();",
+        )
+        .await
+        .unwrap();
+    for db in [&guarded, &unguarded] {
+        db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
+    }
+    let seen: Vec<(String, String)> = client
+        .query("SELECT jit, work_mem FROM seen", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let expected = ("off".to_owned(), "64kB".to_owned());
+    assert_eq!(seen, [expected.clone(), expected.clone()], "guarded, then unguarded");
+    // The session's own settings are the server's, untouched: the invalidation's end with it.
+    let row = client.query_one("SELECT current_setting('jit'), current_setting('work_mem')", &[]);
+    let row = row.await.unwrap();
+    assert_ne!((row.get::<_, String>(0), row.get::<_, String>(1)), expected);
 }
 
 /// A process that hears nothing (its listener is disconnected, or it has none) renders a
@@ -842,17 +885,16 @@ async fn a_version_3_schema_is_upgraded_to_take_urls_of_any_length() {
     let client = raw_client(&config).await;
     client
         .batch_execute(
-            "DROP INDEX modules_resolved_realm_url_file_alias_index;
+            "CREATE TABLE modules_guard (realm text NOT NULL, url text NOT NULL, seq bigint NOT NULL,
+                 at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (realm, url));
+             CREATE INDEX modules_guard_age_index ON modules_guard (realm, at);
+             DROP TABLE modules_guard_log;
+             DROP INDEX modules_resolved_realm_url_file_alias_index;
              CREATE INDEX modules_file_alias_index ON modules (file_alias);
              DROP INDEX modules_resolved_realm_url_index;
              CREATE INDEX modules_resolved_realm_url_index ON modules (resolved_realm_url);
-             DROP INDEX modules_guard_key;
-             ALTER TABLE modules_guard ADD PRIMARY KEY (realm, url);
-             DROP INDEX modules_guard_age_index;
-             CREATE INDEX modules_guard_age_index ON modules_guard (realm, at);
              DROP INDEX modules_guard_realm_key;
              ALTER TABLE modules_guard_realm ADD PRIMARY KEY (realm);
-             DROP INDEX modules_guard_seq_index;
              DELETE FROM deflookup_schema_version WHERE version >= 4;",
         )
         .await
@@ -888,6 +930,52 @@ async fn a_version_3_schema_is_upgraded_to_take_urls_of_any_length() {
     let long = format!("{noise}/x.gts");
     db.upsert(&entry(REALM, &long, &[]), LoadStamp::UNGUARDED).await.expect("a long row");
     assert_eq!(db.apply_invalidation(&modules(&[&long])).await.expect("its invalidation"), 1);
+}
+
+/// Version 6 keeps one log entry per invalidation instead of one row per URL; an upgrade
+/// carries version 5's records over, so a load stamped before the upgrade is still refused
+/// when an invalidation recorded before it covers its row, and the log replays them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_5_schema_is_upgraded_and_its_records_still_guard() {
+    let Some(config) = config("upgrade to 6") else { return };
+    let old = PgAdapter::connect(config.clone()).await.expect("a current schema");
+    let card = entry(REALM, "card.gts", &[]);
+    let stamp = old.begin_load(REALM, &card.url).await.unwrap();
+    // Back to version 5's table, holding the record of an invalidation of the card (and of
+    // another URL under the same number), committed after the stamp.
+    let client = raw_client(&config).await;
+    client
+        .batch_execute(&format!(
+            "DROP TABLE modules_guard_log;
+             CREATE TABLE modules_guard (realm text NOT NULL, url text NOT NULL,
+                 seq bigint NOT NULL, at timestamptz NOT NULL DEFAULT now());
+             CREATE UNIQUE INDEX modules_guard_key ON modules_guard (md5(realm), md5(url));
+             CREATE INDEX modules_guard_age_index ON modules_guard (md5(realm), at);
+             CREATE INDEX modules_guard_seq_index ON modules_guard (md5(realm), seq);
+             DELETE FROM deflookup_schema_version WHERE version >= 6;
+             INSERT INTO modules_guard (realm, url, seq)
+                 SELECT '{REALM}', u, nextval('modules_guard_seq')
+                 FROM (VALUES ('{url}'), ('{REALM}other.gts')) AS v(u);
+             UPDATE modules_guard SET seq = (SELECT max(seq) FROM modules_guard);
+             INSERT INTO modules_guard_realm (realm, latest)
+                 SELECT '{REALM}', max(seq) FROM modules_guard;",
+            url = card.url,
+        ))
+        .await
+        .expect("downgrade to version 5");
+    let db = PgAdapter::connect(config.clone()).await.expect("upgrade to version 6");
+    let entries: Vec<(i64, Vec<String>)> = client
+        .query("SELECT seq, urls FROM modules_guard_log", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(entries.len(), 1, "one entry per number: {entries:?}");
+    assert_eq!(entries[0].1, [card.url.clone(), format!("{REALM}other.gts")]);
+    assert_eq!(db.upsert(&card, stamp).await.unwrap(), PersistOutcome::Stale);
+    let fresh = db.begin_load(REALM, &card.url).await.unwrap();
+    assert_eq!(db.upsert(&card, fresh).await.unwrap(), PersistOutcome::Written);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -263,7 +263,7 @@ async fn a_listener_that_cannot_prove_it_saw_everything_resyncs() {
     role.admin
         .batch_execute(&format!(
             "ALTER SEQUENCE {schema}.modules_guard_seq RESTART WITH 1; \
-             DELETE FROM {schema}.modules_guard; DELETE FROM {schema}.modules_guard_realm"
+             DELETE FROM {schema}.modules_guard_log; DELETE FROM {schema}.modules_guard_realm"
         ))
         .await
         .unwrap();
