@@ -55,7 +55,8 @@ pub(crate) const LOCK_REALM_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(
 ///   0.5 ms query; with 64 MB, 8 ms. The table still grows as far as a real closure needs.
 ///
 /// Sent in the statement that takes the lock (no statement of its own), or alone when the
-/// guard is off ([`SETTINGS`]).
+/// guard is off ([`SETTINGS`]); `work_mem` is restored after the closure
+/// ([`RESTORE_WORK_MEM`]).
 macro_rules! settings {
     () => {
         "set_config('jit', 'off', true), set_config('work_mem', '64kB', true)"
@@ -65,6 +66,12 @@ macro_rules! settings {
 /// [`settings!`] alone: for an invalidation without the guard, and for the closure read
 /// outside an invalidation.
 pub(crate) const SETTINGS: &str = concat!("SELECT ", settings!());
+
+/// Gives the rest of the transaction its usual `work_mem` back once the closure has run: the
+/// DELETE of a large fan-out hashes its names, and with 64 kB they spill to disk (measured:
+/// 20 000 names written out in 265 batches). `DEFAULT` is the session's own value (the
+/// server's, the role's, or the connection's `options`).
+pub(crate) const RESTORE_WORK_MEM: &str = "SET LOCAL work_mem TO DEFAULT";
 
 /// Opens a realm's invalidation: takes the global key shared, then the realm key exclusive
 /// (see [`LOCK_REALM_SHARED`] for the order), then the invalidation's sequence number, and

@@ -45,6 +45,7 @@ pub(crate) struct Sql {
     pub(crate) open_realm: Stmt,
     pub(crate) open_global: Stmt,
     pub(crate) settings: Stmt,
+    pub(crate) restore_work_mem: Stmt,
     pub(crate) record_modules: Stmt,
     pub(crate) record_clear: Stmt,
     pub(crate) delete_modules: Stmt,
@@ -85,12 +86,16 @@ impl Sql {
             open_realm: stmt(guard::OPEN_REALM, types::LOCK_REALM),
             open_global: stmt(guard::OPEN_GLOBAL, types::LOCK_GLOBAL),
             settings: stmt(guard::SETTINGS, types::NONE),
+            restore_work_mem: stmt(guard::RESTORE_WORK_MEM, types::NONE),
             record_modules: stmt(
                 guard::RECORD_MODULES,
                 &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::FLOAT8],
             ),
             record_clear: stmt(guard::RECORD_CLEAR, types::TEXT_INT),
-            delete_modules: stmt(invalidate::DELETE_MODULES, types::TEXT_TEXTS),
+            delete_modules: stmt(
+                invalidate::DELETE_MODULES,
+                &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
+            ),
             delete_realm: stmt(invalidate::DELETE_REALM, types::TEXT),
             delete_all: stmt(invalidate::DELETE_ALL, types::NONE),
             notify: stmt(invalidate::NOTIFY, types::TWO_TEXTS),
@@ -119,6 +124,7 @@ impl Sql {
             ("open_realm", &self.open_realm),
             ("open_global", &self.open_global),
             ("settings", &self.settings),
+            ("restore_work_mem", &self.restore_work_mem),
             ("record_modules", &self.record_modules),
             ("record_clear", &self.record_clear),
             ("delete_modules", &self.delete_modules),
@@ -168,18 +174,32 @@ impl Sql {
         statement: &Stmt,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        if self.unnamed {
+            return self.query_unprepared(client, statement, params).await;
+        }
         // Before the operation's timeout registers its timer, which happens once this first
         // poll is pending.
         self.keeper.keep();
-        if self.unnamed {
-            debug_assert_eq!(params.len(), statement.types.len(), "{}", statement.text);
-            let typed: Vec<(&(dyn ToSql + Sync), Type)> =
-                params.iter().copied().zip(statement.types.iter().cloned()).collect();
-            client.query_typed(&statement.text, &typed).await
-        } else {
-            let prepared = client.prepare_cached(&statement.text).await?;
-            client.query(&prepared, params).await
-        }
+        let prepared = client.prepare_cached(&statement.text).await?;
+        client.query(&prepared, params).await
+    }
+
+    /// Runs `statement` as the unnamed statement, in either mode: parsed and planned for these
+    /// values each time (what a transaction pooler needs, and what a statement whose best plan
+    /// depends on how many values an array holds is worth).
+    pub(crate) async fn query_unprepared(
+        &self,
+        client: &ClientWrapper,
+        statement: &Stmt,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        // Before the operation's timeout registers its timer, which happens once this first
+        // poll is pending.
+        self.keeper.keep();
+        debug_assert_eq!(params.len(), statement.types.len(), "{}", statement.text);
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+            params.iter().copied().zip(statement.types.iter().cloned()).collect();
+        client.query_typed(&statement.text, &typed).await
     }
 }
 

@@ -59,14 +59,18 @@ pub(crate) fn read_row_sql() -> String {
     )
 }
 
-/// Rows of `$1..$3` whose url or alias is one of `$4`. `ARRAY(…)` makes the hashes one value,
-/// which the primary key's index is probed with; `= ANY (SELECT …)` would be a subplan the
-/// planner can only apply as a filter, to every row of the table.
+/// Rows of `$1..$3` whose url or alias is one of `$4`: those found by URL, then those found
+/// by alias (a row found both ways comes twice; [`read_rows_batch`] keeps it once). Each half
+/// is a semi-join with the names, linear in the names and the rows whatever the plan (see
+/// `invalidate::DELETE_MODULES`).
 pub(crate) fn read_batch_sql() -> String {
+    let scope = "resolved_realm_url = $1 AND cache_scope = $2 AND auth_user_id = $3";
     format!(
-        "SELECT {SELECT_COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 \
-         AND cache_scope = $2 AND auth_user_id = $3 \
-         AND (url_hash = ANY (ARRAY(SELECT md5(n) FROM unnest($4::text[]) AS n)) OR file_alias = ANY ($4))"
+        "SELECT {SELECT_COLUMNS} FROM _S_modules WHERE {scope} \
+         AND url_hash IN (SELECT md5(n) FROM unnest($4::text[]) AS n) \
+         UNION ALL \
+         SELECT {SELECT_COLUMNS} FROM _S_modules WHERE {scope} \
+         AND file_alias IN (SELECT unnest($4::text[]))"
     )
 }
 
@@ -112,7 +116,11 @@ pub(crate) async fn read_rows_batch(
         [&scope.realm_url, &scope.scope.as_str(), &scope.user, &names];
     let rows =
         sql.query(client, &sql.read_batch, &params).await.map_err(query_error("read rows"))?;
-    entries(rows)
+    // One scope: a row is its URL. Found by URL and by alias, it came twice.
+    let mut seen = std::collections::HashSet::new();
+    let mut rows = entries(rows)?;
+    rows.retain(|row| seen.insert(row.url.clone()));
+    Ok(rows)
 }
 
 /// The durable guard's stamp of a load in `realm_url` (see guard.rs).

@@ -180,6 +180,31 @@ async fn invalidation_deletes_and_notifies_in_one_transaction() {
     assert_eq!(db.stats().payloads_sent, 3);
 }
 
+/// Rows are found by URL and by alias in two halves of one statement (each answered by its
+/// own index): a row both name is read once, deleted once and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_named_by_its_url_and_its_alias_is_read_and_deleted_once() {
+    let Some(db) = adapter("url and alias").await else { return };
+    let (card, other) = (entry(REALM, "card.gts", &[]), entry(REALM, "other.gts", &[]));
+    for row in [&card, &other] {
+        db.upsert(row, LoadStamp::UNGUARDED).await.unwrap();
+    }
+    let scope = lookup_core::EntryScope {
+        realm_url: REALM.into(),
+        scope: CacheScope::Public,
+        user: String::new(),
+    };
+    // The card by both names, the other only by its alias.
+    let names = [card.url.clone(), card.file_alias.clone(), other.file_alias.clone()];
+    let mut read: Vec<String> =
+        db.read_rows_batch(&scope, &names).await.unwrap().into_iter().map(|r| r.url).collect();
+    read.sort();
+    assert_eq!(read, [card.url.clone(), other.url.clone()]);
+    let request = Invalidation::Modules { realm_url: REALM.into(), urls: names.to_vec() };
+    assert_eq!(db.apply_invalidation(&request).await.unwrap(), 2, "two rows, each counted once");
+    assert!(db.read_rows_batch(&scope, &names).await.unwrap().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_fan_out_is_chunked_and_an_oversize_url_becomes_a_realm_payload() {
     let Some(config) = config("chunks") else { return };
@@ -445,10 +470,11 @@ async fn a_load_older_than_the_guard_horizon_is_stale() {
 /// The consumer closure's estimated cost grows with the table (every recursive step is
 /// assumed to multiply the rows): with the server's defaults, Postgres compiles it to machine
 /// code and sizes its hash table by that estimate, milliseconds to hundreds of milliseconds a
-/// time on a large table. Module invalidations therefore run with JIT off and a small
-/// `work_mem`; a trigger notes the settings in force inside the invalidation's transaction.
+/// time on a large table. Module invalidations therefore run with JIT off, and with a small
+/// `work_mem` until the closure is read; the DELETE that follows hashes its names with the
+/// session's own `work_mem` again. A trigger on the DELETE notes the settings in force.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn module_invalidations_run_without_jit_and_with_a_small_work_mem() {
+async fn module_invalidations_run_without_jit_and_delete_with_the_sessions_work_mem() {
     let Some(config) = config("invalidation settings") else { return };
     let guarded = PgAdapter::connect(config.clone()).await.unwrap();
     let unguarded = PgAdapter::connect(config.clone().durable_guard(false)).await.unwrap();
@@ -476,12 +502,13 @@ async fn module_invalidations_run_without_jit_and_with_a_small_work_mem() {
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect();
-    let expected = ("off".to_owned(), "64kB".to_owned());
-    assert_eq!(seen, [expected.clone(), expected.clone()], "guarded, then unguarded");
-    // The session's own settings are the server's, untouched: the invalidation's end with it.
+    // A session's own: the server's defaults, which the invalidation's settings do not touch.
     let row = client.query_one("SELECT current_setting('jit'), current_setting('work_mem')", &[]);
-    let row = row.await.unwrap();
-    assert_ne!((row.get::<_, String>(0), row.get::<_, String>(1)), expected);
+    let (jit, work_mem): (String, String) = row.await.map(|row| (row.get(0), row.get(1))).unwrap();
+    assert_eq!(jit, "on", "the server's default, which the test means to override");
+    assert_ne!(work_mem, "64kB");
+    let expected = ("off".to_owned(), work_mem);
+    assert_eq!(seen, [expected.clone(), expected], "guarded, then unguarded");
 }
 
 /// A process that hears nothing (its listener is disconnected, or it has none) renders a
