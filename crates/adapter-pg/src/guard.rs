@@ -54,12 +54,16 @@ pub(crate) const LOCK_REALM_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(
 ///   size the same estimate asks for, capped by `work_mem`: with the default 4 MB, 3 ms of a
 ///   0.5 ms query; with 64 MB, 8 ms. The table still grows as far as a real closure needs.
 ///
+/// With them, `deflookup.apply = on`: the statements that write ([`RECORD_MODULES`],
+/// [`RECORD_CLEAR`], the DELETE of a fan-out and the NOTIFYs) act only while it is on, and an
+/// invalidation that finds its module has consumers turns it off (see `invalidate.rs`).
+///
 /// Sent in the statement that takes the lock (no statement of its own), or alone when the
-/// guard is off ([`SETTINGS`]); `work_mem` is restored after the closure
-/// ([`RESTORE_WORK_MEM`]).
+/// guard is off ([`SETTINGS`]).
 macro_rules! settings {
     () => {
-        "set_config('jit', 'off', true), set_config('work_mem', '64kB', true)"
+        "set_config('jit', 'off', true), set_config('work_mem', '64kB', true), \
+         set_config('deflookup.apply', 'on', true)"
     };
 }
 
@@ -67,11 +71,22 @@ macro_rules! settings {
 /// outside an invalidation.
 pub(crate) const SETTINGS: &str = concat!("SELECT ", settings!());
 
-/// Gives the rest of the transaction its usual `work_mem` back once the closure has run: the
-/// DELETE of a large fan-out hashes its names, and with 64 kB they spill to disk (measured:
-/// 20 000 names written out in 265 batches). `DEFAULT` is the session's own value (the
-/// server's, the role's, or the connection's `options`).
-pub(crate) const RESTORE_WORK_MEM: &str = "SET LOCAL work_mem TO DEFAULT";
+/// Whether this transaction's writes go ahead (see [`settings!`]).
+macro_rules! apply {
+    () => {
+        "current_setting('deflookup.apply')::boolean"
+    };
+}
+pub(crate) use apply;
+
+/// The number [`OPEN_REALM`] or [`OPEN_GLOBAL`] took in this transaction, as one value (a
+/// subquery, evaluated once: an index can be searched with it).
+macro_rules! taken {
+    () => {
+        "(SELECT currval('_S_modules_guard_seq'))"
+    };
+}
+pub(crate) use taken;
 
 /// Opens a realm's invalidation: takes the global key shared, then the realm key exclusive
 /// (see [`LOCK_REALM_SHARED`] for the order), then the invalidation's sequence number, and
@@ -100,32 +115,48 @@ pub(crate) const STAMP: &str = "SELECT coalesce(max(latest), 0) FROM _S_modules_
      WHERE md5(realm) IN (md5($1), md5('')) AND realm IN ($1, '')";
 
 /// Records a module fan-out as one entry of the log: `$1` realm, `$2` its URLs, `$3` the
-/// sequence number taken by [`OPEN_REALM`], `$4` the horizon in seconds. In the same statement,
-/// the realm's oldest entries past the horizon are pruned (at most 1000 at a time), and the
-/// realm's row notes the number and the newest number pruned.
+/// horizon in seconds; the number is the one [`OPEN_REALM`] took. In the same statement, the
+/// realm's entries past the horizon among its 16 oldest are pruned, and the
+/// realm's row notes the number and the newest number pruned. Nothing when [`apply!`] is off.
 ///
 /// An entry's `at` is its statement's start, after the lock: within a realm, `at` grows with
 /// `seq`, so the entries past the horizon are the realm's first ones in `seq` order, and the
-/// prune reads the `(md5(realm), seq)` index from the oldest entry to the first one still
-/// young (without a bound, the planner scans the table for `seq < …`).
-pub(crate) const RECORD_MODULES: &str = "WITH gone AS (DELETE FROM _S_modules_guard_log \
+/// prune reads only the oldest few of the `(md5(realm), seq)` index. Each invalidation adds
+/// one entry and may prune several, so a backlog (a burst of invalidations aging out at once)
+/// drains at a bounded cost per invalidation instead of being read whole each time (measured:
+/// 52 ms per invalidation with 30 000 entries aged out, when the prune looked for the first
+/// young one).
+pub(crate) const RECORD_MODULES: &str = concat!(
+    "WITH gone AS (DELETE FROM _S_modules_guard_log \
          WHERE md5(realm) = md5($1) AND seq = ANY (ARRAY( \
              SELECT seq FROM _S_modules_guard_log WHERE md5(realm) = md5($1) AND realm = $1 \
-             AND seq < coalesce((SELECT seq FROM _S_modules_guard_log \
-                 WHERE md5(realm) = md5($1) AND realm = $1 \
-                 AND at >= statement_timestamp() - make_interval(secs => $4) \
-                 ORDER BY seq LIMIT 1), $3) \
-             ORDER BY seq LIMIT 1000)) \
-         RETURNING seq), \
-     r AS (INSERT INTO _S_modules_guard_realm AS g (realm, latest) VALUES ($1, $3) \
-         ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest, \
-         pruned_through = greatest(g.pruned_through, (SELECT max(seq) FROM gone))) \
+             ORDER BY seq LIMIT 16)) \
+         AND at < statement_timestamp() - make_interval(secs => $3) AND ",
+    apply!(),
+    " RETURNING seq), \
+     r AS (INSERT INTO _S_modules_guard_realm AS g (realm, latest, pruned_through) \
+         SELECT $1, ",
+    taken!(),
+    ", coalesce((SELECT max(seq) FROM gone), 0) WHERE ",
+    apply!(),
+    " ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest, \
+         pruned_through = greatest(g.pruned_through, EXCLUDED.pruned_through)) \
      INSERT INTO _S_modules_guard_log (realm, seq, urls, at) \
-         VALUES ($1, $3, $2::text[], statement_timestamp())";
+         SELECT $1, ",
+    taken!(),
+    ", $2::text[], statement_timestamp() WHERE ",
+    apply!()
+);
 
-/// Records a whole-realm (or, with `''`, global) clear: `$1` realm, `$2` the sequence.
-pub(crate) const RECORD_CLEAR: &str = "INSERT INTO _S_modules_guard_realm (realm, latest, cleared) VALUES ($1, $2, $2) \
-     ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest, cleared = EXCLUDED.cleared";
+/// Records a whole-realm (or, with `''`, global) clear: `$1` realm; the number is the one
+/// taken by [`OPEN_REALM`] or [`OPEN_GLOBAL`]. Nothing when [`apply!`] is off.
+pub(crate) const RECORD_CLEAR: &str = concat!(
+    "INSERT INTO _S_modules_guard_realm (realm, latest, cleared) SELECT $1, s, s FROM ",
+    taken!(),
+    " AS n(s) WHERE ",
+    apply!(),
+    " ON CONFLICT ((md5(realm))) DO UPDATE SET latest = EXCLUDED.latest, cleared = EXCLUDED.cleared"
+);
 
 /// The condition under which a persist of a row in realm `$4`, checking URLs `$11` with stamp
 /// `$12`, is still fresh.

@@ -1,21 +1,27 @@
-//! One invalidation as one transaction in two round trips.
+//! One invalidation as one transaction: one round trip when its fan-out is known before it
+//! starts, two when consumers must be found first.
 //!
-//! 1. `BEGIN`; the realm's (or global) advisory lock, the invalidation's sequence number and
-//!    the transaction's settings, in one statement (`guard::OPEN_REALM`); and, for a module
-//!    fan-out, the consumer closure. The closure is its own statement, sent after the lock, so
-//!    its snapshot is taken once the lock is held: every guarded persist that committed
-//!    earlier is in it, and every later one waits for the lock and then sees this
-//!    invalidation's record. A closure that turns out large (over 512 consumers) is finished
-//!    from one scan of the realm's edges instead, at the cost of one more round trip.
-//! 2. For a fan-out, `work_mem` back to the session's; the guard's record (with the prune),
-//!    the DELETE, the NOTIFY payloads (one statement), and `COMMIT`.
+//! - **One flight** (a realm or global clear; a module invalidation whose names nobody
+//!   consumes): `BEGIN`; the realm's (or global) advisory lock, the invalidation's sequence
+//!   number and the transaction's settings, in one statement (`guard::OPEN_REALM`); for a
+//!   module, [`LEAF`], which checks under the lock that no row consumes the names and
+//!   otherwise turns the writes off; the guard's record (with the prune), the DELETE, the
+//!   NOTIFY payloads (one statement; the number, taken by the server in this flight, is put
+//!   into the last payload by [`NOTIFY_SEQ`]); and `COMMIT`.
+//! - **Two flights**, when [`LEAF`] found consumers (that first transaction then committed
+//!   nothing): `BEGIN`, the lock, the consumer closure (its own statement after the lock, so
+//!   its snapshot is taken once the lock is held: every guarded persist that committed
+//!   earlier is in it, and every later one waits for the lock and then sees this
+//!   invalidation's record); then, once the fan-out is known, the record, the DELETE, the
+//!   NOTIFY and `COMMIT`. A closure that turns out large (over 512 consumers) is finished from
+//!   one scan of the realm's edges instead, at the cost of one more round trip.
 //!
 //! Within a flight every statement is written to the connection before any reply is awaited
 //! (tokio-postgres sends a request on its future's first poll), so each flight costs one round
 //! trip however many statements it holds. Each statement still runs on its own, in order, with
 //! its own snapshot (READ COMMITTED); one that fails aborts the rest of the transaction.
 //! Statements are few because each one costs the server a bind and an execution of its own
-//! (about 15 µs each, measured), whatever it does.
+//! (6-15 µs each, measured), whatever it does.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -81,9 +87,21 @@ const GUARD_PER_URL_LIMIT: usize = 2048;
 /// filter to every row of the realm; `= ANY (ARRAY(SELECT md5(u) …))` leaves the planner free
 /// to do the same with a linear search of the array per row (1.9 s for a fan-out of 10 000
 /// names); two semi-joins are linear but cost 0.13 ms for one module's five names.
-pub(crate) const DELETE_MODULES: &str = "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
-         AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[])) RETURNING 1) \
-     SELECT count(*) FROM d";
+/// Nothing when `guard::apply!` is off.
+pub(crate) const DELETE_MODULES: &str = concat!(
+    "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
+         AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[])) AND ",
+    guard::apply!(),
+    " RETURNING 1) SELECT count(*) FROM d"
+);
+
+/// Whether rows of realm `$1` consume any of the names `$2` (the closure's first step, under
+/// the lock): when one does, turns the transaction's writes off and answers `false`. Counted
+/// rather than `EXISTS`, which the planner answers by scanning the table in the hope of an
+/// early match; a count is the closure's own join, a probe of the `deps` index per name.
+pub(crate) const LEAF: &str = "SELECT set_config('deflookup.apply', ((SELECT count(*) \
+     FROM unnest($2::text[]) AS v(name) JOIN _S_modules m \
+     ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name)) = 0)::text, true)";
 
 /// The `url_hash` of each URL, as Postgres computes it (`md5(url)`: the lowercase hex digest
 /// of its UTF-8 bytes).
@@ -105,8 +123,35 @@ pub(crate) const DELETE_REALM: &str = "WITH d AS (DELETE FROM _S_modules WHERE r
 pub(crate) const DELETE_ALL: &str =
     "WITH d AS (DELETE FROM _S_modules RETURNING 1) SELECT count(*) FROM d";
 pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
-/// Every payload `$2` on channel `$1`, in order, in one statement.
-pub(crate) const NOTIFY_ALL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+/// Every payload `$2` on channel `$1`, in order, in one statement. Nothing when
+/// `guard::apply!` is off.
+pub(crate) const NOTIFY_ALL: &str =
+    concat!("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p WHERE ", guard::apply!());
+
+/// [`NOTIFY_ALL`] for payloads encoded before the transaction took its number: the last one
+/// ends with `"s":` and [`SEQ_PLACEHOLDER`] (see [`encode_with_placeholder`]), which is
+/// replaced by the number taken in this transaction.
+pub(crate) const NOTIFY_SEQ: &str = concat!(
+    "SELECT pg_notify($1, CASE WHEN o < cardinality($2::text[]) THEN p \
+         ELSE left(p, -20) || ",
+    guard::taken!(),
+    " || '}' END) \
+     FROM unnest($2::text[]) WITH ORDINALITY AS x(p, o) WHERE ",
+    guard::apply!()
+);
+
+/// The number the payloads are encoded with before it is known: the widest an `i64` prints
+/// (19 digits), so that every chunk still fits once the real number replaces it.
+const SEQ_PLACEHOLDER: i64 = i64::MAX;
+
+/// The payloads of `invalidation`, the last ending with the placeholder number and `}` (20
+/// characters, which [`NOTIFY_SEQ`] replaces); `None` when they carry no number (a realm
+/// widened to a global payload, whose number would be the realm's).
+fn encode_with_placeholder(invalidation: &Invalidation, origin: &str) -> Option<Vec<String>> {
+    let payloads = encode_payloads(invalidation, Some(origin), Some(SEQ_PLACEHOLDER));
+    let tail = format!("\"s\":{SEQ_PLACEHOLDER}}}");
+    payloads.last().is_some_and(|last| last.ends_with(&tail)).then_some(payloads)
+}
 
 /// The rows of a consumer-closure query.
 pub(crate) fn consumer_rows(rows: &[Row]) -> Result<Vec<ConsumerRow>, PgError> {
@@ -205,6 +250,149 @@ pub(crate) struct Plan<'a> {
     pub(crate) horizon_secs: f64,
 }
 
+/// The statements opening a transaction, after `BEGIN`.
+struct Head<'a> {
+    /// The lock, number and settings (`guard::OPEN_REALM`/`OPEN_GLOBAL`) with the guard;
+    /// without it, the settings alone.
+    guarded: bool,
+    global: bool,
+    realm: &'a str,
+    /// [`LEAF`] on these names.
+    leaf: Option<&'a [String]>,
+    /// The closure of these names ([`CONSUMERS_LIMITED`]).
+    closure: Option<&'a [String]>,
+}
+
+/// The statements applying a known fan-out, ending with `COMMIT`.
+struct Tail<'a> {
+    effective: &'a Invalidation,
+    /// With the guard: the record ([`guard::RECORD_MODULES`] or, for a clear or a fan-out
+    /// too large for one entry, [`guard::RECORD_CLEAR`]).
+    guarded: bool,
+    horizon_secs: f64,
+    hashes: Vec<String>,
+    /// The channel and payloads, and whether the last one ends with the placeholder number.
+    notify: Option<(&'a str, Vec<String>, bool)>,
+}
+
+impl<'a> Tail<'a> {
+    /// The tail of `effective`; `seq`: the number when known, `None` when it is taken in the
+    /// same flight (the payloads then carry the placeholder) or there is none (no guard).
+    fn new(effective: &'a Invalidation, plan: &Plan<'a>, seq: Option<i64>) -> Tail<'a> {
+        let hashes = match effective {
+            Invalidation::Modules { urls, .. } => url_hashes(urls),
+            _ => Vec::new(),
+        };
+        let notify = plan.notify.map(|(channel, origin)| {
+            if seq.is_none() && plan.guarded {
+                if let Some(payloads) = encode_with_placeholder(effective, origin) {
+                    return (channel, payloads, true);
+                }
+            }
+            (channel, encode_payloads(effective, Some(origin), seq), false)
+        });
+        Tail { effective, guarded: plan.guarded, horizon_secs: plan.horizon_secs, hashes, notify }
+    }
+
+    fn payloads(&self) -> usize {
+        self.notify.as_ref().map_or(0, |(_, payloads, _)| payloads.len())
+    }
+}
+
+/// Where the replies of a flight's statements are.
+#[derive(Default)]
+struct Positions {
+    open: Option<usize>,
+    leaf: Option<usize>,
+    closure: Option<usize>,
+    delete: Option<usize>,
+}
+
+/// Sends `head` (after `BEGIN`) and `tail` as one flight and awaits every reply.
+async fn flight(
+    sql: &Sql,
+    c: &deadpool_postgres::ClientWrapper,
+    head: Option<&Head<'_>>,
+    tail: Option<&Tail<'_>>,
+) -> (Vec<Result<Vec<Row>, tokio_postgres::Error>>, Positions) {
+    // Every parameter list lives as long as the flight (declared before it).
+    let realm = head.map(|h| h.realm).unwrap_or_default();
+    let realm_lock: [&(dyn ToSql + Sync); 3] =
+        [&guard::LOCK_NS_REALM, &realm, &guard::LOCK_NS_GLOBAL];
+    let global_lock: [&(dyn ToSql + Sync); 1] = [&guard::LOCK_NS_GLOBAL];
+    let leaf_names = head.and_then(|h| h.leaf).unwrap_or_default();
+    let leaf_params: [&(dyn ToSql + Sync); 2] = [&realm, &leaf_names];
+    let closure_names = head.and_then(|h| h.closure).unwrap_or_default();
+    let closure_params: [&(dyn ToSql + Sync); 3] = [&realm, &closure_names, &LARGE_FAN_OUT];
+    let (tail_realm, list): (&str, &[String]) = match tail.map(|t| t.effective) {
+        Some(Invalidation::Modules { realm_url, urls }) => (realm_url, urls),
+        Some(Invalidation::Realm { realm_url }) => (realm_url, &[]),
+        _ => ("", &[]),
+    };
+    let hashes: &[String] = tail.map(|t| t.hashes.as_slice()).unwrap_or_default();
+    let horizon = tail.map(|t| t.horizon_secs).unwrap_or_default();
+    let record_modules_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &horizon];
+    let record_clear_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
+    let modules_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
+    let realm_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
+    let (channel, payloads, with_seq) = match tail.and_then(|t| t.notify.as_ref()) {
+        Some((channel, payloads, with_seq)) => (*channel, payloads.as_slice(), *with_seq),
+        None => ("", &[][..], false),
+    };
+    let notify_params: [&(dyn ToSql + Sync); 2] = [&channel, &payloads];
+    let mut at = Positions::default();
+    let mut flight: Vec<Reply<'_>> = Vec::new();
+    if let Some(head) = head {
+        flight.push(Box::pin(sql.query(c, &sql.begin, &[])));
+        at.open = Some(flight.len());
+        if head.guarded && head.global {
+            flight.push(Box::pin(sql.query(c, &sql.open_global, &global_lock)));
+        } else if head.guarded {
+            flight.push(Box::pin(sql.query(c, &sql.open_realm, &realm_lock)));
+        } else {
+            flight.push(Box::pin(sql.query(c, &sql.settings, &[])));
+        }
+        if head.leaf.is_some() {
+            at.leaf = Some(flight.len());
+            flight.push(Box::pin(sql.query(c, &sql.leaf, &leaf_params)));
+        }
+        if head.closure.is_some() {
+            at.closure = Some(flight.len());
+            flight.push(Box::pin(sql.query(c, &sql.consumers_limited, &closure_params)));
+        }
+    }
+
+    if let Some(tail) = tail {
+        let is_modules = matches!(tail.effective, Invalidation::Modules { .. });
+        if tail.guarded {
+            if is_modules && list.len() <= GUARD_PER_URL_LIMIT {
+                flight.push(Box::pin(sql.query(c, &sql.record_modules, &record_modules_params)));
+            } else {
+                flight.push(Box::pin(sql.query(c, &sql.record_clear, &record_clear_params)));
+            }
+        }
+        at.delete = Some(flight.len());
+        flight.push(match tail.effective {
+            // Planned for its values (see `DELETE_MODULES`).
+            Invalidation::Modules { .. } if list.len() as i64 > LARGE_FAN_OUT => {
+                Box::pin(sql.query_unprepared(c, &sql.delete_modules, &modules_params))
+            }
+            Invalidation::Modules { .. } => {
+                Box::pin(sql.query(c, &sql.delete_modules, &modules_params))
+            }
+            Invalidation::Realm { .. } => Box::pin(sql.query(c, &sql.delete_realm, &realm_params)),
+            Invalidation::Global => Box::pin(sql.query(c, &sql.delete_all, &[])),
+        });
+        if !payloads.is_empty() {
+            let notify = if with_seq { &sql.notify_seq } else { &sql.notify_all };
+            flight.push(Box::pin(sql.query(c, notify, &notify_params)));
+        }
+        // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
+        flight.push(Box::pin(sql.query(c, &sql.commit, &[])));
+    }
+    (pipelined(flight).await, at)
+}
+
 /// Runs `request` as one transaction on `client` (see the module docs). For a module
 /// invalidation, `urls` are the names to start from (a module's variants, or a whole fan-out
 /// computed earlier); the closure under the lock adds their consumers.
@@ -217,60 +405,55 @@ pub(crate) async fn run(
     let before = |e| Failure::Invalidation(query_error("invalidate")(e));
     let tx = Checkout::new(client);
     let c = tx.client();
-    let delete = match request {
-        Invalidation::Modules { .. } => &sql.delete_modules,
-        Invalidation::Realm { .. } => &sql.delete_realm,
-        Invalidation::Global => &sql.delete_all,
-    };
-    let open = match request {
-        Invalidation::Global => &sql.open_global,
-        _ => &sql.open_realm,
-    };
     // Every statement is prepared first (free once cached on the connection), so that a
     // fresh connection pays for preparing before it holds the realm's lock, not under it.
     let all = [
         &sql.begin,
         &sql.commit,
-        &sql.realm_graph,
+        &sql.open_realm,
+        &sql.open_global,
         &sql.settings,
-        &sql.restore_work_mem,
+        &sql.leaf,
+        &sql.consumers_limited,
+        &sql.realm_graph,
         &sql.record_modules,
         &sql.record_clear,
-        delete,
+        &sql.delete_modules,
+        &sql.delete_realm,
+        &sql.delete_all,
         &sql.notify_all,
-        open,
-        &sql.consumers_limited,
+        &sql.notify_seq,
     ];
     sql.prepare(c, &all).await.map_err(before)?;
-
-    // Flight 1: BEGIN, the lock with the number and the settings, the closure.
     let (realm, names): (&str, &[String]) = match request {
         Invalidation::Modules { realm_url, urls } => (realm_url, urls),
         Invalidation::Realm { realm_url } => (realm_url, &[]),
         Invalidation::Global => ("", &[]),
     };
-    let realm_lock: [&(dyn ToSql + Sync); 3] =
-        [&guard::LOCK_NS_REALM, &realm, &guard::LOCK_NS_GLOBAL];
-    let global_lock: [&(dyn ToSql + Sync); 1] = [&guard::LOCK_NS_GLOBAL];
-    let closure_params: [&(dyn ToSql + Sync); 3] = [&realm, &names, &LARGE_FAN_OUT];
     let is_modules = matches!(request, Invalidation::Modules { .. });
-    let mut flight: Vec<Reply<'_>> = vec![Box::pin(sql.query(c, &sql.begin, &[]))];
-    if plan.guarded {
-        let params: &[&(dyn ToSql + Sync)] =
-            if matches!(request, Invalidation::Global) { &global_lock } else { &realm_lock };
-        flight.push(Box::pin(sql.query(c, open, params)));
-    } else if is_modules {
-        flight.push(Box::pin(sql.query(c, &sql.settings, &[])));
+    let head = |leaf: bool| Head {
+        guarded: plan.guarded,
+        global: matches!(request, Invalidation::Global),
+        realm,
+        leaf: (leaf && is_modules).then_some(names),
+        closure: (!leaf && is_modules).then_some(names),
+    };
+
+    // One flight: the fan-out is the request itself, unless the names have consumers.
+    let tail = Tail::new(request, plan, None);
+    let (replies, at) = flight(sql, c, Some(&head(true)), Some(&tail)).await;
+    let done = finish(replies, &at, &tail, request)?;
+    if let Some(applied) = done {
+        tx.finish();
+        return Ok(applied);
     }
-    if is_modules {
-        flight.push(Box::pin(sql.query(c, &sql.consumers_limited, &closure_params)));
-    }
-    let mut replies = pipelined(flight).await;
+
+    // Consumers: their closure under the lock of a second transaction, then the fan-out.
+    let (mut replies, at) = flight(sql, c, Some(&head(false)), None).await;
     if let Some((_, error)) = first_failure(&mut replies) {
         return Err(before(error));
     }
-    // BEGIN, then the lock's reply: the number in its first column.
-    let seq: Option<i64> = match replies.get(1).filter(|_| plan.guarded) {
+    let seq = match at.open.filter(|_| plan.guarded).map(|i| &replies[i]) {
         Some(Ok(rows)) => match rows.first() {
             Some(row) => Some(row.try_get(0).map_err(before)?),
             None => {
@@ -282,70 +465,41 @@ pub(crate) async fn run(
         },
         _ => None,
     };
-    let effective = match request {
-        Invalidation::Modules { realm_url, urls } => {
-            let mut rows = replies.pop().and_then(Result::ok).unwrap_or_default();
-            if rows.len() as i64 >= LARGE_FAN_OUT {
-                // Still under the lock, with a fresh snapshot: the whole realm's edges.
-                rows = sql.query(c, &sql.realm_graph, &[&realm]).await.map_err(before)?;
-            }
-            // Walking from the names, rows that do not consume them are never reached.
-            let consumers = consumer_rows(&rows).map_err(Failure::Invalidation)?;
-            Invalidation::Modules {
-                realm_url: realm_url.clone(),
-                urls: fan_out(urls.clone(), consumers),
-            }
+    let taken = at.closure.map(|i| std::mem::replace(&mut replies[i], Ok(Vec::new())));
+    let mut rows = taken.and_then(Result::ok).unwrap_or_default();
+    if rows.len() as i64 >= LARGE_FAN_OUT {
+        // Still under the lock, with a fresh snapshot: the whole realm's edges.
+        rows = sql.query(c, &sql.realm_graph, &[&realm]).await.map_err(before)?;
+    }
+    // Walking from the names, rows that do not consume them are never reached.
+    let consumers = consumer_rows(&rows).map_err(Failure::Invalidation)?;
+    let effective = Invalidation::Modules {
+        realm_url: realm.to_owned(),
+        urls: fan_out(names.to_vec(), consumers),
+    };
+    let tail = Tail::new(&effective, plan, seq);
+    let (replies, at) = flight(sql, c, None, Some(&tail)).await;
+    match finish(replies, &at, &tail, &effective)? {
+        Some(applied) => {
+            tx.finish();
+            Ok(applied)
         }
-        other => other.clone(),
-    };
+        None => Err(Failure::Invalidation(PgError::Query {
+            operation: "invalidate",
+            source: "the fan-out's writes were turned off".into(),
+        })),
+    }
+}
 
-    // Flight 2: record (with the prune), DELETE, NOTIFY, COMMIT.
-    let list: &[String] = match &effective {
-        Invalidation::Modules { urls, .. } => urls,
-        _ => &[],
-    };
-    let per_url = is_modules && list.len() <= GUARD_PER_URL_LIMIT;
-    let record = if per_url { &sql.record_modules } else { &sql.record_clear };
-    let payloads = match plan.notify {
-        Some((_, origin)) => encode_payloads(&effective, Some(origin), seq),
-        None => Vec::new(),
-    };
-    let channel = plan.notify.map(|(channel, _)| channel).unwrap_or_default();
-    let seq_value = seq.unwrap_or_default();
-    let hashes = url_hashes(list);
-    let modules_params: [&(dyn ToSql + Sync); 3] = [&realm, &list, &hashes];
-    let record_modules_params: [&(dyn ToSql + Sync); 4] =
-        [&realm, &list, &seq_value, &plan.horizon_secs];
-    let realm_params: [&(dyn ToSql + Sync); 1] = [&realm];
-    let record_clear_params: [&(dyn ToSql + Sync); 2] = [&realm, &seq_value];
-    let notify_params: [&(dyn ToSql + Sync); 2] = [&channel, &payloads];
-    let mut flight: Vec<Reply<'_>> = Vec::new();
-    if is_modules {
-        flight.push(Box::pin(sql.query(c, &sql.restore_work_mem, &[])));
-    }
-    if plan.guarded {
-        let params: &[&(dyn ToSql + Sync)] =
-            if per_url { &record_modules_params } else { &record_clear_params };
-        flight.push(Box::pin(sql.query(c, record, params)));
-    }
-    let delete_index = flight.len();
-    let delete_params: &[&(dyn ToSql + Sync)] = match &effective {
-        Invalidation::Modules { .. } => &modules_params,
-        Invalidation::Realm { .. } => &realm_params,
-        Invalidation::Global => &[],
-    };
-    if list.len() as i64 > LARGE_FAN_OUT {
-        // Planned for its values (see `DELETE_MODULES`).
-        flight.push(Box::pin(sql.query_unprepared(c, delete, delete_params)));
-    } else {
-        flight.push(Box::pin(sql.query(c, delete, delete_params)));
-    }
-    if !payloads.is_empty() {
-        flight.push(Box::pin(sql.query(c, &sql.notify_all, &notify_params)));
-    }
-    // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
-    flight.push(Box::pin(sql.query(c, &sql.commit, &[])));
-    let mut replies = pipelined(flight).await;
+/// How a flight with a tail went: `Ok(None)` when [`LEAF`] found consumers (the transaction
+/// committed nothing).
+fn finish(
+    mut replies: Vec<Result<Vec<Row>, tokio_postgres::Error>>,
+    at: &Positions,
+    tail: &Tail<'_>,
+    effective: &Invalidation,
+) -> Result<Option<Applied>, Failure> {
+    let delete_index = at.delete.expect("a tail has a DELETE");
     if let Some((index, error)) = first_failure(&mut replies) {
         // A broken connection says nothing about how far the server got (COMMIT may have
         // been sent): only a statement the server refused before the NOTIFYs means "nothing
@@ -355,14 +509,19 @@ pub(crate) async fn run(
         return Err(if refused_early {
             Failure::Invalidation(error)
         } else {
-            Failure::Broadcast(error, effective)
+            Failure::Broadcast(error, effective.clone())
         });
+    }
+    let leaf = at.leaf.map(|i| &replies[i]);
+    if let Some(Ok(rows)) = leaf
+        && rows.first().and_then(|row| row.try_get::<_, String>(0).ok()).as_deref() == Some("false")
+    {
+        return Ok(None);
     }
     let deleted = replies[delete_index]
         .as_ref()
         .ok()
         .and_then(|rows| rows.first())
         .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0));
-    tx.finish();
-    Ok(Applied { effective, deleted, payloads: payloads.len() })
+    Ok(Some(Applied { effective: effective.clone(), deleted, payloads: tail.payloads() }))
 }

@@ -45,7 +45,7 @@ pub(crate) struct Sql {
     pub(crate) open_realm: Stmt,
     pub(crate) open_global: Stmt,
     pub(crate) settings: Stmt,
-    pub(crate) restore_work_mem: Stmt,
+    pub(crate) leaf: Stmt,
     pub(crate) record_modules: Stmt,
     pub(crate) record_clear: Stmt,
     pub(crate) delete_modules: Stmt,
@@ -53,6 +53,7 @@ pub(crate) struct Sql {
     pub(crate) delete_all: Stmt,
     pub(crate) notify: Stmt,
     pub(crate) notify_all: Stmt,
+    pub(crate) notify_seq: Stmt,
     pub(crate) consumers: Stmt,
     pub(crate) consumers_limited: Stmt,
     pub(crate) realm_graph: Stmt,
@@ -86,12 +87,12 @@ impl Sql {
             open_realm: stmt(guard::OPEN_REALM, types::LOCK_REALM),
             open_global: stmt(guard::OPEN_GLOBAL, types::LOCK_GLOBAL),
             settings: stmt(guard::SETTINGS, types::NONE),
-            restore_work_mem: stmt(guard::RESTORE_WORK_MEM, types::NONE),
+            leaf: stmt(invalidate::LEAF, types::TEXT_TEXTS),
             record_modules: stmt(
                 guard::RECORD_MODULES,
-                &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8, Type::FLOAT8],
+                &[Type::TEXT, Type::TEXT_ARRAY, Type::FLOAT8],
             ),
-            record_clear: stmt(guard::RECORD_CLEAR, types::TEXT_INT),
+            record_clear: stmt(guard::RECORD_CLEAR, types::TEXT),
             delete_modules: stmt(
                 invalidate::DELETE_MODULES,
                 &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
@@ -100,6 +101,7 @@ impl Sql {
             delete_all: stmt(invalidate::DELETE_ALL, types::NONE),
             notify: stmt(invalidate::NOTIFY, types::TWO_TEXTS),
             notify_all: stmt(invalidate::NOTIFY_ALL, types::TEXT_TEXTS),
+            notify_seq: stmt(invalidate::NOTIFY_SEQ, types::TEXT_TEXTS),
             consumers: stmt(invalidate::CONSUMERS, types::TEXT_TEXTS),
             consumers_limited: stmt(invalidate::CONSUMERS_LIMITED, types::TEXT_TEXTS_INT),
             realm_graph: stmt(invalidate::REALM_GRAPH, types::TEXT),
@@ -124,7 +126,7 @@ impl Sql {
             ("open_realm", &self.open_realm),
             ("open_global", &self.open_global),
             ("settings", &self.settings),
-            ("restore_work_mem", &self.restore_work_mem),
+            ("leaf", &self.leaf),
             ("record_modules", &self.record_modules),
             ("record_clear", &self.record_clear),
             ("delete_modules", &self.delete_modules),
@@ -132,6 +134,7 @@ impl Sql {
             ("delete_all", &self.delete_all),
             ("notify", &self.notify),
             ("notify_all", &self.notify_all),
+            ("notify_seq", &self.notify_seq),
             ("consumers", &self.consumers),
             ("consumers_limited", &self.consumers_limited),
             ("realm_graph", &self.realm_graph),
@@ -272,7 +275,6 @@ pub(crate) mod types {
     pub(crate) const NONE: &[Type] = &[];
     pub(crate) const TEXT: &[Type] = &[Type::TEXT];
     pub(crate) const TEXT_TEXTS: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY];
-    pub(crate) const TEXT_INT: &[Type] = &[Type::TEXT, Type::INT8];
     pub(crate) const TEXT_TEXTS_INT: &[Type] = &[Type::TEXT, Type::TEXT_ARRAY, Type::INT8];
     pub(crate) const TWO_TEXTS: &[Type] = &[Type::TEXT, Type::TEXT];
     pub(crate) const READ_ROW: &[Type] = &[Type::TEXT; 5];

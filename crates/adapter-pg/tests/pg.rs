@@ -180,8 +180,85 @@ async fn invalidation_deletes_and_notifies_in_one_transaction() {
     assert_eq!(db.stats().payloads_sent, 3);
 }
 
-/// Rows are found by URL and by alias in two halves of one statement (each answered by its
-/// own index): a row both name is read once, deleted once and counted once.
+/// An invalidation whose fan-out is known before it starts (a clear; a module nobody
+/// consumes) is one round trip, its payloads encoded before the server takes its number: the
+/// number is put into the last payload by the server. Every payload carries the number the
+/// log recorded, a module with consumers (found under the lock of a second transaction, the
+/// first committing nothing) included, and a fan-out of several payloads carries it on the
+/// last one only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_payload_carries_the_number_its_invalidation_recorded() {
+    let Some(config) = config("payload numbers") else { return };
+    let db = PgAdapter::connect(config.clone()).await.expect("connect");
+    let (client, mut heard) = listen(&config).await;
+    for row in [
+        entry(REALM, "lone.gts", &[]),
+        entry(REALM, "leaf.gts", &[]),
+        entry(REALM, "card.gts", &["leaf"]),
+    ] {
+        db.upsert(&row, LoadStamp::UNGUARDED).await.unwrap();
+    }
+    let many: Vec<String> =
+        (0..400).map(|i| format!("{REALM}{}/m{i}.gts", "d".repeat(40))).collect();
+    let requests = [
+        modules(&["lone.gts", "lone"]),
+        modules(&["leaf.gts", "leaf"]),
+        Invalidation::Modules { realm_url: REALM.into(), urls: many.clone() },
+        Invalidation::Realm { realm_url: REALM.into() },
+        Invalidation::Global,
+    ];
+    let (mut numbers, mut chunks) = (Vec::new(), Vec::new());
+    for request in &requests {
+        let before = db.stats().payloads_sent;
+        db.apply_invalidation(request).await.unwrap();
+        let sent = db.stats().payloads_sent - before;
+        chunks.push(sent);
+        let mut parsed = Vec::new();
+        for _ in 0..sent {
+            let payload = bounded("a payload", heard.recv()).await.expect("payload");
+            parsed.push(parse_payload(&payload).unwrap_or_else(|e| panic!("{e}: {payload}")));
+        }
+        let (last, earlier) = parsed.split_last().expect("a payload");
+        assert!(earlier.iter().all(|p| p.seq.is_none()), "only the last carries the number");
+        numbers.push(last.seq.expect("the last payload carries the number"));
+        if let Invalidation::Modules { urls, .. } = request {
+            let heard: Vec<String> = parsed
+                .iter()
+                .flat_map(|p| match &p.invalidation {
+                    Invalidation::Modules { urls, .. } => urls.clone(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert!(urls.iter().all(|url| heard.contains(url)), "{heard:?}");
+        }
+    }
+    assert!(chunks[2] > 1, "the long fan-out takes several payloads: {chunks:?}");
+    assert_eq!([chunks[0], chunks[1], chunks[3], chunks[4]], [1; 4]);
+    // The log: one entry per module invalidation (the first attempt of the one with a
+    // consumer recorded nothing), under the numbers the payloads carry.
+    let entries: Vec<(i64, Vec<String>)> = client
+        .query("SELECT seq, urls FROM modules_guard_log ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let logged: Vec<i64> = entries.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(logged, numbers[..3], "{entries:?}");
+    assert!(entries[1].1.contains(&format!("{REALM}card.gts")), "the consumer is recorded");
+    assert_eq!(entries[2].1.len(), many.len());
+    let cleared: Vec<(String, i64)> = client
+        .query("SELECT realm, cleared FROM modules_guard_realm ORDER BY realm", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(cleared, [(String::new(), numbers[4]), (REALM.to_owned(), numbers[3])]);
+}
+
+/// Rows are found by URL or by alias (the DELETE in one statement, the batch read in two
+/// halves): a row both name is read once, deleted once and counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_named_by_its_url_and_its_alias_is_read_and_deleted_once() {
     let Some(db) = adapter("url and alias").await else { return };
@@ -470,11 +547,10 @@ async fn a_load_older_than_the_guard_horizon_is_stale() {
 /// The consumer closure's estimated cost grows with the table (every recursive step is
 /// assumed to multiply the rows): with the server's defaults, Postgres compiles it to machine
 /// code and sizes its hash table by that estimate, milliseconds to hundreds of milliseconds a
-/// time on a large table. Module invalidations therefore run with JIT off, and with a small
-/// `work_mem` until the closure is read; the DELETE that follows hashes its names with the
-/// session's own `work_mem` again. A trigger on the DELETE notes the settings in force.
+/// time on a large table. Module invalidations therefore run with JIT off and a small
+/// `work_mem`; a trigger on the DELETE notes the settings in force in the transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn module_invalidations_run_without_jit_and_delete_with_the_sessions_work_mem() {
+async fn module_invalidations_run_without_jit_and_with_a_small_work_mem() {
     let Some(config) = config("invalidation settings") else { return };
     let guarded = PgAdapter::connect(config.clone()).await.unwrap();
     let unguarded = PgAdapter::connect(config.clone().durable_guard(false)).await.unwrap();
@@ -507,8 +583,51 @@ async fn module_invalidations_run_without_jit_and_delete_with_the_sessions_work_
     let (jit, work_mem): (String, String) = row.await.map(|row| (row.get(0), row.get(1))).unwrap();
     assert_eq!(jit, "on", "the server's default, which the test means to override");
     assert_ne!(work_mem, "64kB");
-    let expected = ("off".to_owned(), work_mem);
+    let expected = ("off".to_owned(), "64kB".to_owned());
     assert_eq!(seen, [expected.clone(), expected], "guarded, then unguarded");
+}
+
+/// Entries past the horizon are pruned a bounded batch at a time (the realm's 16 oldest), so
+/// that a backlog (a burst of invalidations aging out together) costs each later invalidation
+/// little instead of being read whole every time; the realm remembers the newest pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_old_log_entries_is_pruned_a_bounded_batch_at_a_time() {
+    let Some(config) = config("prune batch") else { return };
+    let db = PgAdapter::connect(config.clone()).await.unwrap();
+    let client = raw_client(&config).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO modules_guard_log (realm, seq, urls, at) \
+             SELECT '{REALM}', nextval('modules_guard_seq'), ARRAY['{REALM}old' || i], \
+                 now() - interval '1 hour' FROM generate_series(1, 40) AS i"
+        ))
+        .await
+        .unwrap();
+    let oldest: Vec<i64> = client
+        .query("SELECT seq FROM modules_guard_log ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let count = || async {
+        let row = client.query_one("SELECT count(*) FROM modules_guard_log", &[]).await.unwrap();
+        row.get::<_, i64>(0)
+    };
+    let pruned = || async {
+        let row = client
+            .query_one("SELECT pruned_through FROM modules_guard_realm WHERE realm = $1", &[&REALM])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
+    assert_eq!(count().await, 40 - 16 + 1);
+    assert_eq!(pruned().await, oldest[15]);
+    db.apply_invalidation(&modules(&["b.gts"])).await.unwrap();
+    db.apply_invalidation(&modules(&["c.gts"])).await.unwrap();
+    assert_eq!(count().await, 3, "the backlog is gone, the young entries stay");
+    assert_eq!(pruned().await, oldest[39]);
 }
 
 /// A process that hears nothing (its listener is disconnected, or it has none) renders a
