@@ -284,10 +284,11 @@ impl<'a> Tail<'a> {
             _ => Vec::new(),
         };
         let notify = plan.notify.map(|(channel, origin)| {
-            if seq.is_none() && plan.guarded {
-                if let Some(payloads) = encode_with_placeholder(effective, origin) {
-                    return (channel, payloads, true);
-                }
+            if seq.is_none()
+                && plan.guarded
+                && let Some(payloads) = encode_with_placeholder(effective, origin)
+            {
+                return (channel, payloads, true);
             }
             (channel, encode_payloads(effective, Some(origin), seq), false)
         });

@@ -94,8 +94,13 @@ const MIGRATIONS: &[(&str, &str)] = &[
     // fan-out writes one row and one index entry instead of, per URL, a row and three index
     // entries with a uniqueness check (measured: 0.25 ms of a one-module invalidation's
     // 0.9 ms). A persist's check reads only the entries past its stamp (the `seq` index),
-    // and the prune walks that index from the oldest entry (see guard.rs). The records of
+    // and the prune reads that index from the oldest entry (see guard.rs). The records of
     // version 5 are carried over, one entry per number, so loads in flight stay guarded.
+    // A realm's row is updated by every invalidation of the realm; each update leaves the old
+    // version on the page until the page is pruned, which Postgres does once the page's free
+    // space falls below its fillfactor's reserve. At the default (100), about 120 versions of
+    // a row piled up first, each read by every invalidation and every load's stamp; with 10,
+    // the page is pruned after a dozen.
     (
         "",
         "CREATE TABLE _S_modules_guard_log (
@@ -108,7 +113,8 @@ const MIGRATIONS: &[(&str, &str)] = &[
     INSERT INTO _S_modules_guard_log (realm, seq, urls, at)
         SELECT realm, seq, array_agg(url ORDER BY url), max(at) FROM _S_modules_guard
         GROUP BY realm, seq;
-    DROP TABLE _S_modules_guard;",
+    DROP TABLE _S_modules_guard;
+    ALTER TABLE _S_modules_guard_realm SET (fillfactor = 10);",
     ),
 ];
 
