@@ -178,7 +178,7 @@ impl Sql {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
         if self.unnamed {
-            return self.query_unprepared(client, statement, params).await;
+            return self.query_unnamed(client, statement, params).await;
         }
         // Before the operation's timeout registers its timer, which happens once this first
         // poll is pending.
@@ -187,10 +187,9 @@ impl Sql {
         client.query(&prepared, params).await
     }
 
-    /// Runs `statement` as the unnamed statement, in either mode: parsed and planned for these
-    /// values each time (what a transaction pooler needs, and what a statement whose best plan
-    /// depends on how many values an array holds is worth).
-    pub(crate) async fn query_unprepared(
+    /// Runs `statement` as the unnamed statement: parsed and planned for these values each
+    /// time, self-contained (what a transaction pooler needs).
+    async fn query_unnamed(
         &self,
         client: &ClientWrapper,
         statement: &Stmt,
