@@ -380,7 +380,8 @@ impl DbAdapter for PgAdapter {
             .await?)
     }
 
-    /// DELETE and NOTIFY in one transaction of two round trips (see invalidate.rs); for a
+    /// DELETE and NOTIFY committed in one transaction (one round trip, three when the module has
+    /// consumers: see invalidate.rs); for a
     /// module fan-out, consumers persisted since `invalidation` was computed are added under
     /// the realm's lock. If the transaction fails at a NOTIFY or at COMMIT it is retried once,
     /// then run without its NOTIFYs (the rows are deleted, a warning is logged and

@@ -28,7 +28,8 @@
 //! DELETE removes the row). Locks are always taken global first, then realm, so the two
 //! orders cannot deadlock.
 //!
-//! Log entries older than the horizon are pruned (by the next invalidation of the realm); the
+//! Log entries older than the horizon are pruned by the realm's later module invalidations (at
+//! most 16 at a time; clears prune nothing, their realm row covers what they clear); the
 //! realm remembers the newest pruned sequence, and a load stamped before it is treated as
 //! stale, since what it would have needed to check is gone.
 

@@ -1,15 +1,17 @@
-//! One invalidation as one transaction: one round trip when its fan-out is known before it
-//! starts, two when consumers must be found first.
+//! One invalidation committed by one transaction: one round trip when its fan-out is known
+//! before it starts; three when consumers must be found first (a first transaction that finds
+//! them and commits nothing, then two flights), four past 512 consumers.
 //!
 //! - **One flight** (a realm or global clear; a module invalidation whose names nobody
 //!   consumes): `BEGIN`; the realm's (or global) advisory lock, the invalidation's sequence
 //!   number and the transaction's settings, in one statement (`guard::OPEN_REALM`); for a
 //!   module, [`LEAF`], which checks under the lock that no row consumes the names and
-//!   otherwise turns the writes off; the guard's record (with the prune), the DELETE, the
+//!   otherwise turns the writes off; the guard's record (for a module fan-out, with a prune
+//!   of the realm's oldest log entries), the DELETE, the
 //!   NOTIFY payloads (one statement; the number, taken by the server in this flight, is put
 //!   into the last payload by [`NOTIFY_SEQ`]); and `COMMIT`.
-//! - **Two flights**, when [`LEAF`] found consumers (that first transaction then committed
-//!   nothing): `BEGIN`, the lock, the consumer closure (its own statement after the lock, so
+//! - **Then two flights**, in a second transaction, when [`LEAF`] found consumers (the first
+//!   then committed nothing): `BEGIN`, the lock, the consumer closure (its own statement after the lock, so
 //!   its snapshot is taken once the lock is held: every guarded persist that committed
 //!   earlier is in it, and every later one waits for the lock and then sees this
 //!   invalidation's record); then, once the fan-out is known, the record, the DELETE, the
@@ -97,8 +99,10 @@ pub(crate) const DELETE_MODULES: &str = concat!(
 
 /// Whether rows of realm `$1` consume any of the names `$2` (the closure's first step, under
 /// the lock): when one does, turns the transaction's writes off and answers `false`. Counted
-/// rather than `EXISTS`, which the planner answers by scanning the table in the hope of an
-/// early match; a count is the closure's own join, a probe of the `deps` index per name.
+/// rather than `EXISTS` (or a count of a `LIMIT 1`), which the planner answers by scanning the
+/// table in the hope of an early match (the plan test catches it); a count is the closure's
+/// own join, a probe of the `deps` index per name, at the price of reading every direct
+/// consumer of a module that has many.
 pub(crate) const LEAF: &str = "SELECT set_config('deflookup.apply', ((SELECT count(*) \
      FROM unnest($2::text[]) AS v(name) JOIN _S_modules m \
      ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name)) = 0)::text, true)";
@@ -236,7 +240,8 @@ pub(crate) struct Applied {
 pub(crate) enum Failure {
     /// The server refused a statement before or at the DELETE: nothing happened.
     Invalidation(PgError),
-    /// At a NOTIFY or the COMMIT, or the connection broke during the second round trip:
+    /// At a NOTIFY or the COMMIT, or the connection broke during the flight that holds the
+    /// COMMIT:
     /// rolled back, or (a reply lost at COMMIT) maybe committed. Carries the fan-out the
     /// transaction was deleting, so a retry deletes (and reports) no less.
     Broadcast(PgError, Invalidation),
@@ -374,7 +379,6 @@ async fn flight(
         }
         at.delete = Some(flight.len());
         flight.push(match tail.effective {
-            // Planned for its values (see `DELETE_MODULES`).
             Invalidation::Modules { .. } => {
                 Box::pin(sql.query(c, &sql.delete_modules, &modules_params))
             }
@@ -522,4 +526,23 @@ fn finish(
         .and_then(|rows| rows.first())
         .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0));
     Ok(Some(Applied { effective: effective.clone(), deleted, payloads: tail.payloads() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_seq_cuts_exactly_the_placeholder() {
+        let tail = format!("{SEQ_PLACEHOLDER}}}");
+        assert!(NOTIFY_SEQ.contains(&format!("left(p, -{})", tail.len())), "{NOTIFY_SEQ}");
+        for invalidation in [
+            Invalidation::Global,
+            Invalidation::Realm { realm_url: "https://r.test/".into() },
+            Invalidation::Modules { realm_url: "https://r.test/".into(), urls: vec!["a".into()] },
+        ] {
+            let payloads = encode_with_placeholder(&invalidation, "origin").expect("a number");
+            assert!(payloads.last().expect("one").ends_with(&format!("\"s\":{tail}")));
+        }
+    }
 }

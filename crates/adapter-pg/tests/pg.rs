@@ -101,6 +101,16 @@ async fn the_table_matches_the_spec_and_creation_is_idempotent_under_concurrency
         .map(|r| r.get(0))
         .collect();
     assert_eq!(versions, [1, 2, 3, 4, 5, 6], "each migration recorded once");
+    // The realm rows' pages keep room for the versions every invalidation leaves (schema 6).
+    let options: Option<Vec<String>> = client
+        .query_one(
+            "SELECT reloptions FROM pg_class WHERE oid = 'modules_guard_realm'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(options, Some(vec!["fillfactor=10".to_owned()]));
     let columns: Vec<(String, String)> = client
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -1122,6 +1132,21 @@ async fn a_version_5_schema_is_upgraded_and_its_records_still_guard() {
     assert_eq!(db.upsert(&card, stamp).await.unwrap(), PersistOutcome::Stale);
     let fresh = db.begin_load(REALM, &card.url).await.unwrap();
     assert_eq!(db.upsert(&card, fresh).await.unwrap(), PersistOutcome::Written);
+}
+
+/// A build facing a schema newer than it knows refuses to start, saying so, rather than run
+/// statements against tables it does not know (what a fleet mid-upgrade meets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_newer_than_the_build_is_refused_clearly() {
+    let Some(config) = config("newer schema") else { return };
+    PgAdapter::connect(config.clone()).await.expect("a current schema");
+    let client = raw_client(&config).await;
+    client
+        .batch_execute("INSERT INTO deflookup_schema_version (version) SELECT max(version) + 1 FROM deflookup_schema_version")
+        .await
+        .unwrap();
+    let error = PgAdapter::connect(config).await.expect_err("a newer schema");
+    assert!(error.to_string().contains("newer than this build supports"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

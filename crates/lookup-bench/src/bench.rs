@@ -65,7 +65,7 @@ const HOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the counting relay holds each server reply back by, to count round trips.
 const ROUND_TRIP_DELAY: Duration = Duration::from_millis(25);
 /// How long the coalescing measurement may wait for its lookups to gather.
-const GATHER_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const GATHER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The cache's measurements with their baselines (what `cargo xtask bench` runs): a table on
 /// stdout and, with `--out`, a JSON summary (Postgres only; SQLite is measured in a temporary
@@ -1039,9 +1039,13 @@ impl PgBench {
         });
         gathered.await.context("the coalesced lookups did not all reach the load")?;
         renderer.open();
-        while let Some(joined) = tasks.join_next().await {
-            joined.context("a lookup task panicked")??;
-        }
+        let finished = tokio::time::timeout(GATHER_TIMEOUT, async {
+            while let Some(joined) = tasks.join_next().await {
+                joined.context("a lookup task panicked")??;
+            }
+            anyhow::Ok(())
+        });
+        finished.await.context("the coalesced lookups did not finish")??;
         summary.set("coalesce_1000_prerenders", lookup.prerenderer().count() as f64);
         Ok(())
     }
@@ -1183,7 +1187,6 @@ async fn tcp_upstream(url: &str) -> Result<Option<std::net::SocketAddr>> {
     Ok(found.next())
 }
 
-/// A plain tokio-postgres connection (the run's schema on its search path), driven by a task.
 /// The p50 of cached lookups of one module over an adapter made from `config` (its first
 /// lookup renders and stores the row, or finds it).
 async fn hit_p50(config: PgConfig, sizes: &Sizes) -> Result<f64> {
@@ -1260,6 +1263,7 @@ fn measure_scanner(sizes: &Sizes, summary: &mut Summary) {
     summary.set("scan_40k_imports_ms", best_ms(&imports(40_000)));
 }
 
+/// A plain tokio-postgres connection (the run's schema on its search path), driven by a task.
 pub(crate) async fn plain_client(config: &PgConfig) -> Result<tokio_postgres::Client> {
     let mut pg = config.tokio_postgres_config()?;
     pg.application_name("deflookup-bench");

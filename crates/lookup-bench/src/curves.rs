@@ -302,9 +302,14 @@ async fn throughput(tasks: usize, sizes: &CurveSizes, op: Op) -> Result<f64> {
         }
     };
     stop.store(true, Ordering::SeqCst);
-    while let Some(joined) = set.join_next().await {
-        joined.context("a task panicked")??;
-    }
+    // Each task finishes its operation in flight, each bounded by the adapter's timeout.
+    let drained = tokio::time::timeout(crate::bench::GATHER_TIMEOUT, async {
+        while let Some(joined) = set.join_next().await {
+            joined.context("a task panicked")??;
+        }
+        anyhow::Ok(())
+    });
+    drained.await.context("the tasks did not stop")??;
     rate.context("a task stopped early")
 }
 
@@ -420,7 +425,7 @@ async fn lookup_points(bench: &PgBench, sizes: &CurveSizes) -> Result<Vec<Value>
         let db = PgAdapter::connect(bench.config.clone().pool_size(c)).await?;
         let lookup = CachingLookup::new(db, CountingRenderer::default());
         lookup.register_realm(public_realm(REALM))?;
-        let op: Op = {
+        let hits: Op = {
             let (lookup, modules) = (lookup.clone(), Arc::clone(&modules));
             Arc::new(move |k, _| {
                 let lookup = lookup.clone();
@@ -431,8 +436,7 @@ async fn lookup_points(bench: &PgBench, sizes: &CurveSizes) -> Result<Vec<Value>
                 })
             })
         };
-        let hits_op = op;
-        let op: Op = {
+        let selects: Op = {
             let (bare, modules) = (Arc::clone(&bare), Arc::clone(&modules));
             Arc::new(move |k, _| {
                 let bare = Arc::clone(&bare);
@@ -449,7 +453,7 @@ async fn lookup_points(bench: &PgBench, sizes: &CurveSizes) -> Result<Vec<Value>
                 })
             })
         };
-        loads.push((c, vec![hits_op, op]));
+        loads.push((c, vec![hits, selects]));
         lookups.push(lookup);
     }
     let mut points = Vec::new();
