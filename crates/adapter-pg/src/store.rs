@@ -8,7 +8,7 @@ use deadpool_postgres::{ClientWrapper, Object};
 use lookup_core::{CacheEntry, CacheScope, EntryScope, ErrorDoc, LoadStamp, PersistOutcome};
 use serde_json::{Map, Value};
 use tokio_postgres::Row;
-use tokio_postgres::types::{FromSql, ToSql, Type};
+use tokio_postgres::types::{Json, ToSql};
 
 use crate::error::PgError;
 use crate::guard;
@@ -232,30 +232,6 @@ pub(crate) async fn guarded_insert(
     Ok(if written.is_empty() { PersistOutcome::Stale } else { PersistOutcome::Written })
 }
 
-/// The text of a `jsonb` (or `json`) value, borrowed from its row, for decoding straight into
-/// a type rather than through a [`Value`].
-struct JsonText<'a>(&'a [u8]);
-
-impl<'a> FromSql<'a> for JsonText<'a> {
-    fn from_sql(
-        ty: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        if *ty != Type::JSONB {
-            return Ok(JsonText(raw));
-        }
-        // As the driver's own `Json`: a version byte, 1, then the text.
-        match raw.split_first() {
-            Some((1, text)) => Ok(JsonText(text)),
-            _ => Err("unsupported JSONB encoding version".into()),
-        }
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        matches!(*ty, Type::JSON | Type::JSONB)
-    }
-}
-
 /// A JSON column decoded as `T`; SQL `NULL` and JSON `null` are `None`. A document that is not
 /// a `T` is a [`PgError::CorruptRow`].
 fn decode_json<T: serde::de::DeserializeOwned>(
@@ -269,12 +245,9 @@ fn decode_json<T: serde::de::DeserializeOwned>(
         column,
         source,
     };
-    match row.try_get::<_, Option<JsonText<'_>>>(index).map_err(|e| corrupt(Box::new(e)))? {
-        None => Ok(None),
-        Some(JsonText(text)) => {
-            serde_json::from_slice::<Option<T>>(text).map_err(|e| corrupt(Box::new(e)))
-        }
-    }
+    // The driver's `Json` decodes straight into `T`, without a `Value` in between.
+    let decoded = row.try_get::<_, Option<Json<Option<T>>>>(index);
+    Ok(decoded.map_err(|e| corrupt(Box::new(e)))?.and_then(|Json(value)| value))
 }
 
 fn entry_from_row(row: &Row) -> Result<CacheEntry, PgError> {

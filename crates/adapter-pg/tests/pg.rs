@@ -1149,6 +1149,37 @@ async fn a_schema_newer_than_the_build_is_refused_clearly() {
     assert!(error.to_string().contains("newer than this build supports"), "{error}");
 }
 
+/// A row's `error_doc` is decoded straight into the error document: JSON `null` reads as no
+/// error, and a document that is not one is an error naming the row and the column, never a
+/// panic or a silently dropped error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_error_doc_is_an_error_naming_its_column() {
+    let Some(db) = adapter("error_doc").await else { return };
+    let client = raw_client(db.config()).await;
+    let scope = lookup_core::EntryScope {
+        realm_url: REALM.into(),
+        scope: CacheScope::Public,
+        user: String::new(),
+    };
+    for (path, doc) in [("null.gts", "null"), ("odd.gts", "42")] {
+        client
+            .execute(
+                "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, deps, \
+                 error_doc) VALUES ($1, 'public', '', $2, '[]', $3::text::jsonb)",
+                &[&format!("{REALM}{path}"), &REALM, &doc],
+            )
+            .await
+            .unwrap();
+    }
+    let url = format!("{REALM}null.gts");
+    let rows = db.read_rows(&scope, &url, &url).await.unwrap();
+    assert!(rows[0].error.is_none(), "JSON null is no error");
+    let url = format!("{REALM}odd.gts");
+    let error = db.read_rows(&scope, &url, &url).await.expect_err("42 is no error document");
+    let text = error.to_string();
+    assert!(text.contains("error_doc") && text.contains("odd.gts"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_the_reference_system_writes_are_read_and_its_error_rows_give_the_module_error() {
     let Some(config) = config("reference rows") else { return };
