@@ -407,25 +407,27 @@ pub(crate) async fn run(
     let before = |e| Failure::Invalidation(query_error("invalidate")(e));
     let tx = Checkout::new(client);
     let c = tx.client();
-    // Every statement is prepared first (free once cached on the connection), so that a
-    // fresh connection pays for preparing before it holds the realm's lock, not under it.
-    let all = [
-        &sql.begin,
-        &sql.commit,
-        &sql.open_realm,
-        &sql.open_global,
-        &sql.settings,
-        &sql.leaf,
-        &sql.consumers_limited,
-        &sql.realm_graph,
-        &sql.record_modules,
-        &sql.record_clear,
-        &sql.delete_modules,
-        &sql.delete_realm,
-        &sql.delete_all,
-        &sql.notify_all,
-        &sql.notify_seq,
-    ];
+    // Every statement this invalidation may send is prepared first (free once cached on the
+    // connection), so that a fresh connection pays for preparing before it holds the realm's
+    // lock, not under it.
+    let open = match (plan.guarded, request) {
+        (false, _) => &sql.settings,
+        (true, Invalidation::Global) => &sql.open_global,
+        (true, _) => &sql.open_realm,
+    };
+    let mut all = vec![&sql.begin, &sql.commit, open, &sql.notify_all, &sql.notify_seq];
+    all.extend(match request {
+        Invalidation::Modules { .. } => vec![
+            &sql.leaf,
+            &sql.consumers_limited,
+            &sql.realm_graph,
+            &sql.record_modules,
+            &sql.record_clear,
+            &sql.delete_modules,
+        ],
+        Invalidation::Realm { .. } => vec![&sql.record_clear, &sql.delete_realm],
+        Invalidation::Global => vec![&sql.record_clear, &sql.delete_all],
+    });
     sql.prepare(c, &all).await.map_err(before)?;
     let (realm, names): (&str, &[String]) = match request {
         Invalidation::Modules { realm_url, urls } => (realm_url, urls),
