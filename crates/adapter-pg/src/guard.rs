@@ -55,6 +55,19 @@ pub(crate) const LOCK_REALM_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(
 ///   size the same estimate asks for, capped by `work_mem`: with the default 4 MB, 3 ms of a
 ///   0.5 ms query; with 64 MB, 8 ms. The table still grows as far as a real closure needs.
 ///
+/// - `plan_cache_mode = force_generic_plan`: each statement is planned once per connection,
+///   for any values, instead of for its values on a connection's first five runs (Postgres'
+///   default). A plan for the values of a fan-out is planned for its thousands of constants:
+///   measured on the bench's 10 000-module fan-out, 15 ms of the DELETE's 21 ms went to
+///   binding it (planning included), and the closure's custom plans cost 3-6 ms each; the generic
+///   plans are the ones the plan test (`sql/plans.rs`) checks, which probe indexes however many
+///   names a statement carries.
+/// - `enable_sort = off`: the guard record's prune reads a realm's oldest log entries in the
+///   order of the `(md5(realm), seq)` index. A generic plan estimates a realm to one entry
+///   (the hash and the exact comparison together) and would as soon read them all and sort
+///   them: 2 ms on a realm with 2 000 entries, growing with the log (the plan test builds
+///   one). No statement of an invalidation needs a sort.
+///
 /// With them, `deflookup.apply = on`: the statements that write ([`RECORD_MODULES`],
 /// [`RECORD_CLEAR`], the DELETE of a fan-out and the NOTIFYs) act only while it is on, and an
 /// invalidation that finds its module has consumers turns it off (see `invalidate.rs`).
@@ -64,6 +77,8 @@ pub(crate) const LOCK_REALM_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(
 macro_rules! settings {
     () => {
         "set_config('jit', 'off', true), set_config('work_mem', '64kB', true), \
+         set_config('plan_cache_mode', 'force_generic_plan', true), \
+         set_config('enable_sort', 'off', true), \
          set_config('deflookup.apply', 'on', true)"
     };
 }

@@ -33,26 +33,51 @@ use deadpool_postgres::Object;
 use lookup_core::wire::encode_payloads;
 use lookup_core::{ConsumerRow, Invalidation, fan_out};
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 
 use crate::error::PgError;
 use crate::guard;
 use crate::sql::Sql;
 use crate::store::{self, Checkout, query_error};
 
+/// The rows whose deps contain the name `$name` (a column of the query around it), as `m`,
+/// followed by a condition on their realm: `… WHERE m.resolved_realm_url = $1`.
+///
+/// The GIN index on deps answers `@>` without reading the realm. The subquery knows only the
+/// name (`OFFSET 0` keeps the planner from merging the realm's condition into it), so that
+/// the index is the only way to its rows: Postgres estimates that a name has 1% of the table
+/// as consumers, and a plan kept for the prepared statement, made for an average realm,
+/// would rather read the whole realm and match each row against the names (measured: 12 ms
+/// for a module of a 10 000-row realm instead of 0.1 ms; the plan test, `sql/plans.rs`,
+/// builds such a realm).
+macro_rules! consumers_of {
+    ($name:literal) => {
+        concat!(
+            " CROSS JOIN LATERAL (SELECT c.url, c.file_alias, c.deps, c.resolved_realm_url \
+             FROM _S_modules c WHERE c.deps @> jsonb_build_array(",
+            $name,
+            ") OFFSET 0) AS m "
+        )
+    };
+}
+
 /// The consumer closure of names `$2` in realm `$1`, in one recursive query. Each step finds
-/// rows whose deps contain a name with `@>`, which the GIN index on deps answers without
-/// scanning the realm; UNION de-duplicates, so a dependency cycle ends.
+/// the rows whose deps contain a name (see [`consumers_of`]); UNION de-duplicates, so a
+/// dependency cycle ends.
 macro_rules! consumers_sql {
     () => {
-        "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
-            SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name) \
-            JOIN _S_modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name) \
-          UNION \
-            SELECT m.url, m.file_alias, m.deps FROM consumer c \
-            CROSS JOIN LATERAL (VALUES (c.url), (c.file_alias)) AS x(name) \
-            JOIN _S_modules m ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(x.name) \
-        ) SELECT url, file_alias, deps FROM consumer"
+        concat!(
+            "WITH RECURSIVE consumer(url, file_alias, deps) AS ( \
+                SELECT m.url, m.file_alias, m.deps FROM unnest($2::text[]) AS v(name)",
+            consumers_of!("v.name"),
+            "WHERE m.resolved_realm_url = $1 \
+              UNION \
+                SELECT m.url, m.file_alias, m.deps FROM consumer p \
+                CROSS JOIN LATERAL (VALUES (p.url), (p.file_alias)) AS x(name)",
+            consumers_of!("x.name"),
+            "WHERE m.resolved_realm_url = $1 \
+            ) SELECT url, file_alias, deps FROM consumer"
+        )
     };
 }
 
@@ -78,21 +103,48 @@ const LARGE_FAN_OUT: i64 = 512;
 /// not only those the fan-out covers.
 const GUARD_PER_URL_LIMIT: usize = 2048;
 
-/// The rows of realm `$1` named by `$2` (by alias) or whose URL's md5 is in `$3` (the rows'
-/// `url_hash`, computed here: see [`url_hashes`]). Both arrays are parameters an index is
-/// probed with, so the plan kept for the prepared statement is two index scans, one probe per
-/// name, whatever the fan-out's size (a plan made for the values of a large fan-out would
-/// rather hash them against the realm's rows, but planning 20 000 constants took 51 ms, more
-/// than the probes).
+/// The rows of realm `$1` whose URL's md5 is in `$2` (the rows' `url_hash`, computed here:
+/// see [`url_hashes`]); then [`DELETE_BY_ALIAS`] deletes those named by their alias. Each
+/// array is a parameter the index is probed with, so the plan kept for the prepared statement
+/// is an index probe per name, whatever the fan-out's size.
+///
+/// Two statements rather than one with `OR`: the alias index is a hash index, whose matches
+/// Postgres checks again against the condition, and a generic plan searches a parameter array
+/// linearly (it hashes only constants). In one statement, every row of the fan-out was so
+/// checked against every name (measured: 1.5 s for a 10 000-module fan-out once its plan was
+/// generic); run second, the alias DELETE checks only rows the first left (its snapshot no
+/// longer sees those), usually none.
 ///
 /// The forms measured worse: `url_hash = ANY (SELECT md5(u) …)` is a subplan applied as a
 /// filter to every row of the realm; `= ANY (ARRAY(SELECT md5(u) …))` leaves the planner free
 /// to do the same with a linear search of the array per row (1.9 s for a fan-out of 10 000
 /// names); two semi-joins are linear but cost 0.13 ms for one module's five names.
 /// Nothing when `guard::apply!` is off.
-pub(crate) const DELETE_MODULES: &str = concat!(
+pub(crate) const DELETE_BY_HASH: &str = concat!(
     "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
-         AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[])) AND ",
+         AND url_hash = ANY ($2::text[]) AND ",
+    guard::apply!(),
+    " RETURNING 1) SELECT count(*) FROM d"
+);
+
+/// The rows of realm `$1` named by `$2` by their alias: see [`DELETE_BY_HASH`].
+pub(crate) const DELETE_BY_ALIAS: &str = concat!(
+    "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
+         AND file_alias = ANY ($2::text[]) AND ",
+    guard::apply!(),
+    " RETURNING 1) SELECT count(*) FROM d"
+);
+
+/// The rows of realm `$1` named by `$2` (by URL or by alias), found by reading the realm's
+/// rows and looking each up in the names hashed (a hashed subplan, built once): for a fan-out
+/// whose closure read every row of the realm anyway ([`REALM_GRAPH`]), linear in the realm,
+/// and no hashes to compute and send. Probing 20 000 names instead costs more (measured: 40 ms
+/// to sort and probe the hashes alone, against 12 ms for the whole DELETE of 10 000 rows).
+/// Nothing when `guard::apply!` is off.
+pub(crate) const DELETE_IN_REALM: &str = concat!(
+    "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
+         AND (url IN (SELECT unnest($2::text[])) OR file_alias IN (SELECT unnest($2::text[]))) \
+         AND ",
     guard::apply!(),
     " RETURNING 1) SELECT count(*) FROM d"
 );
@@ -103,9 +155,11 @@ pub(crate) const DELETE_MODULES: &str = concat!(
 /// table in the hope of an early match (the plan test catches it); a count is the closure's
 /// own join, a probe of the `deps` index per name, at the price of reading every direct
 /// consumer of a module that has many.
-pub(crate) const LEAF: &str = "SELECT set_config('deflookup.apply', ((SELECT count(*) \
-     FROM unnest($2::text[]) AS v(name) JOIN _S_modules m \
-     ON m.resolved_realm_url = $1 AND m.deps @> jsonb_build_array(v.name)) = 0)::text, true)";
+pub(crate) const LEAF: &str = concat!(
+    "SELECT set_config('deflookup.apply', ((SELECT count(*) FROM unnest($2::text[]) AS v(name)",
+    consumers_of!("v.name"),
+    "WHERE m.resolved_realm_url = $1) = 0)::text, true)"
+);
 
 /// The `url_hash` of each URL, as Postgres computes it (`md5(url)`: the lowercase hex digest
 /// of its UTF-8 bytes).
@@ -162,7 +216,12 @@ pub(crate) fn consumer_rows(rows: &[Row]) -> Result<Vec<ConsumerRow>, PgError> {
     rows.iter()
         .map(|row| {
             let url: String = row.get(0);
-            let deps = store::string_list(row.get(2));
+            // Straight into names when every dep is one (always, as the lookup writes them);
+            // otherwise through a JSON value, keeping the names.
+            let deps = match row.try_get::<_, Option<Json<Vec<String>>>>(2) {
+                Ok(deps) => deps.map(|Json(deps)| deps).unwrap_or_default(),
+                Err(_) => store::string_list(row.get(2)),
+            };
             let alias: Option<String> = row.get(1);
             Ok(ConsumerRow {
                 file_alias: alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
@@ -276,16 +335,25 @@ struct Tail<'a> {
     guarded: bool,
     horizon_secs: f64,
     hashes: Vec<String>,
+    /// The closure read every row of the realm ([`REALM_GRAPH`]): the DELETE reads them too
+    /// ([`DELETE_IN_REALM`]) instead of probing per name.
+    in_realm: bool,
     /// The channel and payloads, and whether the last one ends with the placeholder number.
     notify: Option<(&'a str, Vec<String>, bool)>,
 }
 
 impl<'a> Tail<'a> {
     /// The tail of `effective`; `seq`: the number when known, `None` when it is taken in the
-    /// same flight (the payloads then carry the placeholder) or there is none (no guard).
-    fn new(effective: &'a Invalidation, plan: &Plan<'a>, seq: Option<i64>) -> Tail<'a> {
+    /// same flight (the payloads then carry the placeholder) or there is none (no guard);
+    /// `in_realm`: see [`Tail::in_realm`].
+    fn new(
+        effective: &'a Invalidation,
+        plan: &Plan<'a>,
+        seq: Option<i64>,
+        in_realm: bool,
+    ) -> Tail<'a> {
         let hashes = match effective {
-            Invalidation::Modules { urls, .. } => url_hashes(urls),
+            Invalidation::Modules { urls, .. } if !in_realm => url_hashes(urls),
             _ => Vec::new(),
         };
         let notify = plan.notify.map(|(channel, origin)| {
@@ -297,7 +365,8 @@ impl<'a> Tail<'a> {
             }
             (channel, encode_payloads(effective, Some(origin), seq), false)
         });
-        Tail { effective, guarded: plan.guarded, horizon_secs: plan.horizon_secs, hashes, notify }
+        let horizon_secs = plan.horizon_secs;
+        Tail { effective, guarded: plan.guarded, horizon_secs, hashes, in_realm, notify }
     }
 
     fn payloads(&self) -> usize {
@@ -311,7 +380,8 @@ struct Positions {
     open: Option<usize>,
     leaf: Option<usize>,
     closure: Option<usize>,
-    delete: Option<usize>,
+    /// The DELETE statements (two for a module fan-out probed per name).
+    deletes: Vec<usize>,
 }
 
 /// Sends `head` (after `BEGIN`) and `tail` as one flight and awaits every reply.
@@ -339,7 +409,9 @@ async fn flight(
     let horizon = tail.map(|t| t.horizon_secs).unwrap_or_default();
     let record_modules_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &horizon];
     let record_clear_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
-    let modules_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
+    let hash_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &hashes];
+    // The names: for the alias DELETE, or the realm's (by URL or alias).
+    let names_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &list];
     let realm_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
     let (channel, payloads, with_seq) = match tail.and_then(|t| t.notify.as_ref()) {
         Some((channel, payloads, with_seq)) => (*channel, payloads.as_slice(), *with_seq),
@@ -377,14 +449,23 @@ async fn flight(
                 flight.push(Box::pin(sql.query(c, &sql.record_clear, &record_clear_params)));
             }
         }
-        at.delete = Some(flight.len());
-        flight.push(match tail.effective {
-            Invalidation::Modules { .. } => {
-                Box::pin(sql.query(c, &sql.delete_modules, &modules_params))
+        let deletes: Vec<Reply<'_>> = match tail.effective {
+            Invalidation::Modules { .. } if tail.in_realm => {
+                vec![Box::pin(sql.query(c, &sql.delete_in_realm, &names_params))]
             }
-            Invalidation::Realm { .. } => Box::pin(sql.query(c, &sql.delete_realm, &realm_params)),
-            Invalidation::Global => Box::pin(sql.query(c, &sql.delete_all, &[])),
-        });
+            Invalidation::Modules { .. } => vec![
+                Box::pin(sql.query(c, &sql.delete_by_hash, &hash_params)),
+                Box::pin(sql.query(c, &sql.delete_by_alias, &names_params)),
+            ],
+            Invalidation::Realm { .. } => {
+                vec![Box::pin(sql.query(c, &sql.delete_realm, &realm_params))]
+            }
+            Invalidation::Global => vec![Box::pin(sql.query(c, &sql.delete_all, &[]))],
+        };
+        for delete in deletes {
+            at.deletes.push(flight.len());
+            flight.push(delete);
+        }
         if !payloads.is_empty() {
             let notify = if with_seq { &sql.notify_seq } else { &sql.notify_all };
             flight.push(Box::pin(sql.query(c, notify, &notify_params)));
@@ -423,7 +504,9 @@ pub(crate) async fn run(
             &sql.realm_graph,
             &sql.record_modules,
             &sql.record_clear,
-            &sql.delete_modules,
+            &sql.delete_by_hash,
+            &sql.delete_by_alias,
+            &sql.delete_in_realm,
         ],
         Invalidation::Realm { .. } => vec![&sql.record_clear, &sql.delete_realm],
         Invalidation::Global => vec![&sql.record_clear, &sql.delete_all],
@@ -444,7 +527,7 @@ pub(crate) async fn run(
     };
 
     // One flight: the fan-out is the request itself, unless the names have consumers.
-    let tail = Tail::new(request, plan, None);
+    let tail = Tail::new(request, plan, None, false);
     let (replies, at) = flight(sql, c, Some(&head(true)), Some(&tail)).await;
     let done = finish(replies, &at, &tail, request)?;
     if let Some(applied) = done {
@@ -471,7 +554,8 @@ pub(crate) async fn run(
     };
     let taken = at.closure.map(|i| std::mem::replace(&mut replies[i], Ok(Vec::new())));
     let mut rows = taken.and_then(Result::ok).unwrap_or_default();
-    if rows.len() as i64 >= LARGE_FAN_OUT {
+    let in_realm = rows.len() as i64 >= LARGE_FAN_OUT;
+    if in_realm {
         // Still under the lock, with a fresh snapshot: the whole realm's edges.
         rows = sql.query(c, &sql.realm_graph, &[&realm]).await.map_err(before)?;
     }
@@ -481,7 +565,7 @@ pub(crate) async fn run(
         realm_url: realm.to_owned(),
         urls: fan_out(names.to_vec(), consumers),
     };
-    let tail = Tail::new(&effective, plan, seq);
+    let tail = Tail::new(&effective, plan, seq, in_realm);
     let (replies, at) = flight(sql, c, None, Some(&tail)).await;
     match finish(replies, &at, &tail, &effective)? {
         Some(applied) => {
@@ -503,12 +587,12 @@ fn finish(
     tail: &Tail<'_>,
     effective: &Invalidation,
 ) -> Result<Option<Applied>, Failure> {
-    let delete_index = at.delete.expect("a tail has a DELETE");
+    let last_delete = *at.deletes.last().expect("a tail has a DELETE");
     if let Some((index, error)) = first_failure(&mut replies) {
         // A broken connection says nothing about how far the server got (COMMIT may have
         // been sent): only a statement the server refused before the NOTIFYs means "nothing
         // happened".
-        let refused_early = index <= delete_index && !error.is_closed();
+        let refused_early = index <= last_delete && !error.is_closed();
         let error = query_error("invalidate")(error);
         return Err(if refused_early {
             Failure::Invalidation(error)
@@ -522,11 +606,12 @@ fn finish(
     {
         return Ok(None);
     }
-    let deleted = replies[delete_index]
-        .as_ref()
-        .ok()
-        .and_then(|rows| rows.first())
-        .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0));
+    let count = |index: &usize| {
+        let rows = replies[*index].as_ref().ok();
+        rows.and_then(|rows| rows.first())
+            .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    };
+    let deleted = at.deletes.iter().map(count).sum();
     Ok(Some(Applied { effective: effective.clone(), deleted, payloads: tail.payloads() }))
 }
 

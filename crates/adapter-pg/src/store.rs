@@ -60,18 +60,22 @@ pub(crate) fn read_row_sql() -> String {
 }
 
 /// Rows of `$1..$3` whose url or alias is one of `$4`: those found by URL, then those found
-/// by alias (a row found both ways comes twice; [`read_rows_batch`] keeps it once). Each half
-/// is a semi-join with the names, linear in the names and the rows whatever the plan (see
-/// `invalidate::DELETE_MODULES`).
+/// by alias (a row found both ways, or named twice, comes more than once; [`read_rows_batch`]
+/// keeps it once). Each name is looked up in the primary key or the alias index by a
+/// subquery that knows only the name and the scope (`OFFSET 0` keeps the planner from
+/// merging the realm's condition into it): a plan kept for the prepared statement is made
+/// for an average realm, and one that reads "the realm's few rows" and matches them against
+/// the names reads every row of a large realm (the plan test, `sql/plans.rs`, builds one).
 pub(crate) fn read_batch_sql() -> String {
-    let scope = "resolved_realm_url = $1 AND cache_scope = $2 AND auth_user_id = $3";
-    format!(
-        "SELECT {SELECT_COLUMNS} FROM _S_modules WHERE {scope} \
-         AND url_hash IN (SELECT md5(n) FROM unnest($4::text[]) AS n) \
-         UNION ALL \
-         SELECT {SELECT_COLUMNS} FROM _S_modules WHERE {scope} \
-         AND file_alias IN (SELECT unnest($4::text[]))"
-    )
+    let found = |by: &str| {
+        format!(
+            "SELECT {SELECT_COLUMNS} FROM unnest($4::text[]) AS n(name) \
+             CROSS JOIN LATERAL (SELECT * FROM _S_modules WHERE {by} \
+                 AND cache_scope = $2 AND auth_user_id = $3 OFFSET 0) AS m \
+             WHERE m.resolved_realm_url = $1"
+        )
+    };
+    format!("{} UNION ALL {}", found("url_hash = md5(n.name)"), found("file_alias = n.name"))
 }
 
 /// The unconditional write of a row.

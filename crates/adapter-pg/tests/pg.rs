@@ -267,8 +267,8 @@ async fn every_payload_carries_the_number_its_invalidation_recorded() {
     assert_eq!(cleared, [(String::new(), numbers[4]), (REALM.to_owned(), numbers[3])]);
 }
 
-/// Rows are found by URL or by alias (the DELETE in one statement, the batch read in two
-/// halves): a row both name is read once, deleted once and counted once.
+/// Rows are found by URL or by alias (the DELETE and the batch read each in two halves): a
+/// row both name is read once, deleted once and counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_named_by_its_url_and_its_alias_is_read_and_deleted_once() {
     let Some(db) = adapter("url and alias").await else { return };
@@ -557,20 +557,25 @@ async fn a_load_older_than_the_guard_horizon_is_stale() {
 /// The consumer closure's estimated cost grows with the table (every recursive step is
 /// assumed to multiply the rows): with the server's defaults, Postgres compiles it to machine
 /// code and sizes its hash table by that estimate, milliseconds to hundreds of milliseconds a
-/// time on a large table. Module invalidations therefore run with JIT off and a small
-/// `work_mem`; a trigger on the DELETE notes the settings in force in the transaction.
+/// time on a large table; a fan-out's statements, planned for their values on a connection's
+/// first runs, are planned for thousands of constants; and the prune's ordered read of a
+/// realm's log is planned as a read of it all and a sort. Module invalidations therefore run
+/// with JIT off, a small `work_mem`, generic plans and no sorts; a trigger on the DELETEs
+/// notes the settings in force in the transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn module_invalidations_run_without_jit_and_with_a_small_work_mem() {
+async fn module_invalidations_run_with_their_own_planner_settings() {
     let Some(config) = config("invalidation settings") else { return };
     let guarded = PgAdapter::connect(config.clone()).await.unwrap();
     let unguarded = PgAdapter::connect(config.clone().durable_guard(false)).await.unwrap();
     let client = raw_client(&config).await;
     client
         .batch_execute(
-            "CREATE TABLE seen (jit text, work_mem text);
+            "CREATE TABLE seen (settings text);
              CREATE FUNCTION note_settings() RETURNS trigger LANGUAGE plpgsql AS $$
                  BEGIN
-                     INSERT INTO seen VALUES (current_setting('jit'), current_setting('work_mem'));
+                     INSERT INTO seen VALUES (concat_ws(' ', current_setting('jit'),
+                         current_setting('work_mem'), current_setting('plan_cache_mode'),
+                         current_setting('enable_sort')));
                      RETURN NULL;
                  END $$;
              CREATE TRIGGER note AFTER DELETE ON modules
@@ -581,20 +586,16 @@ async fn module_invalidations_run_without_jit_and_with_a_small_work_mem() {
     for db in [&guarded, &unguarded] {
         db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
     }
-    let seen: Vec<(String, String)> = client
-        .query("SELECT jit, work_mem FROM seen", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let seen = client.query("SELECT settings FROM seen", &[]).await.unwrap();
+    let seen: Vec<String> = seen.iter().map(|row| row.get(0)).collect();
     // A session's own: the server's defaults, which the invalidation's settings do not touch.
-    let row = client.query_one("SELECT current_setting('jit'), current_setting('work_mem')", &[]);
-    let (jit, work_mem): (String, String) = row.await.map(|row| (row.get(0), row.get(1))).unwrap();
-    assert_eq!(jit, "on", "the server's default, which the test means to override");
-    assert_ne!(work_mem, "64kB");
-    let expected = ("off".to_owned(), "64kB".to_owned());
-    assert_eq!(seen, [expected.clone(), expected], "guarded, then unguarded");
+    let sql = "SELECT concat_ws(' ', current_setting('jit'), current_setting('work_mem'), \
+               current_setting('plan_cache_mode'), current_setting('enable_sort'))";
+    let own: String = client.query_one(sql, &[]).await.unwrap().get(0);
+    assert_eq!(own, "on 4MB auto on", "the server's defaults, which the test means to override");
+    // Each invalidation's DELETEs (by URL, then by alias) all ran with the settings.
+    assert_eq!(seen.len(), 4, "two DELETE statements a module invalidation: {seen:?}");
+    assert!(seen.iter().all(|s| s == "off 64kB force_generic_plan off"), "{seen:?}");
 }
 
 /// Entries past the horizon are pruned a bounded batch at a time (the realm's 16 oldest), so
@@ -750,7 +751,9 @@ async fn a_large_fan_out_is_exact_and_guards_its_realm() {
     let db = PgAdapter::connect(config.clone()).await.unwrap();
     let raw = raw_client(&config).await;
     // 1500 modules, each a transitive consumer of m0 (chains and fan-out), plus bystanders:
-    // one in the realm that depends on nothing, one in another realm that names m0.
+    // one in the realm that depends on nothing, one in another realm that names m0; and a
+    // module named only by its alias (m7.js, alias m7, as m7.gts's), which goes too. So large
+    // a closure reads the realm's rows, and so does its DELETE.
     raw.execute(
         "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, definitions, \
          deps, created_at, file_alias) \
@@ -763,6 +766,7 @@ async fn a_large_fan_out_is_exact_and_guards_its_realm() {
     .await
     .unwrap();
     db.upsert(&entry(REALM, "bystander.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
     let mut foreign = entry("https://other.test/", "x.gts", &[]);
     foreign.deps = vec![format!("{REALM}m0")];
     db.upsert(&foreign, LoadStamp::UNGUARDED).await.unwrap();
@@ -771,7 +775,7 @@ async fn a_large_fan_out_is_exact_and_guards_its_realm() {
 
     let root = format!("{REALM}m0.gts");
     let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
-    assert_eq!(done.deleted, 1500);
+    assert_eq!(done.deleted, 1501, "the 1500 modules and m7.js");
     let named: HashSet<&str> = done.urls.iter().map(String::as_str).collect();
     assert_eq!(named.len(), done.urls.len(), "no name twice");
     for i in 0..1500 {

@@ -435,30 +435,42 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
 /// Orders the invalidation list of BEHAVIOUR §4.1 step 2: the seeds (a module's variants), then
 /// consumers breadth-first, each consumer contributing its url then its alias. Duplicates and
 /// cycles are dropped.
-pub fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String> {
-    let mut by_dep: HashMap<&str, Vec<&ConsumerRow>> = HashMap::new();
-    for row in &consumers {
+pub fn fan_out(variants: Vec<String>, mut consumers: Vec<ConsumerRow>) -> Vec<String> {
+    // Rows by the names they depend on, each in URL order (the order in which the consumers
+    // of one name join the list).
+    let mut by_dep: HashMap<&str, Vec<usize>> = HashMap::with_capacity(consumers.len());
+    for (index, row) in consumers.iter().enumerate() {
         for dep in &row.deps {
-            by_dep.entry(dep.as_str()).or_default().push(row);
+            by_dep.entry(dep.as_str()).or_default().push(index);
         }
     }
     for rows in by_dep.values_mut() {
-        rows.sort_by(|a, b| a.url.cmp(&b.url));
+        rows.sort_by(|&a, &b| consumers[a].url.cmp(&consumers[b].url));
     }
-    let mut seen: HashSet<String> = variants.iter().cloned().collect();
-    let mut list = variants;
+    // The walk borrows every name; the names found are then moved out of their rows, each
+    // once (a fan-out of 10 000 modules copied each name twice before).
+    let mut seen: HashSet<&str> = variants.iter().map(String::as_str).collect();
+    let mut queue: Vec<&str> = variants.iter().map(String::as_str).collect();
+    // (row, whether the name is its alias), in list order.
+    let mut found: Vec<(usize, bool)> = Vec::new();
     let mut next = 0;
-    while next < list.len() {
-        if let Some(rows) = by_dep.get(list[next].as_str()) {
-            for row in rows {
-                for name in [&row.url, &row.file_alias] {
-                    if seen.insert(name.clone()) {
-                        list.push(name.clone());
-                    }
+    while next < queue.len() {
+        for &index in by_dep.get(queue[next]).into_iter().flatten() {
+            let row = &consumers[index];
+            for (name, alias) in [(&row.url, false), (&row.file_alias, true)] {
+                if seen.insert(name) {
+                    queue.push(name);
+                    found.push((index, alias));
                 }
             }
         }
         next += 1;
+    }
+    let mut list = variants;
+    list.reserve(found.len());
+    for (index, alias) in found {
+        let row = &mut consumers[index];
+        list.push(std::mem::take(if alias { &mut row.file_alias } else { &mut row.url }));
     }
     list
 }
