@@ -15,6 +15,7 @@ use lookup_core::{
 
 use crate::config::PgConfig;
 use crate::error::PgError;
+use crate::guard;
 use crate::invalidate::{self, Applied, Failure, Plan};
 use crate::schema;
 use crate::sql::Sql;
@@ -52,6 +53,7 @@ pub struct PgAdapter {
     sql: Arc<Sql>,
     origin: Arc<str>,
     counters: Arc<Counters>,
+    prune_gate: Arc<guard::PruneGate>,
 }
 
 impl std::fmt::Debug for PgAdapter {
@@ -99,12 +101,14 @@ impl PgAdapter {
         let pooler = resolved.pooler;
         let bootstrap = Arc::new(Sql::new(config.get_schema(), pooler, "diagnostics"));
         let origin: Arc<str> = new_origin().into();
+        let prune_gate = Arc::new(guard::PruneGate::new(config.get_guard_horizon()));
         let mut adapter = PgAdapter {
             pool,
             config: Arc::new(config),
             sql: bootstrap,
             origin,
             counters: Arc::default(),
+            prune_gate,
         };
         let table = adapter
             .bounded("prepare the modules table", async {
@@ -222,10 +226,23 @@ impl PgAdapter {
     async fn invalidate(&self, request: &Invalidation) -> Result<Applied, LookupError> {
         let horizon_secs = self.config.get_guard_horizon().as_secs_f64();
         let guarded = self.config.get_durable_guard();
+        let pruning = match request {
+            Invalidation::Modules { realm_url, .. } if guarded => {
+                Some(realm_url).filter(|realm| self.prune_gate.due(realm))
+            }
+            _ => None,
+        };
+        let prune = pruning.is_some();
         let broadcasting = Plan {
             guarded,
             notify: self.config.get_broadcast().then(|| (self.config.get_channel(), &*self.origin)),
             horizon_secs,
+            prune,
+        };
+        let checked = |applied: &Applied| {
+            if let (Some(realm), Some(pruned)) = (pruning, applied.pruned) {
+                self.prune_gate.checked(realm, pruned);
+            }
         };
         let mut last_error = None;
         // After a failed attempt, the retry starts from that attempt's whole fan-out: if it did
@@ -235,6 +252,7 @@ impl PgAdapter {
         for attempt in 1..=2 {
             match self.invalidate_once(&request, &broadcasting).await? {
                 Ok(applied) => {
+                    checked(&applied);
                     self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
                     self.counters
                         .payloads_sent
@@ -250,9 +268,12 @@ impl PgAdapter {
                 }
             }
         }
-        let silent = Plan { guarded, notify: None, horizon_secs };
+        let silent = Plan { guarded, notify: None, horizon_secs, prune };
         let applied = match self.invalidate_once(&request, &silent).await? {
-            Ok(applied) => applied,
+            Ok(applied) => {
+                checked(&applied);
+                applied
+            }
             Err(Failure::Invalidation(error) | Failure::Broadcast(error, _)) => {
                 return Err(error.into());
             }

@@ -29,9 +29,10 @@
 //! orders cannot deadlock.
 //!
 //! Log entries older than the horizon are pruned by the realm's later module invalidations (at
-//! most 16 at a time; clears prune nothing, their realm row covers what they clear); the
-//! realm remembers the newest pruned sequence, and a load stamped before it is treated as
-//! stale, since what it would have needed to check is gone.
+//! most [`PRUNE_BATCH`] at a time, when the realm is due: see [`PruneGate`]; clears prune
+//! nothing, their realm row covers what they clear); the realm remembers the newest pruned
+//! sequence, and a load stamped before it is treated as stale, since what it would have
+//! needed to check is gone.
 
 /// Advisory lock namespaces (the two-key form, which never overlaps the one-key form used for
 /// schema changes and populate coalescing): "dflg" for the global key, "dflr" for realms.
@@ -130,40 +131,24 @@ pub(crate) const OPEN_GLOBAL: &str = concat!(
 pub(crate) const STAMP: &str = "SELECT coalesce(max(latest), 0) FROM _S_modules_guard_realm \
      WHERE md5(realm) IN (md5($1), md5('')) AND realm IN ($1, '')";
 
-/// Records a module fan-out as one entry of the log: `$1` realm, `$2` its URLs, `$3` the
-/// horizon in seconds; the number is the one [`OPEN_REALM`] took. In the same statement, the
-/// realm's entries past the horizon among its 16 oldest are pruned, and the
-/// realm's row notes the number and the newest number pruned (an UPDATE, or the row's first
-/// INSERT: under the realm's lock nobody else writes it, and an upsert's conflict check and
-/// tuple lock cost about 20 µs more). Nothing when [`apply!`] is off.
+/// Records a module fan-out as one entry of the log: `$1` realm, `$2` its URLs; the number is
+/// the one [`OPEN_REALM`] took. In the same statement, the realm's row notes the number (an
+/// UPDATE, or the row's first INSERT: under the realm's lock nobody else writes it, and an
+/// upsert's conflict check and tuple lock cost about 20 µs more). Nothing when [`apply!`] is
+/// off.
 ///
 /// An entry's `at` is its statement's start, after the lock: within a realm, `at` grows with
-/// `seq`, so the entries past the horizon are the realm's first ones in `seq` order, and the
-/// prune reads only the oldest few of the `(md5(realm), seq)` index, and only the oldest one
-/// unless that one is past the horizon (the usual case). Each invalidation adds
-/// one entry and may prune several, so a backlog (a burst of invalidations aging out at once)
-/// drains at a bounded cost per invalidation instead of being read whole each time (measured:
-/// 52 ms per invalidation with 30 000 entries aged out, when the prune looked for the first
-/// young one).
+/// `seq`, so the entries past the horizon are the realm's first ones in `seq` order (what
+/// [`PRUNE`] relies on).
 pub(crate) const RECORD_MODULES: &str = concat!(
-    "WITH gone AS (DELETE FROM _S_modules_guard_log \
-         WHERE md5(realm) = md5($1) AND seq = ANY (ARRAY( \
-             SELECT seq FROM _S_modules_guard_log WHERE md5(realm) = md5($1) AND realm = $1 \
-             ORDER BY seq LIMIT 16)) \
-         AND at < statement_timestamp() - make_interval(secs => $3) \
-         AND (SELECT at FROM _S_modules_guard_log WHERE md5(realm) = md5($1) AND realm = $1 \
-             ORDER BY seq LIMIT 1) < statement_timestamp() - make_interval(secs => $3) AND ",
-    apply!(),
-    " RETURNING seq), \
-     u AS (UPDATE _S_modules_guard_realm SET latest = ",
+    "WITH u AS (UPDATE _S_modules_guard_realm SET latest = ",
     taken!(),
-    ", pruned_through = greatest(pruned_through, (SELECT max(seq) FROM gone)) \
-         WHERE md5(realm) = md5($1) AND realm = $1 AND ",
+    " WHERE md5(realm) = md5($1) AND realm = $1 AND ",
     apply!(),
     " RETURNING 1), \
-     i AS (INSERT INTO _S_modules_guard_realm (realm, latest, pruned_through) SELECT $1, ",
+     i AS (INSERT INTO _S_modules_guard_realm (realm, latest) SELECT $1, ",
     taken!(),
-    ", coalesce((SELECT max(seq) FROM gone), 0) WHERE ",
+    " WHERE ",
     apply!(),
     " AND NOT EXISTS (SELECT 1 FROM u)) \
      INSERT INTO _S_modules_guard_log (realm, seq, urls, at) \
@@ -172,6 +157,77 @@ pub(crate) const RECORD_MODULES: &str = concat!(
     ", $2::text[], statement_timestamp() WHERE ",
     apply!()
 );
+
+/// How many log entries one [`PRUNE`] deletes at most.
+pub(crate) const PRUNE_BATCH: i64 = 64;
+
+/// Deletes realm `$1`'s log entries older than `$2` seconds among its [`PRUNE_BATCH`] oldest,
+/// and notes the newest number deleted in the realm's row (`pruned_through`); answers how
+/// many it deleted. Sent after [`RECORD_MODULES`] in a module invalidation of the realm, when
+/// the [`PruneGate`] says the realm is due (nothing when [`apply!`] is off).
+///
+/// It reads only the oldest [`PRUNE_BATCH`] entries of the `(md5(realm), seq)` index, whether
+/// or not they are past the horizon: a realm's entries past the horizon are its first ones in
+/// `seq` order (see [`RECORD_MODULES`]), so a backlog (a burst of invalidations aging out at
+/// once) drains a bounded batch at a time instead of being read whole (measured: 52 ms an
+/// invalidation with 30 000 entries aged out, when the prune looked for the first young one).
+pub(crate) const PRUNE: &str = concat!(
+    "WITH gone AS (DELETE FROM _S_modules_guard_log \
+         WHERE md5(realm) = md5($1) AND seq = ANY (ARRAY( \
+             SELECT seq FROM _S_modules_guard_log WHERE md5(realm) = md5($1) AND realm = $1 \
+             ORDER BY seq LIMIT 64)) \
+         AND at < statement_timestamp() - make_interval(secs => $2) AND ",
+    apply!(),
+    " RETURNING seq), \
+     u AS (UPDATE _S_modules_guard_realm \
+         SET pruned_through = greatest(pruned_through, (SELECT max(seq) FROM gone)) \
+         WHERE md5(realm) = md5($1) AND realm = $1 AND EXISTS (SELECT 1 FROM gone)) \
+     SELECT count(*) FROM gone"
+);
+
+/// When each realm's log is next due for a [`PRUNE`], in this process.
+///
+/// Checking on every invalidation cost as much as recording it (about 40 µs of a statement
+/// that usually found nothing to delete). A realm is due when this process has not checked
+/// it yet, or a period after its last check (a sixteenth of the horizon), or at once when the
+/// last check filled its batch (a backlog drains one batch an invalidation). So an entry
+/// outlives the horizon by a period at most, plus the wait for the realm's next module
+/// invalidation, in any process; nothing depends on how soon entries go (a load stamped before
+/// the newest pruned number is refused, see the module docs), only the log's size.
+#[derive(Debug)]
+pub(crate) struct PruneGate {
+    period: std::time::Duration,
+    next: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl PruneGate {
+    /// Realms remembered at most: past that the memory starts over (every realm due once).
+    const REALMS: usize = 4096;
+
+    /// A gate for `horizon`.
+    pub(crate) fn new(horizon: std::time::Duration) -> PruneGate {
+        PruneGate { period: horizon / 16, next: Default::default() }
+    }
+
+    /// Whether `realm`'s log is due for a check.
+    pub(crate) fn due(&self, realm: &str) -> bool {
+        let next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        next.get(realm).is_none_or(|at| *at <= std::time::Instant::now())
+    }
+
+    /// `realm`'s log was checked and `pruned` entries deleted.
+    pub(crate) fn checked(&self, realm: &str, pruned: i64) {
+        let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pruned >= PRUNE_BATCH {
+            next.remove(realm);
+            return;
+        }
+        if next.len() >= Self::REALMS && !next.contains_key(realm) {
+            next.clear();
+        }
+        next.insert(realm.to_owned(), std::time::Instant::now() + self.period);
+    }
+}
 
 /// Records a whole-realm (or, with `''`, global) clear: `$1` realm; the number is the one
 /// taken by [`OPEN_REALM`] or [`OPEN_GLOBAL`]. Nothing when [`apply!`] is off.
@@ -208,3 +264,42 @@ pub(crate) const LOG_SINCE: &str = "WITH m AS (SELECT * FROM unnest($1::text[], 
          WHERE md5(x.realm) = md5(r.realm) AND x.realm = r.realm AND x.seq > r.mark \
          AND r.cleared <= r.mark AND r.pruned_through <= r.mark) AS u ON true \
      WHERE r.latest > r.mark OR r.latest < r.own";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_prune_reads_one_batch() {
+        assert!(PRUNE.contains(&format!("LIMIT {PRUNE_BATCH})")), "{PRUNE}");
+    }
+
+    #[test]
+    fn a_realm_is_due_until_checked_then_after_a_period_or_at_once_after_a_full_batch() {
+        let gate = PruneGate::new(Duration::from_secs(1600));
+        assert!(gate.due("a"), "never checked");
+        gate.checked("a", 3);
+        assert!(!gate.due("a"), "checked a moment ago, less than a batch found");
+        assert!(gate.due("b"), "another realm");
+        gate.checked("a", PRUNE_BATCH);
+        assert!(gate.due("a"), "a full batch: the backlog goes on at the next invalidation");
+        let soon = PruneGate::new(Duration::ZERO);
+        soon.checked("a", 0);
+        assert!(soon.due("a"), "the period has passed");
+    }
+
+    #[test]
+    fn the_gate_remembers_a_bounded_number_of_realms() {
+        let gate = PruneGate::new(Duration::from_secs(1600));
+        for realm in 0..PruneGate::REALMS {
+            gate.checked(&realm.to_string(), 0);
+        }
+        assert!(!gate.due("0"));
+        gate.checked("one more", 0);
+        assert!(gate.due("0"), "started over");
+        assert!(!gate.due("one more"));
+        let size = gate.next.lock().unwrap().len();
+        assert_eq!(size, 1);
+    }
+}

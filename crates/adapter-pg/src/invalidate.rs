@@ -293,6 +293,8 @@ pub(crate) struct Applied {
     pub(crate) effective: Invalidation,
     pub(crate) deleted: u64,
     pub(crate) payloads: usize,
+    /// How many log entries [`guard::PRUNE`] deleted, when it was sent.
+    pub(crate) pruned: Option<i64>,
 }
 
 /// Why a transaction failed.
@@ -312,6 +314,8 @@ pub(crate) struct Plan<'a> {
     /// `None`: no broadcast.
     pub(crate) notify: Option<(&'a str, &'a str)>,
     pub(crate) horizon_secs: f64,
+    /// With the guard, for a module invalidation: also [`guard::PRUNE`] the realm's log.
+    pub(crate) prune: bool,
 }
 
 /// The statements opening a transaction, after `BEGIN`.
@@ -333,6 +337,8 @@ struct Tail<'a> {
     /// With the guard: the record ([`guard::RECORD_MODULES`] or, for a clear or a fan-out
     /// too large for one entry, [`guard::RECORD_CLEAR`]).
     guarded: bool,
+    /// See [`Plan::prune`].
+    prune: bool,
     horizon_secs: f64,
     hashes: Vec<String>,
     /// The closure read every row of the realm ([`REALM_GRAPH`]): the DELETE reads them too
@@ -366,7 +372,8 @@ impl<'a> Tail<'a> {
             (channel, encode_payloads(effective, Some(origin), seq), false)
         });
         let horizon_secs = plan.horizon_secs;
-        Tail { effective, guarded: plan.guarded, horizon_secs, hashes, in_realm, notify }
+        let prune = plan.guarded && plan.prune;
+        Tail { effective, guarded: plan.guarded, prune, horizon_secs, hashes, in_realm, notify }
     }
 
     fn payloads(&self) -> usize {
@@ -380,6 +387,7 @@ struct Positions {
     open: Option<usize>,
     leaf: Option<usize>,
     closure: Option<usize>,
+    prune: Option<usize>,
     /// The DELETE statements (two for a module fan-out probed per name).
     deletes: Vec<usize>,
 }
@@ -407,7 +415,8 @@ async fn flight(
     };
     let hashes: &[String] = tail.map(|t| t.hashes.as_slice()).unwrap_or_default();
     let horizon = tail.map(|t| t.horizon_secs).unwrap_or_default();
-    let record_modules_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &horizon];
+    let record_modules_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &list];
+    let prune_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &horizon];
     let record_clear_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
     let hash_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &hashes];
     // The names: for the alias DELETE, or the realm's (by URL or alias).
@@ -447,6 +456,10 @@ async fn flight(
                 flight.push(Box::pin(sql.query(c, &sql.record_modules, &record_modules_params)));
             } else {
                 flight.push(Box::pin(sql.query(c, &sql.record_clear, &record_clear_params)));
+            }
+            if tail.prune && is_modules {
+                at.prune = Some(flight.len());
+                flight.push(Box::pin(sql.query(c, &sql.prune, &prune_params)));
             }
         }
         let deletes: Vec<Reply<'_>> = match tail.effective {
@@ -503,6 +516,7 @@ pub(crate) async fn run(
             &sql.consumers_limited,
             &sql.realm_graph,
             &sql.record_modules,
+            &sql.prune,
             &sql.record_clear,
             &sql.delete_by_hash,
             &sql.delete_by_alias,
@@ -612,7 +626,8 @@ fn finish(
             .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     };
     let deleted = at.deletes.iter().map(count).sum();
-    Ok(Some(Applied { effective: effective.clone(), deleted, payloads: tail.payloads() }))
+    let pruned = at.prune.map(|index| count(&index) as i64);
+    Ok(Some(Applied { effective: effective.clone(), deleted, payloads: tail.payloads(), pruned }))
 }
 
 #[cfg(test)]

@@ -598,22 +598,31 @@ async fn module_invalidations_run_with_their_own_planner_settings() {
     assert!(seen.iter().all(|s| s == "off 64kB force_generic_plan off"), "{seen:?}");
 }
 
-/// Entries past the horizon are pruned a bounded batch at a time (the realm's 16 oldest), so
+/// Entries past the horizon are pruned a bounded batch at a time (the realm's 64 oldest), so
 /// that a backlog (a burst of invalidations aging out together) costs each later invalidation
-/// little instead of being read whole every time; the realm remembers the newest pruned.
+/// little instead of being read whole every time; the realm remembers the newest pruned. A
+/// realm is checked again at its next invalidation while its backlog fills the batch, and
+/// otherwise not before a sixteenth of the horizon has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_old_log_entries_is_pruned_a_bounded_batch_at_a_time() {
     let Some(config) = config("prune batch") else { return };
     let db = PgAdapter::connect(config.clone()).await.unwrap();
     let client = raw_client(&config).await;
-    client
-        .batch_execute(&format!(
-            "INSERT INTO modules_guard_log (realm, seq, urls, at) \
-             SELECT '{REALM}', nextval('modules_guard_seq'), ARRAY['{REALM}old' || i], \
-                 now() - interval '1 hour' FROM generate_series(1, 40) AS i"
-        ))
-        .await
-        .unwrap();
+    let age_entries = |count: i32| {
+        let client = &client;
+        async move {
+            client
+                .execute(
+                    "INSERT INTO modules_guard_log (realm, seq, urls, at) \
+                     SELECT $1, nextval('modules_guard_seq'), ARRAY[$1 || 'old' || i], \
+                         now() - interval '1 hour' FROM generate_series(1, $2) AS i",
+                    &[&REALM, &count],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    age_entries(100).await;
     let oldest: Vec<i64> = client
         .query("SELECT seq FROM modules_guard_log ORDER BY seq", &[])
         .await
@@ -633,12 +642,20 @@ async fn a_backlog_of_old_log_entries_is_pruned_a_bounded_batch_at_a_time() {
         row.get::<_, i64>(0)
     };
     db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
-    assert_eq!(count().await, 40 - 16 + 1);
-    assert_eq!(pruned().await, oldest[15]);
+    assert_eq!(count().await, 100 - 64 + 1, "one batch of the backlog, and the new entry");
+    assert_eq!(pruned().await, oldest[63]);
     db.apply_invalidation(&modules(&["b.gts"])).await.unwrap();
+    assert_eq!(count().await, 2, "the rest of the backlog is gone, the young entries stay");
+    assert_eq!(pruned().await, oldest[99]);
+    // The last check found less than a batch: the realm is not checked again so soon.
+    age_entries(5).await;
     db.apply_invalidation(&modules(&["c.gts"])).await.unwrap();
-    assert_eq!(count().await, 3, "the backlog is gone, the young entries stay");
-    assert_eq!(pruned().await, oldest[39]);
+    assert_eq!(count().await, 2 + 5 + 1, "not due: nothing pruned");
+    assert_eq!(pruned().await, oldest[99]);
+    // Another process has not checked the realm yet.
+    let other = PgAdapter::connect(config.clone()).await.unwrap();
+    other.apply_invalidation(&modules(&["d.gts"])).await.unwrap();
+    assert_eq!(count().await, 4, "the five aged entries pruned by the other process");
 }
 
 /// A process that hears nothing (its listener is disconnected, or it has none) renders a
