@@ -17,7 +17,7 @@ fn stderr(output: &Output) -> String {
 }
 
 /// Every key of the bench summary, each either a number or listed in `not_measured`.
-const BENCH_KEYS: [&str; 39] = [
+const BENCH_KEYS: [&str; 40] = [
     "bare_select_p50_us",
     "hit_p50_us",
     "hit_ratio",
@@ -50,6 +50,7 @@ const BENCH_KEYS: [&str; 39] = [
     "scan_doubling_ratio",
     "scan_40k_imports_ms",
     "durable_floor_p50_us",
+    "durable_floor_one_row_p50_us",
     "propagation_vs_durable_ratio",
     "invalidate_round_trips",
     "invalidate_round_trips_by_delay",
