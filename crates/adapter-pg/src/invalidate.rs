@@ -103,6 +103,23 @@ const LARGE_FAN_OUT: i64 = 512;
 /// not only those the fan-out covers.
 const GUARD_PER_URL_LIMIT: usize = 2048;
 
+/// The rows of realm `$1` named by `$2` (by alias) or whose URL's md5 is in `$3` (the rows'
+/// `url_hash`, computed here: see [`url_hashes`]), in one statement: for a fan-out of at most
+/// [`FEW_NAMES`] names, such as a module's variants (its rows found by either index are
+/// checked again against at most that many names). More names go through
+/// [`DELETE_BY_HASH`] and [`DELETE_BY_ALIAS`]. Nothing when `guard::apply!` is off.
+pub(crate) const DELETE_MODULES: &str = concat!(
+    "WITH d AS (DELETE FROM _S_modules WHERE ",
+    crate::sql::in_realm!(),
+    " AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[])) AND ",
+    guard::apply!(),
+    " RETURNING 1) SELECT count(*) FROM d"
+);
+
+/// A fan-out naming at most this many URLs is deleted by [`DELETE_MODULES`], one statement
+/// (the one-flight invalidation of a module names its five variants).
+const FEW_NAMES: usize = 16;
+
 /// The rows of realm `$1` whose URL's md5 is in `$2` (the rows' `url_hash`, computed here:
 /// see [`url_hashes`]); then [`DELETE_BY_ALIAS`] deletes those named by their alias. Each
 /// array is a parameter the index is probed with, so the plan kept for the prepared statement
@@ -121,16 +138,18 @@ const GUARD_PER_URL_LIMIT: usize = 2048;
 /// names); two semi-joins are linear but cost 0.13 ms for one module's five names.
 /// Nothing when `guard::apply!` is off.
 pub(crate) const DELETE_BY_HASH: &str = concat!(
-    "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
-         AND url_hash = ANY ($2::text[]) AND ",
+    "WITH d AS (DELETE FROM _S_modules WHERE ",
+    crate::sql::in_realm!(),
+    " AND url_hash = ANY ($2::text[]) AND ",
     guard::apply!(),
     " RETURNING 1) SELECT count(*) FROM d"
 );
 
 /// The rows of realm `$1` named by `$2` by their alias: see [`DELETE_BY_HASH`].
 pub(crate) const DELETE_BY_ALIAS: &str = concat!(
-    "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
-         AND file_alias = ANY ($2::text[]) AND ",
+    "WITH d AS (DELETE FROM _S_modules WHERE ",
+    crate::sql::in_realm!(),
+    " AND file_alias = ANY ($2::text[]) AND ",
     guard::apply!(),
     " RETURNING 1) SELECT count(*) FROM d"
 );
@@ -419,6 +438,7 @@ async fn flight(
     let prune_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &horizon];
     let record_clear_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
     let hash_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &hashes];
+    let modules_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
     // The names: for the alias DELETE, or the realm's (by URL or alias).
     let names_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &list];
     let realm_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
@@ -465,6 +485,9 @@ async fn flight(
         let deletes: Vec<Reply<'_>> = match tail.effective {
             Invalidation::Modules { .. } if tail.in_realm => {
                 vec![Box::pin(sql.query(c, &sql.delete_in_realm, &names_params))]
+            }
+            Invalidation::Modules { .. } if list.len() <= FEW_NAMES => {
+                vec![Box::pin(sql.query(c, &sql.delete_modules, &modules_params))]
             }
             Invalidation::Modules { .. } => vec![
                 Box::pin(sql.query(c, &sql.delete_by_hash, &hash_params)),
@@ -518,6 +541,7 @@ pub(crate) async fn run(
             &sql.record_modules,
             &sql.prune,
             &sql.record_clear,
+            &sql.delete_modules,
             &sql.delete_by_hash,
             &sql.delete_by_alias,
             &sql.delete_in_realm,

@@ -54,8 +54,9 @@ pub(crate) fn query_error(
 /// primary key) or whose alias is `$5`.
 pub(crate) fn read_row_sql() -> String {
     format!(
-        "SELECT {SELECT_COLUMNS} FROM _S_modules WHERE resolved_realm_url = $1 \
-         AND cache_scope = $2 AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)"
+        "SELECT {SELECT_COLUMNS} FROM _S_modules WHERE {} \
+         AND cache_scope = $2 AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)",
+        crate::sql::in_realm!()
     )
 }
 

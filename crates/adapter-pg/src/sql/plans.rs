@@ -6,7 +6,7 @@
 //! for a prepared statement after its first runs (the generic plan, parameters unknown) and
 //! one name, and with a plan made for the values at hand (custom, as for an unnamed
 //! statement) and 50 names; on tables of 8 000 rows, a quarter in the realm the statements
-//! are about and the rest in 300 small realms (and 2 000 realms' rows).
+//! are about and the rest in 3 000 small realms (and 2 000 realms' rows).
 //! Its plan's counters say how many rows each scan read and threw away: a statement that
 //! finds its rows by a realm's index and filters the rest, or scans the table, throws away
 //! thousands. A plan for 50 constant names may rightly read the realm's rows and look each
@@ -48,6 +48,7 @@ const INVALIDATION: &[&str] = &[
     "record_modules",
     "prune",
     "record_clear",
+    "delete_modules",
     "delete_by_hash",
     "delete_by_alias",
     "delete_in_realm",
@@ -154,7 +155,7 @@ async fn every_statement_reads_only_its_rows() {
     let (client, connection) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
     tokio::spawn(connection);
     // Enough rows that the statistics describe a table in use, and realms of unequal sizes:
-    // the statements run on `r1`, a large one (2 000 rows), among 300 small ones (20 rows
+    // the statements run on `r1`, a large one (2 000 rows), among 3 000 small ones (2 rows
     // each). A generic plan is made for the average realm, which here is small: a plan that
     // would read "the realm's few rows" reads all of r1's.
     client
@@ -165,7 +166,7 @@ async fn every_statement_reads_only_its_rows() {
                  jsonb_build_array(realm || 'm' || (i / 2) || '.gts'), 0, realm || 'm' || i \
              FROM generate_series(1, 8000) AS i, LATERAL (SELECT CASE WHEN i <= 2000 \
                  THEN 'http://plans.test/r1/' \
-                 ELSE 'http://plans.test/s' || (i % 300) || '/' END) AS r(realm); \
+                 ELSE 'http://plans.test/s' || (i % 3000) || '/' END) AS r(realm); \
              INSERT INTO {schema}.modules_guard_log (realm, seq, urls) \
              SELECT realm, i, ARRAY[realm || 'm' || i || '.gts'] \
              FROM generate_series(1, 8000) AS i, LATERAL (SELECT CASE WHEN i % 4 = 1 \
