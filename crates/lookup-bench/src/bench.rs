@@ -59,6 +59,13 @@ pub(crate) const FLOOR_REALM: &str = "http://bench.test/floor/";
 const FANOUT_REALM: &str = "http://bench.test/fanout/";
 /// The realm of the coalescing measurement.
 const COALESCE_REALM: &str = "http://bench.test/coalesce/";
+/// The adapter's own read of a row (realm, scope, user, URL, alias), as a plain statement: the
+/// baseline of the hit path. The realm is a condition on the rows the primary key or the alias
+/// index finds, never an index to read (see adapter-pg's `in_realm!`).
+pub(crate) const BARE_READ: &str = "SELECT url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, error_doc, \
+     created_at, file_alias, diagnostics FROM modules WHERE (resolved_realm_url = $1) IS TRUE \
+     AND cache_scope = $2 AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)";
+
 /// The realms of the steady state's background rows (see [`PgBench::settle`]), `…/bg0/` on.
 const BACKGROUND_REALMS: &str = "http://bench.test/bg";
 /// The background: realms, rows in each, and module invalidations in each (log entries).
@@ -586,15 +593,7 @@ impl PgBench {
         self.lookup.lookup_definition(&code_ref, None).await?;
         // The adapter's own read, on a plain connection: same row, same columns, and the
         // definitions decoded as JSON, as the lookup must do too.
-        let statement = self
-            .client
-            .prepare(
-                "SELECT url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
-                 error_doc, created_at, file_alias, diagnostics FROM modules \
-                 WHERE resolved_realm_url = $1 AND cache_scope = $2 AND auth_user_id = $3 \
-                 AND (url_hash = md5($4) OR file_alias = $5)",
-            )
-            .await?;
+        let statement = self.client.prepare(BARE_READ).await?;
         let alias = urls::file_alias(&module);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&REALM, &"public", &"", &module, &alias];

@@ -40,9 +40,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::bench::{
-    BenchArgs, CountingRenderer, EXPORT, FLOOR_REALM, PgBench, PgLookup, REALM, TimedSink,
-    bare_listener, floor_sql, micros, plain_client, public_realm, quantile, receive, server_line,
-    unique_name, write_stdout,
+    BARE_READ, BenchArgs, CountingRenderer, EXPORT, FLOOR_REALM, PgBench, PgLookup, REALM,
+    TimedSink, bare_listener, floor_sql, micros, plain_client, public_realm, quantile, receive,
+    server_line, unique_name, write_stdout,
 };
 
 /// The loads of each curve.
@@ -409,10 +409,7 @@ async fn lookup_points(bench: &PgBench, sizes: &CurveSizes) -> Result<Vec<Value>
         bench.lookup.lookup_definition(&CodeRef::new(module.clone(), EXPORT), None).await?;
     }
     let most = LOOKUPS.into_iter().max().unwrap_or(1);
-    let sql = "SELECT url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, \
-               error_doc, created_at, file_alias, diagnostics FROM modules \
-               WHERE resolved_realm_url = $1 AND cache_scope = $2 AND auth_user_id = $3 \
-               AND (url_hash = md5($4) OR file_alias = $5)";
+    let sql = BARE_READ;
     let mut bare = Vec::with_capacity(most);
     for _ in 0..most {
         let client = plain_client(&bench.config).await?;
