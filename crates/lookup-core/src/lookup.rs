@@ -2,7 +2,7 @@
 //! and clearing, the local realms, and the [`InvalidationSink`] the listener calls. The loads
 //! themselves run in the load engine (`load.rs`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
