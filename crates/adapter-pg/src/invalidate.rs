@@ -230,25 +230,26 @@ fn encode_with_placeholder(invalidation: &Invalidation, origin: &str) -> Option<
     payloads.last().is_some_and(|last| last.ends_with(&tail)).then_some(payloads)
 }
 
+/// A row of a consumer-closure query (or of [`REALM_GRAPH`]).
+fn consumer_row(row: &Row) -> ConsumerRow {
+    let url: String = row.get(0);
+    // Straight into names when every dep is one (always, as the lookup writes them);
+    // otherwise through a JSON value, keeping the names.
+    let deps = match row.try_get::<_, Option<Json<Vec<String>>>>(2) {
+        Ok(deps) => deps.map(|Json(deps)| deps).unwrap_or_default(),
+        Err(_) => store::string_list(row.get(2)),
+    };
+    let alias: Option<String> = row.get(1);
+    ConsumerRow {
+        file_alias: alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
+        url,
+        deps,
+    }
+}
+
 /// The rows of a consumer-closure query.
-pub(crate) fn consumer_rows(rows: &[Row]) -> Result<Vec<ConsumerRow>, PgError> {
-    rows.iter()
-        .map(|row| {
-            let url: String = row.get(0);
-            // Straight into names when every dep is one (always, as the lookup writes them);
-            // otherwise through a JSON value, keeping the names.
-            let deps = match row.try_get::<_, Option<Json<Vec<String>>>>(2) {
-                Ok(deps) => deps.map(|Json(deps)| deps).unwrap_or_default(),
-                Err(_) => store::string_list(row.get(2)),
-            };
-            let alias: Option<String> = row.get(1);
-            Ok(ConsumerRow {
-                file_alias: alias.unwrap_or_else(|| lookup_core::urls::file_alias(&url)),
-                url,
-                deps,
-            })
-        })
-        .collect()
+pub(crate) fn consumer_rows(rows: &[Row]) -> Vec<ConsumerRow> {
+    rows.iter().map(consumer_row).collect()
 }
 
 type Reply<'a> = Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
@@ -293,7 +294,7 @@ pub(crate) async fn closure(
     if let Some((_, error)) = first_failure(&mut replies) {
         return Err(query_error("consumer closure")(error));
     }
-    consumer_rows(&replies.swap_remove(2).unwrap_or_default())
+    Ok(consumer_rows(&replies.swap_remove(2).unwrap_or_default()))
 }
 
 /// The first failure of a flight (later statements only fail because of it), with its index.
@@ -591,14 +592,15 @@ pub(crate) async fn run(
         _ => None,
     };
     let taken = at.closure.map(|i| std::mem::replace(&mut replies[i], Ok(Vec::new())));
-    let mut rows = taken.and_then(Result::ok).unwrap_or_default();
-    let in_realm = rows.len() as i64 >= LARGE_FAN_OUT;
+    let mut consumers = consumer_rows(&taken.and_then(Result::ok).unwrap_or_default());
+    let in_realm = consumers.len() as i64 >= LARGE_FAN_OUT;
     if in_realm {
-        // Still under the lock, with a fresh snapshot: the whole realm's edges.
-        rows = sql.query(c, &sql.realm_graph, &[&realm]).await.map_err(before)?;
+        // Still under the lock, with a fresh snapshot: the whole realm's edges, decoded as
+        // they arrive. Walking from the names, rows that do not consume them are never reached.
+        consumers.clear();
+        let each = |row: Row| consumers.push(consumer_row(&row));
+        sql.for_each_row(c, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
     }
-    // Walking from the names, rows that do not consume them are never reached.
-    let consumers = consumer_rows(&rows).map_err(Failure::Invalidation)?;
     let effective = Invalidation::Modules {
         realm_url: realm.to_owned(),
         urls: fan_out(names.to_vec(), consumers),
