@@ -184,12 +184,41 @@ impl Sql {
         client: &ClientWrapper,
         statements: &[&Stmt],
     ) -> Result<(), tokio_postgres::Error> {
-        if !self.unnamed {
-            for statement in statements {
-                client.prepare_cached(&statement.text).await?;
-            }
+        if self.unnamed {
+            return Ok(());
         }
-        Ok(())
+        // Those not cached yet are prepared in one flight, not one round trip each (an
+        // invalidation on a fresh connection prepares a dozen).
+        type Preparing<'a> = Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<tokio_postgres::Statement, tokio_postgres::Error>,
+                    > + Send
+                    + 'a,
+            >,
+        >;
+        let mut pending: Vec<Option<Preparing<'_>>> = statements
+            .iter()
+            .map(
+                |statement| Some(Box::pin(client.prepare_cached(&statement.text)) as Preparing<'_>),
+            )
+            .collect();
+        std::future::poll_fn(|cx| {
+            for slot in &mut pending {
+                if let Some(future) = slot
+                    && let std::task::Poll::Ready(done) = future.as_mut().poll(cx)
+                {
+                    *slot = None;
+                    done?;
+                }
+            }
+            if pending.iter().all(Option::is_none) {
+                std::task::Poll::Ready(Ok(()))
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Runs `statement` with `params` and hands each row to `each` as it arrives, without
