@@ -70,7 +70,7 @@ pub(crate) const LOCK_REALM_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(
 ///   one). No statement of an invalidation needs a sort.
 ///
 /// With them, `deflookup.apply = on`: the statements that write ([`RECORD_MODULES`],
-/// [`RECORD_CLEAR`], the DELETE of a fan-out and the NOTIFYs) act only while it is on, and an
+/// [`RECORD_CLEAR`], [`PRUNE`], the DELETE of a fan-out and the NOTIFYs) act only while it is on, and an
 /// invalidation that finds its module has consumers turns it off (see `invalidate.rs`).
 ///
 /// Sent in the statement that takes the lock (no statement of its own), or alone when the
@@ -163,8 +163,11 @@ pub(crate) const PRUNE_BATCH: i64 = 64;
 
 /// Deletes realm `$1`'s log entries older than `$2` seconds among its [`PRUNE_BATCH`] oldest,
 /// and notes the newest number deleted in the realm's row (`pruned_through`); answers how
-/// many it deleted. Sent after [`RECORD_MODULES`] in a module invalidation of the realm, when
-/// the [`PruneGate`] says the realm is due (nothing when [`apply!`] is off).
+/// many it deleted. Sent after the guard's record in a module invalidation of the realm, when
+/// the [`PruneGate`] says the realm is due (nothing when [`apply!`] is off). Never the entry
+/// this transaction records (with a horizon near zero it would be old enough already): the
+/// entry covers loads until the next invalidation prunes it, as when the prune was part of the
+/// record's own statement.
 ///
 /// It reads only the oldest [`PRUNE_BATCH`] entries of the `(md5(realm), seq)` index, whether
 /// or not they are past the horizon: a realm's entries past the horizon are its first ones in
@@ -176,7 +179,9 @@ pub(crate) const PRUNE: &str = concat!(
          WHERE md5(realm) = md5($1) AND seq = ANY (ARRAY( \
              SELECT seq FROM _S_modules_guard_log WHERE md5(realm) = md5($1) AND realm = $1 \
              ORDER BY seq LIMIT 64)) \
-         AND at < statement_timestamp() - make_interval(secs => $2) AND ",
+         AND at < statement_timestamp() - make_interval(secs => $2) AND seq < ",
+    taken!(),
+    " AND ",
     apply!(),
     " RETURNING seq), \
      u AS (UPDATE _S_modules_guard_realm \
@@ -204,9 +209,13 @@ impl PruneGate {
     /// Realms remembered at most: past that the memory starts over (every realm due once).
     const REALMS: usize = 4096;
 
+    /// The longest wait between two checks of a realm, whatever the horizon.
+    const LONGEST_PERIOD: std::time::Duration = std::time::Duration::from_secs(3600);
+
     /// A gate for `horizon`.
     pub(crate) fn new(horizon: std::time::Duration) -> PruneGate {
-        PruneGate { period: horizon / 16, next: Default::default() }
+        let period = (horizon / 16).min(Self::LONGEST_PERIOD);
+        PruneGate { period, next: Default::default() }
     }
 
     /// Whether `realm`'s log is due for a check.

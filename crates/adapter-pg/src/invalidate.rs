@@ -6,8 +6,8 @@
 //!   consumes): `BEGIN`; the realm's (or global) advisory lock, the invalidation's sequence
 //!   number and the transaction's settings, in one statement (`guard::OPEN_REALM`); for a
 //!   module, [`LEAF`], which checks under the lock that no row consumes the names and
-//!   otherwise turns the writes off; the guard's record (for a module fan-out, with a prune
-//!   of the realm's oldest log entries), the DELETE, the
+//!   otherwise turns the writes off; the guard's record (and, for a module fan-out in a realm
+//!   due for it, a prune of the realm's oldest log entries: `guard::PruneGate`), the DELETE, the
 //!   NOTIFY payloads (one statement; the number, taken by the server in this flight, is put
 //!   into the last payload by [`NOTIFY_SEQ`]); and `COMMIT`.
 //! - **Then two flights**, in a second transaction, when [`LEAF`] found consumers (the first
@@ -98,6 +98,14 @@ pub(crate) const REALM_GRAPH: &str =
 /// A closure that reaches this many consumers is finished from [`REALM_GRAPH`] instead.
 const LARGE_FAN_OUT: i64 = 512;
 
+/// Whether a fan-out of `names` in a realm of `rows` rows is deleted by reading the realm
+/// ([`DELETE_IN_REALM`]) rather than by a probe per name: when the names are at least a
+/// quarter of the rows (a probe of both indexes costs several times a row read and looked up
+/// in the names hashed).
+fn reads_realm(names: usize, rows: usize) -> bool {
+    names.saturating_mul(4) >= rows
+}
+
 /// A fan-out naming more than this many URLs is recorded for the durable guard as a clear of
 /// its realm (one row) instead of one row per URL (measured: 20 000 guard rows take about
 /// 250 ms to write). Conservative: loads of the realm stamped before it are refused and re-run,
@@ -130,8 +138,10 @@ const FEW_NAMES: usize = 16;
 /// Postgres checks again against the condition, and a generic plan searches a parameter array
 /// linearly (it hashes only constants). In one statement, every row of the fan-out was so
 /// checked against every name (measured: 1.5 s for a 10 000-module fan-out once its plan was
-/// generic); run second, the alias DELETE checks only rows the first left (its snapshot no
-/// longer sees those), usually none.
+/// generic); run second, the alias DELETE checks again only rows the first left (its snapshot
+/// no longer sees those), usually none, though it still probes every name and visits the
+/// pages of the rows found (about a fifth of a 10 000-row DELETE: this path serves fan-outs
+/// of fewer than 512 consumers).
 ///
 /// The forms measured worse: `url_hash = ANY (SELECT md5(u) …)` is a subplan applied as a
 /// filter to every row of the realm; `= ANY (ARRAY(SELECT md5(u) …))` leaves the planner free
@@ -157,8 +167,8 @@ pub(crate) const DELETE_BY_ALIAS: &str = concat!(
 
 /// The rows of realm `$1` named by `$2` (by URL or by alias), found by reading the realm's
 /// rows and looking each up in the names hashed (a hashed subplan, built once): for a fan-out
-/// whose closure read every row of the realm anyway ([`REALM_GRAPH`]), linear in the realm,
-/// and no hashes to compute and send. Probing 20 000 names instead costs more (measured: 40 ms
+/// whose closure read every row of the realm anyway ([`REALM_GRAPH`]) and names a large part
+/// of them (see [`reads_realm`]), linear in the realm, and no hashes to compute and send. Probing 20 000 names instead costs more (measured: 40 ms
 /// to sort and probe the hashes alone, against 12 ms for the whole DELETE of 10 000 rows).
 /// Nothing when `guard::apply!` is off.
 pub(crate) const DELETE_IN_REALM: &str = concat!(
@@ -362,8 +372,9 @@ struct Tail<'a> {
     prune: bool,
     horizon_secs: f64,
     hashes: Vec<String>,
-    /// The closure read every row of the realm ([`REALM_GRAPH`]): the DELETE reads them too
-    /// ([`DELETE_IN_REALM`]) instead of probing per name.
+    /// The closure read every row of the realm ([`REALM_GRAPH`]) and the fan-out names a large
+    /// part of them ([`reads_realm`]): the DELETE reads them too ([`DELETE_IN_REALM`]) instead
+    /// of probing per name.
     in_realm: bool,
     /// The channel and payloads, and whether the last one ends with the placeholder number.
     notify: Option<(&'a str, Vec<String>, bool)>,
@@ -595,18 +606,18 @@ pub(crate) async fn run(
     };
     let taken = at.closure.map(|i| std::mem::replace(&mut replies[i], Ok(Vec::new())));
     let mut consumers = consumer_rows(&taken.and_then(Result::ok).unwrap_or_default());
-    let in_realm = consumers.len() as i64 >= LARGE_FAN_OUT;
-    if in_realm {
+    let graph = consumers.len() as i64 >= LARGE_FAN_OUT;
+    if graph {
         // Still under the lock, with a fresh snapshot: the whole realm's edges, decoded as
         // they arrive. Walking from the names, rows that do not consume them are never reached.
         consumers.clear();
         let each = |row: Row| consumers.push(consumer_row(&row));
         sql.for_each_row(c, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
     }
-    let effective = Invalidation::Modules {
-        realm_url: realm.to_owned(),
-        urls: fan_out(names.to_vec(), consumers),
-    };
+    let realm_rows = consumers.len();
+    let urls = fan_out(names.to_vec(), consumers);
+    let in_realm = graph && reads_realm(urls.len(), realm_rows);
+    let effective = Invalidation::Modules { realm_url: realm.to_owned(), urls };
     let tail = Tail::new(&effective, plan, seq, in_realm);
     let (replies, at) = flight(sql, c, None, Some(&tail)).await;
     let payloads = tail.payloads();
@@ -664,6 +675,13 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fan_out_reads_its_realm_only_when_it_names_a_large_part_of_it() {
+        assert!(reads_realm(20_000, 10_000), "the bench's: every row, by URL and by alias");
+        assert!(reads_realm(2_500, 10_000));
+        assert!(!reads_realm(1_200, 100_000), "600 consumers of a large realm are probed");
+    }
 
     #[test]
     fn notify_seq_cuts_exactly_the_placeholder() {

@@ -620,10 +620,13 @@ async fn module_invalidations_run_with_their_own_planner_settings() {
     let sql = "SELECT concat_ws(' ', current_setting('jit'), current_setting('work_mem'), \
                current_setting('plan_cache_mode'), current_setting('enable_sort'))";
     let own: String = client.query_one(sql, &[]).await.unwrap().get(0);
-    assert_eq!(own, "on 4MB auto on", "the server's defaults, which the test means to override");
+    let forced = ["off", "64kB", "force_generic_plan", "off"];
+    for (own, forced) in own.split(' ').zip(forced) {
+        assert_ne!(own, forced, "the session's own setting, which the test means to override");
+    }
     // Each invalidation's DELETE ran with the settings.
     assert_eq!(seen.len(), 2, "one DELETE statement a module invalidation: {seen:?}");
-    assert!(seen.iter().all(|s| s == "off 64kB force_generic_plan off"), "{seen:?}");
+    assert!(seen.iter().all(|s| *s == forced.join(" ")), "{seen:?}");
 }
 
 /// Entries past the horizon are pruned a bounded batch at a time (the realm's 64 oldest), so
@@ -684,6 +687,32 @@ async fn a_backlog_of_old_log_entries_is_pruned_a_bounded_batch_at_a_time() {
     let other = PgAdapter::connect(config.clone()).await.unwrap();
     other.apply_invalidation(&modules(&["d.gts"])).await.unwrap();
     assert_eq!(count().await, 4, "the five aged entries pruned by the other process");
+}
+
+/// The prune never takes the entry its own transaction records, however short the horizon:
+/// the entry covers loads until a later invalidation of the realm prunes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_never_prunes_its_own_entry() {
+    let Some(config) = config("own entry") else { return };
+    let db = PgAdapter::connect(config.clone().guard_horizon(Duration::ZERO)).await.unwrap();
+    let client = raw_client(&config).await;
+    let log = || async {
+        let rows = client.query("SELECT seq FROM modules_guard_log ORDER BY seq", &[]).await;
+        rows.unwrap().iter().map(|row| row.get::<_, i64>(0)).collect::<Vec<_>>()
+    };
+    db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
+    let first = log().await;
+    assert_eq!(first.len(), 1, "its own entry stays");
+    db.apply_invalidation(&modules(&["b.gts"])).await.unwrap();
+    let second = log().await;
+    assert_eq!(second.len(), 1, "the first entry pruned by the second invalidation");
+    assert!(second[0] > first[0]);
+    let pruned: i64 = client
+        .query_one("SELECT pruned_through FROM modules_guard_realm WHERE realm = $1", &[&REALM])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pruned, first[0]);
 }
 
 /// A process that hears nothing (its listener is disconnected, or it has none) renders a

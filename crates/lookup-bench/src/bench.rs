@@ -25,9 +25,10 @@
 //! carrying `BEGIN`, a logged INSERT (a guard-like record), the DELETE the invalidation must
 //! make (the rows named by the module's variants, by URL or by alias), `pg_notify` and
 //! `COMMIT` (a WAL flush on a durable server), timed like propagation to a bare listener's
-//! receipt (`durable_floor_one_row_p50_us`: the same deleting by the module's URL alone); `fanout_floor_10k_ms` deletes the fan-out's rows by one DELETE of the
-//! known URLs and sends the same payloads, in one pipelined transaction. The ratios say how far
-//! the library is from them. `invalidate_round_trips` is counted through a relay (`relay.rs`).
+//! receipt (`durable_floor_one_row_p50_us`: the same deleting by the module's URL alone);
+//! `fanout_floor_10k_ms` deletes the fan-out's rows by one DELETE of the known URLs and sends
+//! the same payloads, in one pipelined transaction. The ratios say how far the library is
+//! from them. `invalidate_round_trips` is counted through a relay (`relay.rs`).
 //!
 //! With `--curves`, the scale curves instead (`curves.rs`).
 
