@@ -98,6 +98,20 @@ pub(crate) const REALM_GRAPH: &str =
 /// A closure that reaches this many consumers is finished from [`REALM_GRAPH`] instead.
 const LARGE_FAN_OUT: i64 = 512;
 
+/// A DELETE of the rows of `_S_modules` that meet the conditions (concatenated), counted, and
+/// only while `guard::apply!` is on.
+macro_rules! counted_delete {
+    ($($condition:expr),+) => {
+        concat!(
+            "WITH d AS (DELETE FROM _S_modules WHERE ",
+            $($condition,)+
+            " AND ",
+            guard::apply!(),
+            " RETURNING 1) SELECT count(*) FROM d"
+        )
+    };
+}
+
 /// Whether a fan-out of `names` in a realm of `rows` rows is deleted by reading the realm
 /// ([`DELETE_IN_REALM`]) rather than by a probe per name: when the names are at least a
 /// quarter of the rows (a probe of both indexes costs several times a row read and looked up
@@ -117,12 +131,9 @@ const GUARD_PER_URL_LIMIT: usize = 2048;
 /// [`FEW_NAMES`] names, such as a module's variants (its rows found by either index are
 /// checked again against at most that many names). More names go through
 /// [`DELETE_BY_HASH`] and [`DELETE_BY_ALIAS`]. Nothing when `guard::apply!` is off.
-pub(crate) const DELETE_MODULES: &str = concat!(
-    "WITH d AS (DELETE FROM _S_modules WHERE ",
+pub(crate) const DELETE_MODULES: &str = counted_delete!(
     crate::sql::in_realm!(),
-    " AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[])) AND ",
-    guard::apply!(),
-    " RETURNING 1) SELECT count(*) FROM d"
+    " AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[]))"
 );
 
 /// A fan-out naming at most this many URLs is deleted by [`DELETE_MODULES`], one statement
@@ -148,35 +159,23 @@ const FEW_NAMES: usize = 16;
 /// to do the same with a linear search of the array per row (1.9 s for a fan-out of 10 000
 /// names); two semi-joins are linear but cost 0.13 ms for one module's five names.
 /// Nothing when `guard::apply!` is off.
-pub(crate) const DELETE_BY_HASH: &str = concat!(
-    "WITH d AS (DELETE FROM _S_modules WHERE ",
-    crate::sql::in_realm!(),
-    " AND url_hash = ANY ($2::text[]) AND ",
-    guard::apply!(),
-    " RETURNING 1) SELECT count(*) FROM d"
-);
+pub(crate) const DELETE_BY_HASH: &str =
+    counted_delete!(crate::sql::in_realm!(), " AND url_hash = ANY ($2::text[])");
 
 /// The rows of realm `$1` named by `$2` by their alias: see [`DELETE_BY_HASH`].
-pub(crate) const DELETE_BY_ALIAS: &str = concat!(
-    "WITH d AS (DELETE FROM _S_modules WHERE ",
-    crate::sql::in_realm!(),
-    " AND file_alias = ANY ($2::text[]) AND ",
-    guard::apply!(),
-    " RETURNING 1) SELECT count(*) FROM d"
-);
+pub(crate) const DELETE_BY_ALIAS: &str =
+    counted_delete!(crate::sql::in_realm!(), " AND file_alias = ANY ($2::text[])");
 
 /// The rows of realm `$1` named by `$2` (by URL or by alias), found by reading the realm's
 /// rows and looking each up in the names hashed (a hashed subplan, built once): for a fan-out
 /// whose closure read every row of the realm anyway ([`REALM_GRAPH`]) and names a large part
-/// of them (see [`reads_realm`]), linear in the realm, and no hashes to compute and send. Probing 20 000 names instead costs more (measured: 40 ms
-/// to sort and probe the hashes alone, against 12 ms for the whole DELETE of 10 000 rows).
-/// Nothing when `guard::apply!` is off.
-pub(crate) const DELETE_IN_REALM: &str = concat!(
-    "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
-         AND (url IN (SELECT unnest($2::text[])) OR file_alias IN (SELECT unnest($2::text[]))) \
-         AND ",
-    guard::apply!(),
-    " RETURNING 1) SELECT count(*) FROM d"
+/// of them (see [`reads_realm`]), linear in the realm, and no hashes to compute and send.
+/// Probing 20 000 names instead costs more (measured: 40 ms to sort and probe the hashes
+/// alone, against 12 ms for the whole DELETE of 10 000 rows). Nothing when `guard::apply!` is
+/// off.
+pub(crate) const DELETE_IN_REALM: &str = counted_delete!(
+    "resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[])) \
+     OR file_alias IN (SELECT unnest($2::text[])))"
 );
 
 /// Whether rows of realm `$1` consume any of the names `$2` (the closure's first step, under
