@@ -246,13 +246,7 @@ async fn every_payload_carries_the_number_its_invalidation_recorded() {
     assert_eq!([chunks[0], chunks[1], chunks[3], chunks[4]], [1; 4]);
     // The log: one entry per module invalidation (the first attempt of the one with a
     // consumer recorded nothing), under the numbers the payloads carry.
-    let entries: Vec<(i64, Vec<String>)> = client
-        .query("SELECT seq, urls FROM modules_guard_log ORDER BY seq", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let entries = log_entries(&client).await;
     let logged: Vec<i64> = entries.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(logged, numbers[..3], "{entries:?}");
     assert!(entries[1].1.contains(&format!("{REALM}card.gts")), "the consumer is recorded");
@@ -445,6 +439,23 @@ async fn raw_client(config: &PgConfig) -> tokio_postgres::Client {
         config.tokio_postgres_config().unwrap().connect(NoTls).await.unwrap();
     tokio::spawn(connection);
     client
+}
+
+/// The guard log's entries, oldest first: each number and its URLs.
+async fn log_entries(client: &tokio_postgres::Client) -> Vec<(i64, Vec<String>)> {
+    let rows = client.query("SELECT seq, urls FROM modules_guard_log ORDER BY seq", &[]).await;
+    rows.unwrap().iter().map(|row| (row.get(0), row.get(1))).collect()
+}
+
+/// The guard log's numbers, oldest first.
+async fn log_numbers(client: &tokio_postgres::Client) -> Vec<i64> {
+    log_entries(client).await.into_iter().map(|(seq, _)| seq).collect()
+}
+
+/// The newest number pruned from [`REALM`]'s log.
+async fn pruned_through(client: &tokio_postgres::Client) -> i64 {
+    let sql = "SELECT pruned_through FROM modules_guard_realm WHERE realm = $1";
+    client.query_one(sql, &[&REALM]).await.unwrap().get(0)
 }
 
 /// Waits (bounded) until some backend waits for an advisory lock: the server's own word that
@@ -654,24 +665,9 @@ async fn a_backlog_of_old_log_entries_is_pruned_a_bounded_batch_at_a_time() {
         }
     };
     age_entries(100).await;
-    let oldest: Vec<i64> = client
-        .query("SELECT seq FROM modules_guard_log ORDER BY seq", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    let count = || async {
-        let row = client.query_one("SELECT count(*) FROM modules_guard_log", &[]).await.unwrap();
-        row.get::<_, i64>(0)
-    };
-    let pruned = || async {
-        let row = client
-            .query_one("SELECT pruned_through FROM modules_guard_realm WHERE realm = $1", &[&REALM])
-            .await
-            .unwrap();
-        row.get::<_, i64>(0)
-    };
+    let oldest = log_numbers(&client).await;
+    let count = || async { log_numbers(&client).await.len() };
+    let pruned = || pruned_through(&client);
     db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
     assert_eq!(count().await, 100 - 64 + 1, "one batch of the backlog, and the new entry");
     assert_eq!(pruned().await, oldest[63]);
@@ -696,10 +692,7 @@ async fn an_invalidation_never_prunes_its_own_entry() {
     let Some(config) = config("own entry") else { return };
     let db = PgAdapter::connect(config.clone().guard_horizon(Duration::ZERO)).await.unwrap();
     let client = raw_client(&config).await;
-    let log = || async {
-        let rows = client.query("SELECT seq FROM modules_guard_log ORDER BY seq", &[]).await;
-        rows.unwrap().iter().map(|row| row.get::<_, i64>(0)).collect::<Vec<_>>()
-    };
+    let log = || log_numbers(&client);
     db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
     let first = log().await;
     assert_eq!(first.len(), 1, "its own entry stays");
@@ -707,12 +700,7 @@ async fn an_invalidation_never_prunes_its_own_entry() {
     let second = log().await;
     assert_eq!(second.len(), 1, "the first entry pruned by the second invalidation");
     assert!(second[0] > first[0]);
-    let pruned: i64 = client
-        .query_one("SELECT pruned_through FROM modules_guard_realm WHERE realm = $1", &[&REALM])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(pruned, first[0]);
+    assert_eq!(pruned_through(&client).await, first[0]);
 }
 
 /// A process that hears nothing (its listener is disconnected, or it has none) renders a
@@ -1198,13 +1186,7 @@ async fn a_version_5_schema_is_upgraded_and_its_records_still_guard() {
         .await
         .expect("downgrade to version 5");
     let db = PgAdapter::connect(config.clone()).await.expect("upgrade to version 6");
-    let entries: Vec<(i64, Vec<String>)> = client
-        .query("SELECT seq, urls FROM modules_guard_log", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let entries = log_entries(&client).await;
     assert_eq!(entries.len(), 1, "one entry per number: {entries:?}");
     assert_eq!(entries[0].1, [card.url.clone(), format!("{REALM}other.gts")]);
     assert_eq!(db.upsert(&card, stamp).await.unwrap(), PersistOutcome::Stale);
