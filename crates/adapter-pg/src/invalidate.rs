@@ -364,12 +364,9 @@ struct Head<'a> {
 /// The statements applying a known fan-out, ending with `COMMIT`.
 struct Tail<'a> {
     effective: &'a Invalidation,
-    /// With the guard: the record ([`guard::RECORD_MODULES`] or, for a clear or a fan-out
-    /// too large for one entry, [`guard::RECORD_CLEAR`]).
-    guarded: bool,
-    /// See [`Plan::prune`].
-    prune: bool,
-    horizon_secs: f64,
+    /// With the guard, the record ([`guard::RECORD_MODULES`] or, for a clear or a fan-out too
+    /// large for one entry, [`guard::RECORD_CLEAR`]) and, if asked, the prune.
+    plan: &'a Plan<'a>,
     hashes: Vec<String>,
     /// The closure read every row of the realm ([`REALM_GRAPH`]) and the fan-out names a large
     /// part of them ([`reads_realm`]): the DELETE reads them too ([`DELETE_IN_REALM`]) instead
@@ -385,7 +382,7 @@ impl<'a> Tail<'a> {
     /// `in_realm`: see [`Tail::in_realm`].
     fn new(
         effective: &'a Invalidation,
-        plan: &Plan<'a>,
+        plan: &'a Plan<'a>,
         seq: Option<i64>,
         in_realm: bool,
     ) -> Tail<'a> {
@@ -402,9 +399,7 @@ impl<'a> Tail<'a> {
             }
             (channel, encode_payloads(effective, Some(origin), seq), false)
         });
-        let horizon_secs = plan.horizon_secs;
-        let prune = plan.guarded && plan.prune;
-        Tail { effective, guarded: plan.guarded, prune, horizon_secs, hashes, in_realm, notify }
+        Tail { effective, plan, hashes, in_realm, notify }
     }
 
     fn payloads(&self) -> usize {
@@ -445,7 +440,7 @@ async fn flight(
         _ => ("", &[]),
     };
     let hashes: &[String] = tail.map(|t| t.hashes.as_slice()).unwrap_or_default();
-    let horizon = tail.map(|t| t.horizon_secs).unwrap_or_default();
+    let horizon = tail.map(|t| t.plan.horizon_secs).unwrap_or_default();
     let record_modules_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &list];
     let prune_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &horizon];
     let record_clear_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
@@ -483,13 +478,13 @@ async fn flight(
 
     if let Some(tail) = tail {
         let is_modules = matches!(tail.effective, Invalidation::Modules { .. });
-        if tail.guarded {
+        if tail.plan.guarded {
             if is_modules && list.len() <= GUARD_PER_URL_LIMIT {
                 flight.push(Box::pin(sql.query(c, &sql.record_modules, &record_modules_params)));
             } else {
                 flight.push(Box::pin(sql.query(c, &sql.record_clear, &record_clear_params)));
             }
-            if tail.prune && is_modules {
+            if tail.plan.prune && is_modules {
                 at.prune = Some(flight.len());
                 flight.push(Box::pin(sql.query(c, &sql.prune, &prune_params)));
             }
