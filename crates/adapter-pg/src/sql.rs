@@ -233,6 +233,8 @@ impl Sql {
         mut each: impl FnMut(Row),
     ) -> Result<(), tokio_postgres::Error> {
         use futures_core::Stream as _;
+        // Before the operation's timeout registers its timer, which happens once this first
+        // poll is pending.
         self.keeper.keep();
         let stream = if self.unnamed {
             debug_assert_eq!(params.len(), statement.types.len(), "{}", statement.text);
@@ -257,31 +259,9 @@ impl Sql {
         statement: &Stmt,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        if self.unnamed {
-            return self.query_unnamed(client, statement, params).await;
-        }
-        // Before the operation's timeout registers its timer, which happens once this first
-        // poll is pending.
-        self.keeper.keep();
-        let prepared = client.prepare_cached(&statement.text).await?;
-        client.query(&prepared, params).await
-    }
-
-    /// Runs `statement` as the unnamed statement: parsed and planned for these values each
-    /// time, self-contained (what a transaction pooler needs).
-    async fn query_unnamed(
-        &self,
-        client: &ClientWrapper,
-        statement: &Stmt,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        // Before the operation's timeout registers its timer, which happens once this first
-        // poll is pending.
-        self.keeper.keep();
-        debug_assert_eq!(params.len(), statement.types.len(), "{}", statement.text);
-        let typed: Vec<(&(dyn ToSql + Sync), Type)> =
-            params.iter().copied().zip(statement.types.iter().cloned()).collect();
-        client.query_typed(&statement.text, &typed).await
+        let mut rows = Vec::new();
+        self.for_each_row(client, statement, params, |row| rows.push(row)).await?;
+        Ok(rows)
     }
 }
 
