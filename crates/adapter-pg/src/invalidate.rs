@@ -26,9 +26,6 @@
 //! (6-15 µs each, measured), whatever it does.
 
 use std::borrow::Cow;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 
 use deadpool_postgres::Object;
 use lookup_core::wire::encode_payloads;
@@ -38,7 +35,7 @@ use tokio_postgres::types::{Json, ToSql};
 
 use crate::error::PgError;
 use crate::guard;
-use crate::sql::Sql;
+use crate::sql::{Sql, pipelined};
 use crate::store::{self, Checkout, query_error};
 
 /// The rows whose deps contain the name `$name` (a column of the query around it), as `m`,
@@ -262,26 +259,7 @@ pub(crate) fn consumer_rows(rows: &[Row]) -> Vec<ConsumerRow> {
     rows.iter().map(consumer_row).collect()
 }
 
-type Reply<'a> = Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
-
-/// Awaits every reply of a flight. Each future is polled once, in order, before any is
-/// polled again, so the requests reach the connection in that order.
-async fn pipelined(mut flight: Vec<Reply<'_>>) -> Vec<Result<Vec<Row>, tokio_postgres::Error>> {
-    let mut replies: Vec<Option<Result<Vec<Row>, tokio_postgres::Error>>> =
-        flight.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        for (future, reply) in flight.iter_mut().zip(replies.iter_mut()) {
-            if reply.is_none()
-                && let Poll::Ready(done) = future.as_mut().poll(cx)
-            {
-                *reply = Some(done);
-            }
-        }
-        if replies.iter().all(Option::is_some) { Poll::Ready(()) } else { Poll::Pending }
-    })
-    .await;
-    replies.into_iter().map(|reply| reply.expect("every reply is in")).collect()
-}
+type Reply<'a> = crate::sql::Pending<'a, Result<Vec<Row>, tokio_postgres::Error>>;
 
 /// The consumer closure of `names` in `realm`, outside an invalidation: in a transaction of
 /// its own with the invalidation's settings (see `guard::SETTINGS`), in one round trip.

@@ -35,6 +35,29 @@ macro_rules! in_realm {
 }
 pub(crate) use in_realm;
 
+/// A request on a connection, awaited with others by [`pipelined`].
+pub(crate) type Pending<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Awaits every request of a flight. Each future is polled once, in order, before any is
+/// polled again, so the requests reach the connection in that order (tokio-postgres sends a
+/// request on its future's first poll): one round trip for all of them.
+pub(crate) async fn pipelined<T>(mut flight: Vec<Pending<'_, T>>) -> Vec<T> {
+    let mut replies: Vec<Option<T>> = flight.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (future, reply) in flight.iter_mut().zip(replies.iter_mut()) {
+            if reply.is_none()
+                && let std::task::Poll::Ready(done) = future.as_mut().poll(cx)
+            {
+                *reply = Some(done);
+            }
+        }
+        let done = replies.iter().all(Option::is_some);
+        if done { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    replies.into_iter().map(|reply| reply.expect("every reply is in")).collect()
+}
+
 /// A statement's text (schema filled in) and its parameter types.
 #[derive(Debug)]
 pub(crate) struct Stmt {
@@ -189,36 +212,14 @@ impl Sql {
         }
         // Those not cached yet are prepared in one flight, not one round trip each (an
         // invalidation on a fresh connection prepares a dozen).
-        type Preparing<'a> = Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = Result<tokio_postgres::Statement, tokio_postgres::Error>,
-                    > + Send
-                    + 'a,
-            >,
-        >;
-        let mut pending: Vec<Option<Preparing<'_>>> = statements
+        type Prepared = Result<tokio_postgres::Statement, tokio_postgres::Error>;
+        let preparing: Vec<Pending<'_, Prepared>> = statements
             .iter()
-            .map(
-                |statement| Some(Box::pin(client.prepare_cached(&statement.text)) as Preparing<'_>),
-            )
+            .map(|statement| {
+                Box::pin(client.prepare_cached(&statement.text)) as Pending<'_, Prepared>
+            })
             .collect();
-        std::future::poll_fn(|cx| {
-            for slot in &mut pending {
-                if let Some(future) = slot
-                    && let std::task::Poll::Ready(done) = future.as_mut().poll(cx)
-                {
-                    *slot = None;
-                    done?;
-                }
-            }
-            if pending.iter().all(Option::is_none) {
-                std::task::Poll::Ready(Ok(()))
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-        .await
+        pipelined(preparing).await.into_iter().try_for_each(|prepared| prepared.map(drop))
     }
 
     /// Runs `statement` with `params` and hands each row to `each` as it arrives, without
