@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::future::Future;
 
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+    Manager, ManagerConfig, Object, Pool, PoolError, QueueMode, RecyclingMethod, Runtime,
+    TimeoutType,
 };
 use lookup_core::{
     CacheEntry, ConsumerRow, DbAdapter, EntryScope, Invalidation, LoadStamp, LookupError,
@@ -85,9 +86,14 @@ impl PgAdapter {
             resolved.tls,
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
+        // The connection returned last goes out first: a quiet process keeps reusing the one
+        // server backend that is warm (scheduled, its caches hot), and the rest stay idle. The
+        // pool's default, oldest first, sends each operation to the backend idle the longest:
+        // measured, a cache hit took 1.5-1.75x as long once the pool held 8 connections.
         let pool = Pool::builder(manager)
             .max_size(config.get_pool_size())
             .runtime(Runtime::Tokio1)
+            .queue_mode(QueueMode::Lifo)
             .create_timeout(Some(config.get_connect_timeout()))
             .wait_timeout(Some(config.get_operation_timeout()))
             .recycle_timeout(Some(config.get_operation_timeout()))
@@ -427,5 +433,40 @@ impl DbAdapter for PgAdapter {
             _ => seeds.to_vec(),
         };
         Ok(ModulesInvalidated { urls, deleted: applied.deleted })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server process behind a pooled connection.
+    async fn backend(client: &Object) -> i32 {
+        let row = client.query_one("SELECT pg_backend_pid()", &[]).await.expect("pid");
+        row.get(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pool_hands_out_the_connection_returned_last() {
+        let Some(url) = behaviour_suite::database_url("pool order") else { return };
+        let schema = behaviour_suite::unique_name("pool");
+        let adapter = PgAdapter::connect(PgConfig::new(url).schema(schema).pool_size(4))
+            .await
+            .expect("connect");
+        // Three connections open at once, returned in order: the last one is the warm one.
+        let held =
+            [adapter.client("t").await, adapter.client("t").await, adapter.client("t").await]
+                .map(|client| client.expect("a connection"));
+        let mut pids = Vec::new();
+        for client in &held {
+            pids.push(backend(client).await);
+        }
+        drop(held);
+        assert_eq!(adapter.open_connections(), 3);
+        let last = *pids.last().expect("three");
+        for turn in 0..4 {
+            let client = adapter.client("t").await.expect("a connection");
+            assert_eq!(backend(&client).await, last, "turn {turn}: not the connection used last");
+        }
     }
 }

@@ -18,6 +18,10 @@
 //! a number rather than set a goal.
 //! `run` records the sample counts; `not_measured` lists what is missing and why.
 //!
+//! Hits are measured on a pool that a burst of concurrent lookups opened to several
+//! connections (`hit_pool_connections`), as a service's is; the bare SELECT runs on a plain
+//! connection.
+//!
 //! `l1_hit_p50_us` is a `lookup_definition` answered by the in-process tier (`LookupConfig::l1`)
 //! over the same row; its baseline is the same lookup without the tier (`hit_p50_us`).
 //!
@@ -66,6 +70,10 @@ const COALESCE_REALM: &str = "http://bench.test/coalesce/";
 pub(crate) const BARE_READ: &str = "SELECT url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, error_doc, \
      created_at, file_alias, diagnostics FROM modules WHERE (resolved_realm_url = $1) IS TRUE \
      AND cache_scope = $2 AND auth_user_id = $3 AND (url_hash = md5($4) OR file_alias = $5)";
+
+/// Concurrent lookups run before the hits are measured, so that the pool holds several
+/// connections, as a service's does after a burst.
+const HIT_BURST: usize = 8;
 
 /// The realms of the steady state's background rows (see [`PgBench::settle`]), `…/bg0/` on.
 const BACKGROUND_REALMS: &str = "http://bench.test/bg";
@@ -300,6 +308,7 @@ impl Summary {
             ("bare_select_p50_us", ""),
             ("hit_p50_us", ""),
             ("hit_ratio", "<= 1.10"),
+            ("hit_pool_connections", ""),
             ("hit_unnamed_p50_us", ""),
             ("hit_unnamed_ratio", ""),
             ("hit_pgbouncer_p50_us", ""),
@@ -599,6 +608,16 @@ impl PgBench {
         let module = format!("{REALM}hit.gts");
         let code_ref = CodeRef::new(module.clone(), EXPORT);
         self.lookup.lookup_definition(&code_ref, None).await?;
+        // A pool as a service's is after a burst: several connections open, most idle.
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..HIT_BURST {
+            let (lookup, code_ref) = (self.lookup.clone(), code_ref.clone());
+            burst.spawn(async move { lookup.lookup_definition(&code_ref, None).await.map(drop) });
+        }
+        while let Some(done) = burst.join_next().await {
+            done??;
+        }
+        summary.set("hit_pool_connections", self.lookup.db().open_connections() as f64);
         // The adapter's own read, on a plain connection: same row, same columns, and the
         // definitions decoded as JSON, as the lookup must do too.
         let statement = self.client.prepare(BARE_READ).await?;
