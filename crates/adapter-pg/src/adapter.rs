@@ -190,7 +190,10 @@ impl PgAdapter {
     /// A pooled connection: one waiting in the pool, or a new one (its start-up bounded by
     /// the connect timeout), waiting for a free slot at most the operation timeout.
     pub(crate) async fn client(&self, operation: &'static str) -> Result<Object, PgError> {
-        self.pool.get().await.map_err(|error| match error {
+        // Boxed: the pool's wait is a 1.6 kB future, which every operation's future would
+        // otherwise hold inline and copy each time it is moved (a hit moved its 4 kB future
+        // five times: measured with callgrind, a quarter of the adapter's own instructions).
+        Box::pin(self.pool.get()).await.map_err(|error| match error {
             PoolError::Timeout(TimeoutType::Create) => PgError::connect_timeout(
                 self.config.redacted_url(),
                 self.config.get_connect_timeout(),
@@ -210,15 +213,21 @@ impl PgAdapter {
     /// Runs one database operation within the operation timeout. The operation holds its
     /// connection in a [`Checkout`], so a timed-out one closes its connection instead of
     /// pooling it with a request still in flight.
-    pub(crate) async fn bounded<T>(
+    ///
+    /// Not an `async fn`: that would hold `work` twice (its argument and the timeout around
+    /// it) and copy it into the timeout when first polled.
+    pub(crate) fn bounded<T>(
         &self,
         operation: &'static str,
         work: impl Future<Output = Result<T, PgError>>,
-    ) -> Result<T, PgError> {
+    ) -> impl Future<Output = Result<T, PgError>> {
         let after = self.config.get_operation_timeout();
-        match tokio::time::timeout(after, work).await {
-            Ok(result) => result,
-            Err(_) => Err(PgError::Timeout { operation, url: None, after }),
+        let timed = tokio::time::timeout(after, work);
+        async move {
+            match timed.await {
+                Ok(result) => result,
+                Err(_) => Err(PgError::Timeout { operation, url: None, after }),
+            }
         }
     }
 

@@ -237,12 +237,15 @@ impl Sql {
         // Before the operation's timeout registers its timer, which happens once this first
         // poll is pending.
         self.keeper.keep();
+        // Boxed, so that every query's future does not hold theirs inline (see
+        // `PgAdapter::client`): the cache lookup, a large future for the preparing it may do
+        // (usually answered from the cache), and the unnamed request.
         let stream = if self.unnamed {
             debug_assert_eq!(params.len(), statement.types.len(), "{}", statement.text);
             let typed = params.iter().copied().zip(statement.types.iter().cloned());
-            client.query_typed_raw(&statement.text, typed).await?
+            Box::pin(client.query_typed_raw(&statement.text, typed)).await?
         } else {
-            let prepared = client.prepare_cached(&statement.text).await?;
+            let prepared = Box::pin(client.prepare_cached(&statement.text)).await?;
             client.query_raw(&prepared, params.iter().copied()).await?
         };
         let mut stream = std::pin::pin!(stream);
