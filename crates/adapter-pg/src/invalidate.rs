@@ -35,7 +35,7 @@ use tokio_postgres::types::{Json, ToSql};
 
 use crate::error::PgError;
 use crate::guard;
-use crate::sql::{Sql, pipelined};
+use crate::sql::{Flight, Sql, pipelined};
 use crate::store::{self, Checkout, query_error};
 
 /// The rows whose deps contain the name `$name` (a column of the query around it), as `m`,
@@ -350,9 +350,15 @@ struct Tail<'a> {
     /// part of them ([`reads_realm`]): the DELETE reads them too ([`DELETE_IN_REALM`]) instead
     /// of probing per name.
     in_realm: bool,
-    /// The channel and payloads, and whether the last one ends with the placeholder number.
-    notify: Option<(&'a str, Vec<String>, bool)>,
+    /// The number when known (see [`Tail::new`]).
+    seq: Option<i64>,
+    /// The channel and payloads, and whether the last one ends with the placeholder number:
+    /// encoded when first asked for (see [`Tail::notify`]).
+    notify: std::sync::OnceLock<Option<Notify<'a>>>,
 }
+
+/// A tail's channel and payloads, and whether the last one ends with the placeholder number.
+type Notify<'a> = (&'a str, Vec<String>, bool);
 
 impl<'a> Tail<'a> {
     /// The tail of `effective`; `seq`: the number when known, `None` when it is taken in the
@@ -368,20 +374,34 @@ impl<'a> Tail<'a> {
             Invalidation::Modules { urls, .. } if !in_realm => url_hashes(urls),
             _ => Vec::new(),
         };
-        let notify = plan.notify.map(|(channel, origin)| {
-            if seq.is_none()
-                && plan.guarded
-                && let Some(payloads) = encode_with_placeholder(effective, origin)
+        Tail { effective, plan, hashes, in_realm, seq, notify: std::sync::OnceLock::new() }
+    }
+
+    /// The channel and payloads, encoded on the first call.
+    fn notify(&self) -> Option<&Notify<'a>> {
+        let encode = || {
+            let (channel, origin) = self.plan.notify?;
+            if self.seq.is_none()
+                && self.plan.guarded
+                && let Some(payloads) = encode_with_placeholder(self.effective, origin)
             {
-                return (channel, payloads, true);
+                return Some((channel, payloads, true));
             }
-            (channel, encode_payloads(effective, Some(origin), seq), false)
-        });
-        Tail { effective, plan, hashes, in_realm, notify }
+            Some((channel, encode_payloads(self.effective, Some(origin), self.seq), false))
+        };
+        self.notify.get_or_init(encode).as_ref()
+    }
+
+    /// Whether the statements before the NOTIFY are sent before the payloads are encoded, so
+    /// that the server deletes while the client encodes: for a fan-out of more than a
+    /// module's names (a 10 000-module fan-out's 20 000 names take about a millisecond to
+    /// encode). A module's own invalidation sends all its statements at once.
+    fn sends_before_encoding(&self) -> bool {
+        matches!(self.effective, Invalidation::Modules { urls, .. } if urls.len() > FEW_NAMES)
     }
 
     fn payloads(&self) -> usize {
-        self.notify.as_ref().map_or(0, |(_, payloads, _)| payloads.len())
+        self.notify().map_or(0, |(_, payloads, _)| payloads.len())
     }
 }
 
@@ -427,13 +447,10 @@ async fn flight(
     // The names: for the alias DELETE, or the realm's (by URL or alias).
     let names_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &list];
     let realm_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
-    let (channel, payloads, with_seq) = match tail.and_then(|t| t.notify.as_ref()) {
-        Some((channel, payloads, with_seq)) => (*channel, payloads.as_slice(), *with_seq),
-        None => ("", &[][..], false),
-    };
-    let notify_params: [&(dyn ToSql + Sync); 2] = [&channel, &payloads];
+    // Set once the payloads are encoded (see `Tail::sends_before_encoding`).
+    let notify_params: std::sync::OnceLock<[&(dyn ToSql + Sync); 2]> = std::sync::OnceLock::new();
     let mut at = Positions::default();
-    let mut flight: Vec<Reply<'_>> = Vec::new();
+    let mut flight: Flight<'_, _> = Flight::new(Vec::new());
     if let Some(head) = head {
         flight.push(Box::pin(sql.query(c, &sql.begin, &[])));
         at.open = Some(flight.len());
@@ -487,14 +504,20 @@ async fn flight(
             at.deletes.push(flight.len());
             flight.push(delete);
         }
-        if !payloads.is_empty() {
-            let notify = if with_seq { &sql.notify_seq } else { &sql.notify_all };
-            flight.push(Box::pin(sql.query(c, notify, &notify_params)));
+        if tail.sends_before_encoding() {
+            flight.send().await;
+        }
+        if let Some((channel, payloads, with_seq)) = tail.notify()
+            && !payloads.is_empty()
+        {
+            let notify = if *with_seq { &sql.notify_seq } else { &sql.notify_all };
+            let params = notify_params.get_or_init(|| [channel, payloads]);
+            flight.push(Box::pin(sql.query(c, notify, params)));
         }
         // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
         flight.push(Box::pin(sql.query(c, &sql.commit, &[])));
     }
-    (pipelined(flight).await, at)
+    (flight.finish().await, at)
 }
 
 /// Runs `request` as one transaction on `client` (see the module docs). For a module

@@ -41,21 +41,70 @@ pub(crate) type Pending<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + S
 /// Awaits every request of a flight. Each future is polled once, in order, before any is
 /// polled again, so the requests reach the connection in that order (tokio-postgres sends a
 /// request on its future's first poll): one round trip for all of them.
-pub(crate) async fn pipelined<T>(mut flight: Vec<Pending<'_, T>>) -> Vec<T> {
-    let mut replies: Vec<Option<T>> = flight.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        for (future, reply) in flight.iter_mut().zip(replies.iter_mut()) {
+pub(crate) async fn pipelined<T>(flight: Vec<Pending<'_, T>>) -> Vec<T> {
+    let mut flight = Flight::new(flight);
+    flight.finish().await
+}
+
+/// Requests on one connection, sent in order without waiting for replies; more may be added
+/// after the first are sent ([`send`](Self::send)), so that the server starts on them while
+/// the client prepares the rest.
+pub(crate) struct Flight<'a, T> {
+    requests: Vec<Pending<'a, T>>,
+    replies: Vec<Option<T>>,
+    /// How many requests have been polled at least once (sent).
+    sent: usize,
+}
+
+impl<'a, T> Flight<'a, T> {
+    pub(crate) fn new(requests: Vec<Pending<'a, T>>) -> Self {
+        let replies = requests.iter().map(|_| None).collect();
+        Flight { requests, replies, sent: 0 }
+    }
+
+    /// Adds a request after those already in the flight.
+    pub(crate) fn push(&mut self, request: Pending<'a, T>) {
+        self.requests.push(request);
+        self.replies.push(None);
+    }
+
+    /// How many requests the flight holds.
+    pub(crate) fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Polls every request once, in order, keeping any reply: all of them are sent.
+    fn poll_all(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        for (request, reply) in self.requests.iter_mut().zip(self.replies.iter_mut()) {
             if reply.is_none()
-                && let std::task::Poll::Ready(done) = future.as_mut().poll(cx)
+                && let std::task::Poll::Ready(done) = request.as_mut().poll(cx)
             {
                 *reply = Some(done);
             }
         }
-        let done = replies.iter().all(Option::is_some);
-        if done { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
-    })
-    .await;
-    replies.into_iter().map(|reply| reply.expect("every reply is in")).collect()
+        self.sent = self.requests.len();
+        self.replies.iter().all(Option::is_some)
+    }
+
+    /// Sends the requests not sent yet, without waiting for any reply.
+    pub(crate) async fn send(&mut self) {
+        if self.sent < self.requests.len() {
+            std::future::poll_fn(|cx| {
+                self.poll_all(cx);
+                std::task::Poll::Ready(())
+            })
+            .await;
+        }
+    }
+
+    /// Sends what is left and awaits every reply, in the order of the requests.
+    pub(crate) async fn finish(&mut self) -> Vec<T> {
+        std::future::poll_fn(|cx| {
+            if self.poll_all(cx) { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+        })
+        .await;
+        self.replies.drain(..).map(|reply| reply.expect("every reply is in")).collect()
+    }
 }
 
 /// A statement's text (schema filled in) and its parameter types.
