@@ -861,6 +861,46 @@ async fn a_large_fan_out_is_exact_and_guards_its_realm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fan_out_of_a_small_part_of_its_realm_deletes_the_rows_it_read() {
+    let Some(config) = config("large-fan-out-part") else { return };
+    let db = PgAdapter::connect(config.clone()).await.unwrap();
+    let raw = raw_client(&config).await;
+    // 600 consumers of m0 (past the probe, so the closure reads the realm's rows) in a realm
+    // of 5 000 rows: too small a part of it to read it again, so the rows read are deleted by
+    // their URLs. Among them m7.js, named only by the alias it shares with m7.gts.
+    raw.execute(
+        "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, definitions, \
+         deps, created_at, file_alias) \
+         SELECT $1 || 'm' || i || '.gts', 'public', '', $1, '{}'::jsonb, \
+           CASE WHEN i = 0 THEN '[]'::jsonb ELSE jsonb_build_array($1 || 'm' || (i / 2)) END, \
+           0, $1 || 'm' || i \
+         FROM generate_series(0, 599) AS i \
+         UNION ALL \
+         SELECT $1 || 'other' || i || '.gts', 'public', '', $1, '{}'::jsonb, \
+           jsonb_build_array($1 || 'other' || (i / 2)), 0, $1 || 'other' || i \
+         FROM generate_series(0, 4399) AS i",
+        &[&REALM],
+    )
+    .await
+    .unwrap();
+    db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    let root = format!("{REALM}m0.gts");
+    let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
+    assert_eq!(done.deleted, 601, "the 600 modules and m7.js");
+    let left: i64 = raw
+        .query_one(
+            "SELECT count(*) FROM modules WHERE url NOT LIKE $1",
+            &[&format!("{REALM}other%")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "every row of the fan-out is gone");
+    let others: i64 = raw.query_one("SELECT count(*) FROM modules", &[]).await.unwrap().get(0);
+    assert_eq!(others, 4400, "the rest of the realm stays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_populate_lease_works_on_its_own_connection_when_the_pool_is_exhausted() {
     use lookup_core::{PopulateCoordinator as _, PopulateKey, PopulateLease as _};
     let Some(config) = config("populate-pinned") else { return };

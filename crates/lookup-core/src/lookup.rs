@@ -435,7 +435,26 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
 /// Orders the invalidation list of BEHAVIOUR §4.1 step 2: the seeds (a module's variants), then
 /// consumers breadth-first, each consumer contributing its url then its alias. Duplicates and
 /// cycles are dropped.
-pub fn fan_out(variants: Vec<String>, mut consumers: Vec<ConsumerRow>) -> Vec<String> {
+pub fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String> {
+    walk(variants, consumers, false).0
+}
+
+/// [`fan_out`], and the URL of every row of `rows` that the list names, by its URL or by its
+/// alias, in the order of `rows`: given all the rows of a realm, the rows an invalidation of
+/// the list deletes there (those it reached, the seeds' own, and any other sharing a name).
+pub fn fan_out_and_named_rows(
+    variants: Vec<String>,
+    rows: Vec<ConsumerRow>,
+) -> (Vec<String>, Vec<String>) {
+    walk(variants, rows, true)
+}
+
+/// [`fan_out`]; with `named`, also the URLs of [`fan_out_and_named_rows`].
+fn walk(
+    variants: Vec<String>,
+    mut consumers: Vec<ConsumerRow>,
+    named: bool,
+) -> (Vec<String>, Vec<String>) {
     // Every name met gets a number: first the names rows depend on (`deps`), then those the
     // walk finds. One hash per name met (hashbrown's default hasher, foldhash: a fan-out of
     // 10 000 modules met some 50 000 names, and std's SipHash took half the walk's time; a
@@ -503,6 +522,15 @@ pub fn fan_out(variants: Vec<String>, mut consumers: Vec<ConsumerRow>) -> Vec<St
             }
         }
     }
+    let listed = |name: &str| ids.get(name).is_some_and(|&id| seen[id]);
+    let named: Vec<String> = match named {
+        true => consumers
+            .iter()
+            .filter(|row| listed(&row.url) || listed(&row.file_alias))
+            .map(|row| row.url.clone())
+            .collect(),
+        false => Vec::new(),
+    };
     // The borrows end here (hashbrown's maps, unlike std's, hold theirs until dropped); the
     // names found are then moved out of their rows, each once.
     drop(ids);
@@ -512,7 +540,7 @@ pub fn fan_out(variants: Vec<String>, mut consumers: Vec<ConsumerRow>) -> Vec<St
         let row = &mut consumers[index];
         list.push(std::mem::take(if alias { &mut row.file_alias } else { &mut row.url }));
     }
-    list
+    (list, named)
 }
 
 /// The number of `name` (a new one if it has none yet), unless the walk met it before.
@@ -757,7 +785,14 @@ mod tests {
                 .map(|(url, file_alias, deps)| ConsumerRow { url, file_alias, deps })
                 .collect();
             let expected = fan_out_by_the_book(seeds.clone(), &consumers);
-            proptest::prop_assert_eq!(fan_out(seeds, consumers), expected);
+            let named: Vec<String> = consumers
+                .iter()
+                .filter(|row| expected.contains(&row.url) || expected.contains(&row.file_alias))
+                .map(|row| row.url.clone())
+                .collect();
+            let both = fan_out_and_named_rows(seeds.clone(), consumers.clone());
+            proptest::prop_assert_eq!(fan_out(seeds, consumers), expected.clone());
+            proptest::prop_assert_eq!(both, (expected, named));
         }
     }
 }
