@@ -16,7 +16,6 @@
 //! - an entry older than `max_age` is never served: that bounds what a connection that died
 //!   silently (and that the listener's heartbeat has not noticed yet) can cost.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use hashlink::LruCache;
 
 use crate::generations::Snapshot;
 use crate::key::LoadKey;
+use crate::load::Names;
 use crate::types::CacheEntry;
 
 /// Settings of the in-process tier.
@@ -140,12 +140,11 @@ impl L1 {
     /// Drops the entries of `realm_url` that `urls` name (by requested URL, stored URL or
     /// alias) or that depend on one of them directly (so coherence does not rest on the
     /// database's closure alone).
-    pub(crate) fn invalidate_modules(&self, realm_url: &str, urls: &[String]) {
+    pub(crate) fn invalidate_modules(&self, realm_url: &str, names: &Names<'_>) {
         let mut state = self.state();
         if state.map.is_empty() {
             return;
         }
-        let names: HashSet<&str> = urls.iter().map(String::as_str).collect();
         state.map.retain(|key, stored| {
             key.scope.realm_url != realm_url
                 || !(names.contains(key.url.as_str())
@@ -223,7 +222,8 @@ mod tests {
         // (bump, then the tier's removal, which finds nothing yet); then the lookup stores.
         let snapshot = generations.snapshot();
         generations.bump_modules(REALM, &[format!("{REALM}a")]);
-        l1.invalidate_modules(REALM, &[format!("{REALM}a")]);
+        let a = format!("{REALM}a");
+        l1.invalidate_modules(REALM, &Names::from_iter([a.as_str()]));
         l1.insert(key("a.gts"), entry("a.gts"), &snapshot);
         assert!(l1.get(&key("a.gts")).is_none());
         assert_eq!(l1.stats().refused_stale, 1);

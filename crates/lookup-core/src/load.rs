@@ -22,6 +22,10 @@ use crate::types::{
 };
 use crate::urls;
 
+/// The names of an invalidation, hashed (hashbrown's default hasher: a fan-out's tens of
+/// thousands of URLs hash several times faster than with std's).
+pub(crate) type Names<'a> = hashbrown::HashSet<&'a str>;
+
 /// Tunables of a [`CachingLookup`](crate::CachingLookup).
 #[derive(Debug, Clone)]
 pub struct LookupConfig {
@@ -264,9 +268,16 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
 
     pub(crate) fn bump_modules(&self, realm_url: &str, list: &[String]) {
         self.generations.bump_modules(realm_url, list);
-        self.drop_slots(|key| key.scope.realm_url != realm_url || !list.contains(&key.url));
+        // One set of the names for both tiers, built before either lock is taken: a fan-out
+        // names up to tens of thousands of URLs, and each in-flight load and in-process entry
+        // is looked up in it once (the loads were searched for in the list, under the lock
+        // every lookup takes: loads × names).
+        let names: Names<'_> = list.iter().map(String::as_str).collect();
+        self.drop_slots(|key| {
+            key.scope.realm_url != realm_url || !names.contains(key.url.as_str())
+        });
         if let Some(l1) = &self.l1 {
-            l1.invalidate_modules(realm_url, list);
+            l1.invalidate_modules(realm_url, &names);
         }
     }
 
