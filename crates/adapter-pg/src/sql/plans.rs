@@ -51,6 +51,7 @@ const INVALIDATION: &[&str] = &[
     "open_realm",
     "open_global",
     "leaf",
+    "leaf_tail",
     "consumers",
     "consumers_limited",
     "realm_graph",
@@ -93,6 +94,7 @@ fn literal(kind: &Type, wide: bool) -> String {
         // A number near the newest: a stamp or a mark is, in use.
         Type::INT8 => "7990::bigint".into(),
         Type::INT4 => "1".into(),
+        Type::BOOL => "true".into(),
         Type::FLOAT8 => "600::float8".into(),
         Type::JSONB => "'[]'::jsonb".into(),
         Type::INT8_ARRAY => "ARRAY[1]::bigint[]".into(),
