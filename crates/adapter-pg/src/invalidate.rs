@@ -10,7 +10,8 @@
 //!   due for it, a prune of the realm's oldest log entries: `guard::PruneGate`), the DELETE, the
 //!   NOTIFY payloads (one statement; the number, taken by the server in this flight, is put
 //!   into the last payload by [`NOTIFY_SEQ`]); and `COMMIT`. With the guard, a module's check,
-//!   record and DELETE are one statement ([`LEAF_TAIL`]): five statements in all.
+//!   record and DELETE are one statement ([`LEAF_TAIL`]), the prune (when due) after it: five
+//!   statements in all where there were seven (six with the prune, four without a broadcast).
 //! - **Then two flights**, in a second transaction, when [`LEAF`] found consumers (the first
 //!   then committed nothing): `BEGIN`, the lock, the consumer closure (its own statement after the lock, so
 //!   its snapshot is taken once the lock is held: every guarded persist that committed
@@ -350,7 +351,8 @@ pub(crate) struct Applied {
 
 /// Why a transaction failed.
 pub(crate) enum Failure {
-    /// The server refused a statement before or at the DELETE: nothing happened.
+    /// The server refused a statement before the NOTIFYs (the DELETE, the record, the prune):
+    /// nothing happened.
     Invalidation(PgError),
     /// At a NOTIFY or the COMMIT, or the connection broke during the flight that holds the
     /// COMMIT:
@@ -410,10 +412,9 @@ enum Rows {
     /// The URLs of the rows to delete, from the realm's rows read under the lock
     /// ([`REALM_GRAPH`]: those the fan-out names by URL or by alias,
     /// `lookup_core::fan_out_and_named_rows`), probed by their hash ([`DELETE_BY_HASH`]). As
-    /// exact as the names while the guard holds the lock: a guarded write waits for the
-    /// invalidation's commit. (Without the guard, a row written after that read under
-    /// another variant of a consumer's name, which only its alias names, is left; without the
-    /// guard such a write just after the DELETE is left too, see `guard.rs`.)
+    /// exact as the names while the guard holds the lock (a guarded write waits for the
+    /// invalidation's commit), so only with the guard: without it a row written between the
+    /// read and the DELETE would be left unless its URL was read.
     Read(Vec<String>),
     /// [`Rows::Read`] when the fan-out names a large part of the realm ([`reads_realm`]):
     /// deleted by reading the realm's rows again ([`DELETE_IN_REALM`]).
@@ -476,6 +477,8 @@ struct Positions {
     prune: Option<usize>,
     /// The DELETE statements (two for a module fan-out probed per name).
     deletes: Vec<usize>,
+    /// The first statement of the broadcast: the NOTIFYs, or the COMMIT when there are none.
+    broadcast: Option<usize>,
 }
 
 /// Sends `head` (after `BEGIN`) and `tail` as one flight and awaits every reply.
@@ -515,7 +518,7 @@ async fn flight(
     let rows_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &read];
     let realm_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
     // A module's names, with the guard, and nothing known yet about their consumers: the
-    // check, the record, the DELETE and the NOTIFY in one statement (`LEAF_TAIL`).
+    // check, the record and the DELETE in one statement (`LEAF_TAIL`).
     let one_statement = match (head, tail) {
         (Some(head), Some(tail)) => {
             head.leaf.is_some()
@@ -601,9 +604,11 @@ async fn flight(
         {
             let notify = if *with_seq { &sql.notify_seq } else { &sql.notify_all };
             let params = notify_params.get_or_init(|| [channel, payloads]);
+            at.broadcast = Some(flight.len());
             flight.push(Box::pin(sql.query(c, notify, params)));
         }
         // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
+        at.broadcast.get_or_insert(flight.len());
         flight.push(Box::pin(sql.query(c, &sql.commit, &[])));
     }
     (flight.finish().await, at)
@@ -700,7 +705,9 @@ pub(crate) async fn run(
         sql.for_each_row(c, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
     }
     let realm_rows = consumers.len();
-    let (urls, rows) = if graph {
+    // Without the guard nothing holds back writes between the read and the DELETE: a row
+    // written then is found by the names, not by the URLs read.
+    let (urls, rows) = if graph && plan.guarded {
         // The rows to delete are among those just read: their URLs.
         let (urls, read) = fan_out_and_named_rows(names.to_vec(), consumers);
         let rows = match reads_realm(urls.len(), realm_rows) {
@@ -737,12 +744,12 @@ fn finish(
     payloads: usize,
     effective: Cow<'_, Invalidation>,
 ) -> Result<Option<Applied>, Failure> {
-    let last_delete = *at.deletes.last().expect("a tail has a DELETE");
+    let broadcast = at.broadcast.expect("a tail ends with its broadcast and COMMIT");
     if let Some((index, error)) = first_failure(&mut replies) {
         // A broken connection says nothing about how far the server got (COMMIT may have
         // been sent): only a statement the server refused before the NOTIFYs means "nothing
         // happened".
-        let refused_early = index <= last_delete && !error.is_closed();
+        let refused_early = index < broadcast && !error.is_closed();
         let error = query_error("invalidate")(error);
         return Err(if refused_early {
             Failure::Invalidation(error)
@@ -750,11 +757,19 @@ fn finish(
             Failure::Broadcast(error, effective.into_owned())
         });
     }
-    let leaf = at.leaf.map(|(i, column)| (&replies[i], column));
-    if let Some((Ok(rows), column)) = leaf
-        && rows.first().and_then(|row| row.try_get::<_, bool>(column).ok()) == Some(false)
-    {
-        return Ok(None);
+    if let Some((index, column)) = at.leaf {
+        let rows = replies[index].as_ref().ok();
+        match rows.and_then(|rows| rows.first()).map(|row| row.try_get::<_, bool>(column)) {
+            Some(Ok(true)) => {}
+            Some(Ok(false)) => return Ok(None),
+            // Never expected: the check's answer is how the writes are known to have happened.
+            _ => {
+                return Err(Failure::Invalidation(PgError::Query {
+                    operation: "invalidate",
+                    source: "the consumer check gave no answer".into(),
+                }));
+            }
+        }
     }
     let count = |index: &usize| {
         let rows = replies[*index].as_ref().ok();

@@ -181,14 +181,7 @@ impl Sql {
             leaf: stmt(invalidate::LEAF, types::TEXT_TEXTS),
             leaf_tail: stmt(
                 invalidate::LEAF_TAIL,
-                &[
-                    Type::TEXT,
-                    Type::TEXT_ARRAY,
-                    Type::TEXT_ARRAY,
-                    Type::TEXT,
-                    Type::TEXT_ARRAY,
-                    Type::BOOL,
-                ],
+                &[Type::TEXT, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
             ),
             record_modules: stmt(guard::RECORD_MODULES, types::TEXT_TEXTS),
             prune: stmt(guard::PRUNE, &[Type::TEXT, Type::FLOAT8]),
@@ -427,6 +420,28 @@ mod plans;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_statement_declares_a_type_for_each_of_its_parameters() {
+        // Unnamed statements are sent with these types, one per parameter value.
+        let sql = Sql::new(Some("s"), true, "diagnostics");
+        for (name, statement) in sql.named() {
+            let text = statement.text.as_bytes();
+            let highest = (0..text.len())
+                .filter(|&i| text[i] == b'$')
+                .filter_map(|i| {
+                    let digits: String = text[i + 1..]
+                        .iter()
+                        .take_while(|b| b.is_ascii_digit())
+                        .map(|&b| b as char)
+                        .collect();
+                    digits.parse::<usize>().ok()
+                })
+                .max()
+                .unwrap_or(0);
+            assert_eq!(highest, statement.types.len(), "{name}: {}", statement.text);
+        }
+    }
 
     #[test]
     fn the_keeper_needs_a_runtime() {

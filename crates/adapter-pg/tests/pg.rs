@@ -374,6 +374,34 @@ async fn a_failing_notify_still_deletes_after_one_retry() {
     );
 }
 
+/// A statement the server refuses before the NOTIFYs means nothing happened, wherever it
+/// stands: the prune, which follows a module's one-statement check, record and DELETE, fails
+/// the invalidation, which is neither retried nor run again without its NOTIFYs as a failed
+/// broadcast would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_prune_fails_the_invalidation_and_is_not_taken_for_a_broadcast() {
+    let Some(config) = config("prune refused") else { return };
+    let db = PgAdapter::connect(config.clone()).await.unwrap();
+    let client = raw_client(&config).await;
+    db.upsert(&entry(REALM, "a.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN RAISE EXCEPTION 'prune refused'; END $$;
+             CREATE TRIGGER refuse BEFORE DELETE ON modules_guard_log
+                 FOR EACH STATEMENT EXECUTE FUNCTION refuse();",
+        )
+        .await
+        .unwrap();
+    // A new adapter prunes a realm on its first module invalidation there.
+    let failed = db.apply_invalidation(&modules(&["a.gts"])).await;
+    assert!(failed.is_err(), "the invalidation reports the refusal: {failed:?}");
+    assert_eq!(db.row_count().await.unwrap(), 1, "nothing happened: the row is still there");
+    let stats = db.stats();
+    assert_eq!((stats.broadcast_failures, stats.unbroadcast_deletes), (0, 0), "{stats:?}");
+    assert!(log_entries(&client).await.is_empty(), "nothing recorded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_closure_is_one_query_that_survives_cycles() {
     let Some(db) = adapter("closure").await else { return };

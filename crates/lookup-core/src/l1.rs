@@ -137,7 +137,7 @@ impl L1 {
         state.map.insert(key, Stored { entry, stored_at: Instant::now() });
     }
 
-    /// Drops the entries of `realm_url` that `urls` name (by requested URL, stored URL or
+    /// Drops the entries of `realm_url` that `names` name (by requested URL, stored URL or
     /// alias) or that depend on one of them directly (so coherence does not rest on the
     /// database's closure alone).
     pub(crate) fn invalidate_modules(&self, realm_url: &str, names: &Names<'_>) {
