@@ -469,6 +469,22 @@ async fn raw_client(config: &PgConfig) -> tokio_postgres::Client {
     client
 }
 
+/// Inserts the public rows of `REALM` that `rows` generates: a query of `url`, `deps` and
+/// `file_alias` in which `$1` is the realm.
+async fn insert_generated(raw: &tokio_postgres::Client, rows: &str) {
+    let rows = rows.replace("$1", "$1::text");
+    raw.execute(
+        &format!(
+            "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, \
+             definitions, deps, created_at, file_alias) \
+             SELECT url, 'public', '', $1, '{{}}'::jsonb, deps, 0, file_alias FROM ({rows}) AS g"
+        ),
+        &[&REALM],
+    )
+    .await
+    .unwrap();
+}
+
 /// The guard log's entries, oldest first: each number and its URLs.
 async fn log_entries(client: &tokio_postgres::Client) -> Vec<(i64, Vec<String>)> {
     let rows = client.query("SELECT seq, urls FROM modules_guard_log ORDER BY seq", &[]).await;
@@ -844,17 +860,14 @@ async fn a_large_fan_out_is_exact_and_guards_its_realm() {
     // one in the realm that depends on nothing, one in another realm that names m0; and a
     // module named only by its alias (m7.js, alias m7, as m7.gts's), which goes too. So large
     // a closure reads the realm's rows, and so does its DELETE.
-    raw.execute(
-        "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, definitions, \
-         deps, created_at, file_alias) \
-         SELECT $1 || 'm' || i || '.gts', 'public', '', $1, '{}'::jsonb, \
-           CASE WHEN i = 0 THEN '[]'::jsonb ELSE jsonb_build_array($1 || 'm' || \
-             (CASE WHEN i % 3 = 0 THEN i - 1 ELSE i / 8 END)) END, 0, $1 || 'm' || i \
+    insert_generated(
+        &raw,
+        "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
+           ELSE jsonb_build_array($1 || 'm' || (CASE WHEN i % 3 = 0 THEN i - 1 ELSE i / 8 END)) \
+           END AS deps, $1 || 'm' || i AS file_alias \
          FROM generate_series(0, 1499) AS i",
-        &[&REALM],
     )
-    .await
-    .unwrap();
+    .await;
     db.upsert(&entry(REALM, "bystander.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
     db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
     let mut foreign = entry("https://other.test/", "x.gts", &[]);
@@ -896,21 +909,17 @@ async fn a_large_fan_out_of_a_small_part_of_its_realm_deletes_the_rows_it_read()
     // 600 consumers of m0 (past the probe, so the closure reads the realm's rows) in a realm
     // of 5 000 rows: too small a part of it to read it again, so the rows read are deleted by
     // their URLs. Among them m7.js, named only by the alias it shares with m7.gts.
-    raw.execute(
-        "INSERT INTO modules (url, cache_scope, auth_user_id, resolved_realm_url, definitions, \
-         deps, created_at, file_alias) \
-         SELECT $1 || 'm' || i || '.gts', 'public', '', $1, '{}'::jsonb, \
-           CASE WHEN i = 0 THEN '[]'::jsonb ELSE jsonb_build_array($1 || 'm' || (i / 2)) END, \
-           0, $1 || 'm' || i \
+    insert_generated(
+        &raw,
+        "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
+           ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, $1 || 'm' || i AS file_alias \
          FROM generate_series(0, 599) AS i \
          UNION ALL \
-         SELECT $1 || 'other' || i || '.gts', 'public', '', $1, '{}'::jsonb, \
-           jsonb_build_array($1 || 'other' || (i / 2)), 0, $1 || 'other' || i \
+         SELECT $1 || 'other' || i || '.gts', jsonb_build_array($1 || 'other' || (i / 2)), \
+           $1 || 'other' || i \
          FROM generate_series(0, 4399) AS i",
-        &[&REALM],
     )
-    .await
-    .unwrap();
+    .await;
     db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
     let root = format!("{REALM}m0.gts");
     let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
