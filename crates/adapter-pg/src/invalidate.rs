@@ -191,6 +191,15 @@ macro_rules! leaf_sql {
     };
 }
 
+/// The rows of realm `$1` named by `$2` (by URL or by alias), found as [`DELETE_IN_REALM`]
+/// finds its rows, for a fan-out without the guard, whose rows' URLs are not enough (see
+/// [`Rows::Read`]): two hashed lookups per row, over every name. Nothing when `guard::apply!`
+/// is off.
+pub(crate) const DELETE_NAMED_IN_REALM: &str = counted_delete!(
+    "resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[])) \
+     OR file_alias IN (SELECT unnest($2::text[])))"
+);
+
 /// Whether rows of realm `$1` consume any of the names `$2` (the closure's first step, under
 /// the lock): when one does, turns the transaction's writes off and answers `false`. Counted
 /// rather than `EXISTS` (or a count of a `LIMIT 1`), which the planner answers by scanning the
@@ -419,6 +428,9 @@ enum Rows {
     /// [`Rows::Read`] when the fan-out names a large part of the realm ([`reads_realm`]):
     /// deleted by reading the realm's rows again ([`DELETE_IN_REALM`]).
     ReadInRealm(Vec<String>),
+    /// Without the guard, a fan-out that read the realm and names a large part of it: deleted
+    /// by reading the realm's rows against the names ([`DELETE_NAMED_IN_REALM`]).
+    NamedInRealm,
 }
 
 impl<'a> Tail<'a> {
@@ -580,6 +592,9 @@ async fn flight(
             Invalidation::Modules { .. } if matches!(tail.rows, Rows::ReadInRealm(_)) => {
                 vec![Box::pin(sql.query(c, &sql.delete_in_realm, &rows_params))]
             }
+            Invalidation::Modules { .. } if matches!(tail.rows, Rows::NamedInRealm) => {
+                vec![Box::pin(sql.query(c, &sql.delete_named_in_realm, &names_params))]
+            }
             Invalidation::Modules { .. } if list.len() <= FEW_NAMES => {
                 vec![Box::pin(sql.query(c, &sql.delete_modules, &modules_params))]
             }
@@ -648,6 +663,7 @@ pub(crate) async fn run(
             &sql.delete_by_hash,
             &sql.delete_by_alias,
             &sql.delete_in_realm,
+            &sql.delete_named_in_realm,
         ],
         Invalidation::Realm { .. } => vec![&sql.record_clear, &sql.delete_realm],
         Invalidation::Global => vec![&sql.record_clear, &sql.delete_all],
@@ -716,7 +732,12 @@ pub(crate) async fn run(
         };
         (urls, rows)
     } else {
-        (fan_out(names.to_vec(), consumers), Rows::Named)
+        let urls = fan_out(names.to_vec(), consumers);
+        let rows = match graph && reads_realm(urls.len(), realm_rows) {
+            true => Rows::NamedInRealm,
+            false => Rows::Named,
+        };
+        (urls, rows)
     };
     let effective = Invalidation::Modules { realm_url: realm.to_owned(), urls };
     let tail = Tail::new(&effective, plan, seq, rows);

@@ -938,6 +938,29 @@ async fn a_large_fan_out_of_a_small_part_of_its_realm_deletes_the_rows_it_read()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fan_out_without_the_guard_is_deleted_by_its_names() {
+    let Some(config) = config("large-fan-out-unguarded") else { return };
+    let db = PgAdapter::connect(config.clone().durable_guard(false)).await.unwrap();
+    let raw = raw_client(&config).await;
+    // 600 consumers of m0: the closure reads the realm, and the fan-out names most of it.
+    insert_generated(
+        &raw,
+        "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
+           ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, $1 || 'm' || i AS file_alias \
+         FROM generate_series(0, 599) AS i",
+    )
+    .await;
+    db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    db.upsert(&entry(REALM, "bystander.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
+    let root = format!("{REALM}m0.gts");
+    let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
+    assert_eq!(done.deleted, 601, "the 600 modules and m7.js, named by its alias");
+    let left: Vec<String> =
+        raw.query("SELECT url FROM modules", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(left, [format!("{REALM}bystander.gts")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_populate_lease_works_on_its_own_connection_when_the_pool_is_exhausted() {
     use lookup_core::{PopulateCoordinator as _, PopulateKey, PopulateLease as _};
     let Some(config) = config("populate-pinned") else { return };

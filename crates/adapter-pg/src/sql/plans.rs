@@ -43,6 +43,8 @@ const WHOLE_REALM: &[(&str, &str)] = &[
     // sent only after the closure read them all (`REALM_GRAPH`), for a fan-out that names a
     // large part of them.
     ("delete_in_realm", "modules"),
+    // The same against the names, without the guard.
+    ("delete_named_in_realm", "modules"),
 ];
 
 /// Statements sent in an invalidation's transaction, after `guard::SETTINGS` (or the lock
@@ -62,6 +64,7 @@ const INVALIDATION: &[&str] = &[
     "delete_by_hash",
     "delete_by_alias",
     "delete_in_realm",
+    "delete_named_in_realm",
     "delete_realm",
     "delete_all",
     "notify_all",
@@ -267,7 +270,7 @@ async fn every_statement_reads_only_its_rows() {
                 // The prune reads its batch of oldest entries whether or not they are old enough.
                 let may_discard = match *name {
                     "prune" => guard::PRUNE_BATCH,
-                    "delete_in_realm" => i64::MAX,
+                    "delete_in_realm" | "delete_named_in_realm" => i64::MAX,
                     _ => MAX_DISCARDED,
                 };
                 if node.kind == "Seq Scan" || (node.discarded > may_discard && !wide_and_hashed) {
