@@ -37,7 +37,7 @@ use tokio_postgres::types::{Json, ToSql};
 
 use crate::error::PgError;
 use crate::guard;
-use crate::sql::{Flight, Sql, pipelined};
+use crate::sql::{Flight, Prepared, Sql, pipelined};
 use crate::store::{self, Checkout, query_error};
 
 /// The rows whose deps contain the name `$name` (a column of the query around it), as `m`,
@@ -502,6 +502,7 @@ struct Positions {
 async fn flight(
     sql: &Sql,
     c: &deadpool_postgres::ClientWrapper,
+    prepared: &Prepared<'_>,
     head: Option<&Head<'_>>,
     tail: Option<&Tail<'_>>,
 ) -> (Vec<Result<Vec<Row>, tokio_postgres::Error>>, Positions) {
@@ -553,22 +554,27 @@ async fn flight(
     let mut at = Positions::default();
     let mut flight: Flight<'_, _> = Flight::new(Vec::new());
     if let Some(head) = head {
-        flight.push(Box::pin(sql.query(c, &sql.begin, &[])));
+        flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.begin, &[])));
         at.open = Some(flight.len());
         if head.guarded && head.global {
-            flight.push(Box::pin(sql.query(c, &sql.open_global, &global_lock)));
+            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.open_global, &global_lock)));
         } else if head.guarded {
-            flight.push(Box::pin(sql.query(c, &sql.open_realm, &realm_lock)));
+            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.open_realm, &realm_lock)));
         } else {
-            flight.push(Box::pin(sql.query(c, &sql.settings, &[])));
+            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.settings, &[])));
         }
         if head.leaf.is_some() && !one_statement {
             at.leaf = Some((flight.len(), 0));
-            flight.push(Box::pin(sql.query(c, &sql.leaf, &leaf_params)));
+            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.leaf, &leaf_params)));
         }
         if head.closure.is_some() {
             at.closure = Some(flight.len());
-            flight.push(Box::pin(sql.query(c, &sql.consumers_limited, &closure_params)));
+            flight.push(Box::pin(sql.query_prepared(
+                c,
+                prepared,
+                &sql.consumers_limited,
+                &closure_params,
+            )));
         }
     }
 
@@ -577,40 +583,67 @@ async fn flight(
         if one_statement {
             at.leaf = Some((flight.len(), 1));
             at.deletes.push(flight.len());
-            flight.push(Box::pin(sql.query(c, &sql.leaf_tail, &leaf_tail_params)));
+            flight.push(Box::pin(sql.query_prepared(
+                c,
+                prepared,
+                &sql.leaf_tail,
+                &leaf_tail_params,
+            )));
         } else if tail.plan.guarded {
             if is_modules && list.len() <= GUARD_PER_URL_LIMIT {
-                flight.push(Box::pin(sql.query(c, &sql.record_modules, &record_modules_params)));
+                flight.push(Box::pin(sql.query_prepared(
+                    c,
+                    prepared,
+                    &sql.record_modules,
+                    &record_modules_params,
+                )));
             } else {
-                flight.push(Box::pin(sql.query(c, &sql.record_clear, &record_clear_params)));
+                flight.push(Box::pin(sql.query_prepared(
+                    c,
+                    prepared,
+                    &sql.record_clear,
+                    &record_clear_params,
+                )));
             }
         }
         if tail.plan.guarded && tail.plan.prune && is_modules {
             at.prune = Some(flight.len());
-            flight.push(Box::pin(sql.query(c, &sql.prune, &prune_params)));
+            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.prune, &prune_params)));
         }
         let deletes: Vec<Reply<'_>> = match tail.effective {
             _ if one_statement => Vec::new(),
             Invalidation::Modules { .. } if matches!(tail.rows, Rows::Read(_)) => {
-                vec![Box::pin(sql.query(c, &sql.delete_by_hash, &hash_params))]
+                vec![Box::pin(sql.query_prepared(c, prepared, &sql.delete_by_hash, &hash_params))]
             }
             Invalidation::Modules { .. } if matches!(tail.rows, Rows::ReadInRealm(_)) => {
-                vec![Box::pin(sql.query(c, &sql.delete_in_realm, &rows_params))]
+                vec![Box::pin(sql.query_prepared(c, prepared, &sql.delete_in_realm, &rows_params))]
             }
             Invalidation::Modules { .. } if matches!(tail.rows, Rows::NamedInRealm) => {
-                vec![Box::pin(sql.query(c, &sql.delete_named_in_realm, &names_params))]
+                vec![Box::pin(sql.query_prepared(
+                    c,
+                    prepared,
+                    &sql.delete_named_in_realm,
+                    &names_params,
+                ))]
             }
             Invalidation::Modules { .. } if list.len() <= FEW_NAMES => {
-                vec![Box::pin(sql.query(c, &sql.delete_modules, &modules_params))]
+                vec![Box::pin(sql.query_prepared(
+                    c,
+                    prepared,
+                    &sql.delete_modules,
+                    &modules_params,
+                ))]
             }
             Invalidation::Modules { .. } => vec![
-                Box::pin(sql.query(c, &sql.delete_by_hash, &hash_params)),
-                Box::pin(sql.query(c, &sql.delete_by_alias, &names_params)),
+                Box::pin(sql.query_prepared(c, prepared, &sql.delete_by_hash, &hash_params)),
+                Box::pin(sql.query_prepared(c, prepared, &sql.delete_by_alias, &names_params)),
             ],
             Invalidation::Realm { .. } => {
-                vec![Box::pin(sql.query(c, &sql.delete_realm, &realm_params))]
+                vec![Box::pin(sql.query_prepared(c, prepared, &sql.delete_realm, &realm_params))]
             }
-            Invalidation::Global => vec![Box::pin(sql.query(c, &sql.delete_all, &[]))],
+            Invalidation::Global => {
+                vec![Box::pin(sql.query_prepared(c, prepared, &sql.delete_all, &[]))]
+            }
         };
         for delete in deletes {
             at.deletes.push(flight.len());
@@ -625,11 +658,11 @@ async fn flight(
             let notify = if *with_seq { &sql.notify_seq } else { &sql.notify_all };
             let params = notify_params.get_or_init(|| [channel, payloads]);
             at.broadcast = Some(flight.len());
-            flight.push(Box::pin(sql.query(c, notify, params)));
+            flight.push(Box::pin(sql.query_prepared(c, prepared, notify, params)));
         }
         // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
         at.broadcast.get_or_insert(flight.len());
-        flight.push(Box::pin(sql.query(c, &sql.commit, &[])));
+        flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.commit, &[])));
     }
     (flight.finish().await, at)
 }
@@ -673,7 +706,7 @@ pub(crate) async fn run(
         Invalidation::Realm { .. } => vec![&sql.record_clear, &sql.delete_realm],
         Invalidation::Global => vec![&sql.record_clear, &sql.delete_all],
     });
-    sql.prepare(c, &all).await.map_err(before)?;
+    let prepared = sql.prepared(c, &all).await.map_err(before)?;
     let (realm, names): (&str, &[String]) = match request {
         Invalidation::Modules { realm_url, urls } => (realm_url, urls),
         Invalidation::Realm { realm_url } => (realm_url, &[]),
@@ -690,7 +723,7 @@ pub(crate) async fn run(
 
     // One flight: the fan-out is the request itself, unless the names have consumers.
     let tail = Tail::new(request, plan, None, Rows::Named);
-    let (replies, at) = flight(sql, c, Some(&head(true)), Some(&tail)).await;
+    let (replies, at) = flight(sql, c, &prepared, Some(&head(true)), Some(&tail)).await;
     let payloads = tail.payloads();
     let done = finish(replies, &at, payloads, Cow::Borrowed(request))?;
     if let Some(applied) = done {
@@ -699,7 +732,7 @@ pub(crate) async fn run(
     }
 
     // Consumers: their closure under the lock of a second transaction, then the fan-out.
-    let (mut replies, at) = flight(sql, c, Some(&head(false)), None).await;
+    let (mut replies, at) = flight(sql, c, &prepared, Some(&head(false)), None).await;
     if let Some((_, error)) = first_failure(&mut replies) {
         return Err(before(error));
     }
@@ -746,7 +779,7 @@ pub(crate) async fn run(
     };
     let effective = Invalidation::Modules { realm_url: realm.to_owned(), urls };
     let tail = Tail::new(&effective, plan, seq, rows);
-    let (replies, at) = flight(sql, c, None, Some(&tail)).await;
+    let (replies, at) = flight(sql, c, &prepared, None, Some(&tail)).await;
     let payloads = tail.payloads();
     drop(tail);
     // The fan-out moves into the answer: a 10 000-module one names 20 000 URLs.

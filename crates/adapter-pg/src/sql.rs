@@ -107,6 +107,24 @@ impl<'a, T> Flight<'a, T> {
     }
 }
 
+/// Statements prepared on one connection for one operation (see [`Sql::prepared`]); empty
+/// when statements are sent unnamed.
+#[derive(Default)]
+pub(crate) struct Prepared<'s> {
+    statements: Vec<(&'s Stmt, tokio_postgres::Statement)>,
+}
+
+impl Prepared<'_> {
+    /// The prepared form of `statement`, if it is among these (found by identity: a few
+    /// pointer comparisons instead of hashing its text).
+    fn get(&self, statement: &Stmt) -> Option<tokio_postgres::Statement> {
+        self.statements
+            .iter()
+            .find(|(known, _)| std::ptr::eq(*known, statement))
+            .map(|(_, prepared)| prepared.clone())
+    }
+}
+
 /// A statement's text (schema filled in) and its parameter types.
 #[derive(Debug)]
 pub(crate) struct Stmt {
@@ -265,19 +283,49 @@ impl Sql {
         client: &ClientWrapper,
         statements: &[&Stmt],
     ) -> Result<(), tokio_postgres::Error> {
+        self.prepared(client, statements).await.map(drop)
+    }
+
+    /// [`prepare`](Self::prepare), keeping what was prepared for [`query_prepared`]: each
+    /// statement is then looked up in the connection's cache once per operation, not again
+    /// for each query (deadpool hashes the whole text with SipHash each time: 20 000
+    /// instructions of an invalidation's client work).
+    ///
+    /// [`query_prepared`]: Self::query_prepared
+    pub(crate) async fn prepared<'s>(
+        &self,
+        client: &ClientWrapper,
+        statements: &[&'s Stmt],
+    ) -> Result<Prepared<'s>, tokio_postgres::Error> {
         if self.unnamed {
-            return Ok(());
+            return Ok(Prepared::default());
         }
         // Those not cached yet are prepared in one flight, not one round trip each (an
         // invalidation on a fresh connection prepares a dozen).
-        type Prepared = Result<tokio_postgres::Statement, tokio_postgres::Error>;
-        let preparing: Vec<Pending<'_, Prepared>> = statements
+        type Statement = Result<tokio_postgres::Statement, tokio_postgres::Error>;
+        let preparing: Vec<Pending<'_, Statement>> = statements
             .iter()
             .map(|statement| {
-                Box::pin(client.prepare_cached(&statement.text)) as Pending<'_, Prepared>
+                Box::pin(client.prepare_cached(&statement.text)) as Pending<'_, Statement>
             })
             .collect();
-        pipelined(preparing).await.into_iter().try_for_each(|prepared| prepared.map(drop))
+        let done = pipelined(preparing).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(Prepared { statements: statements.iter().copied().zip(done).collect() })
+    }
+
+    /// [`query`](Self::query), with the statement as `prepared` holds it (prepared again,
+    /// through the connection's cache, if it does not).
+    pub(crate) async fn query_prepared(
+        &self,
+        client: &ClientWrapper,
+        prepared: &Prepared<'_>,
+        statement: &Stmt,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let mut rows = Vec::new();
+        let known = prepared.get(statement);
+        self.rows(client, statement, known, params, |row| rows.push(row)).await?;
+        Ok(rows)
     }
 
     /// Runs `statement` with `params` and hands each row to `each` as it arrives, without
@@ -288,6 +336,18 @@ impl Sql {
         &self,
         client: &ClientWrapper,
         statement: &Stmt,
+        params: &[&(dyn ToSql + Sync)],
+        each: impl FnMut(Row),
+    ) -> Result<(), tokio_postgres::Error> {
+        self.rows(client, statement, None, params, each).await
+    }
+
+    /// [`for_each_row`](Self::for_each_row), with the prepared statement when known.
+    async fn rows(
+        &self,
+        client: &ClientWrapper,
+        statement: &Stmt,
+        known: Option<tokio_postgres::Statement>,
         params: &[&(dyn ToSql + Sync)],
         mut each: impl FnMut(Row),
     ) -> Result<(), tokio_postgres::Error> {
@@ -303,7 +363,10 @@ impl Sql {
             let typed = params.iter().copied().zip(statement.types.iter().cloned());
             Box::pin(client.query_typed_raw(&statement.text, typed)).await?
         } else {
-            let prepared = Box::pin(client.prepare_cached(&statement.text)).await?;
+            let prepared = match known {
+                Some(prepared) => prepared,
+                None => Box::pin(client.prepare_cached(&statement.text)).await?,
+            };
             client.query_raw(&prepared, params.iter().copied()).await?
         };
         let mut stream = std::pin::pin!(stream);
@@ -321,9 +384,7 @@ impl Sql {
         statement: &Stmt,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let mut rows = Vec::new();
-        self.for_each_row(client, statement, params, |row| rows.push(row)).await?;
-        Ok(rows)
+        self.query_prepared(client, &Prepared::default(), statement, params).await
     }
 }
 
