@@ -140,23 +140,34 @@ pub(crate) const STAMP: &str = "SELECT coalesce(max(latest), 0) FROM _S_modules_
 /// An entry's `at` is its statement's start, after the lock: within a realm, `at` grows with
 /// `seq`, so the entries past the horizon are the realm's first ones in `seq` order (what
 /// [`PRUNE`] relies on).
-pub(crate) const RECORD_MODULES: &str = concat!(
-    "WITH u AS (UPDATE _S_modules_guard_realm SET latest = ",
-    taken!(),
-    " WHERE md5(realm) = md5($1) AND realm = $1 AND ",
-    apply!(),
-    " RETURNING 1), \
-     i AS (INSERT INTO _S_modules_guard_realm (realm, latest) SELECT $1, ",
-    taken!(),
-    " WHERE ",
-    apply!(),
-    " AND NOT EXISTS (SELECT 1 FROM u)) \
-     INSERT INTO _S_modules_guard_log (realm, seq, urls, at) \
-         SELECT $1, ",
-    taken!(),
-    ", $2::text[], statement_timestamp() WHERE ",
-    apply!()
-);
+pub(crate) const RECORD_MODULES: &str =
+    concat!("WITH ", record_modules_ctes!(apply!()), " SELECT 1");
+
+/// [`RECORD_MODULES`]'s writes, as the parts `u`, `i` and `g` of a `WITH`, each writing only
+/// when the condition `$when` holds (`$1` realm, `$2` its URLs): also run, gated on its
+/// consumer check, by `invalidate::LEAF_TAIL`.
+macro_rules! record_modules_ctes {
+    ($when:expr) => {
+        concat!(
+            "u AS (UPDATE _S_modules_guard_realm SET latest = ",
+            $crate::guard::taken!(),
+            " WHERE md5(realm) = md5($1) AND realm = $1 AND ",
+            $when,
+            " RETURNING 1), \
+             i AS (INSERT INTO _S_modules_guard_realm (realm, latest) SELECT $1, ",
+            $crate::guard::taken!(),
+            " WHERE ",
+            $when,
+            " AND NOT EXISTS (SELECT 1 FROM u)), \
+             g AS (INSERT INTO _S_modules_guard_log (realm, seq, urls, at) SELECT $1, ",
+            $crate::guard::taken!(),
+            ", $2::text[], statement_timestamp() WHERE ",
+            $when,
+            ")"
+        )
+    };
+}
+pub(crate) use record_modules_ctes;
 
 /// How many log entries one [`PRUNE`] deletes at most.
 pub(crate) const PRUNE_BATCH: i64 = 64;

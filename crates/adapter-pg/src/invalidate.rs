@@ -37,7 +37,7 @@ use tokio_postgres::types::{Json, ToSql};
 
 use crate::error::PgError;
 use crate::guard;
-use crate::sql::{Flight, Prepared, Sql, pipelined};
+use crate::sql::{Flight, Prepared, Sql, Stmt, pipelined};
 use crate::store::{self, Checkout, query_error};
 
 /// The rows whose deps contain the name `$name` (a column of the query around it), as `m`,
@@ -130,10 +130,17 @@ const GUARD_PER_URL_LIMIT: usize = 2048;
 /// [`FEW_NAMES`] names, such as a module's variants (its rows found by either index are
 /// checked again against at most that many names). More names go through
 /// [`DELETE_BY_HASH`] and [`DELETE_BY_ALIAS`]. Nothing when `guard::apply!` is off.
-pub(crate) const DELETE_MODULES: &str = counted_delete!(
-    crate::sql::in_realm!(),
-    " AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[]))"
-);
+pub(crate) const DELETE_MODULES: &str =
+    counted_delete!(crate::sql::in_realm!(), named_by_hash_or_alias!());
+
+/// [`DELETE_MODULES`]'s condition on the rows, after the realm's: named by an alias in `$2` or
+/// a URL whose md5 is in `$3`.
+macro_rules! named_by_hash_or_alias {
+    () => {
+        " AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[]))"
+    };
+}
+use named_by_hash_or_alias;
 
 /// A fan-out naming at most this many URLs is deleted by [`DELETE_MODULES`], one statement
 /// (the one-flight invalidation of a module names its five variants).
@@ -224,19 +231,12 @@ pub(crate) const LEAF: &str = concat!("SELECT ok FROM (", leaf_sql!(), ") AS lea
 pub(crate) const LEAF_TAIL: &str = concat!(
     "WITH leaf AS MATERIALIZED (",
     leaf_sql!(),
-    "), u AS (UPDATE _S_modules_guard_realm SET latest = ",
-    guard::taken!(),
-    " WHERE md5(realm) = md5($1) AND realm = $1 AND (SELECT ok FROM leaf) RETURNING 1), \
-     i AS (INSERT INTO _S_modules_guard_realm (realm, latest) SELECT $1, ",
-    guard::taken!(),
-    " WHERE (SELECT ok FROM leaf) AND NOT EXISTS (SELECT 1 FROM u)), \
-     g AS (INSERT INTO _S_modules_guard_log (realm, seq, urls, at) SELECT $1, ",
-    guard::taken!(),
-    ", $2::text[], statement_timestamp() WHERE (SELECT ok FROM leaf)), \
-     d AS (DELETE FROM _S_modules WHERE ",
+    "), ",
+    guard::record_modules_ctes!("(SELECT ok FROM leaf)"),
+    ", d AS (DELETE FROM _S_modules WHERE ",
     crate::sql::in_realm!(),
-    " AND (url_hash = ANY ($3::text[]) OR file_alias = ANY ($2::text[])) \
-         AND (SELECT ok FROM leaf) RETURNING 1) \
+    named_by_hash_or_alias!(),
+    " AND (SELECT ok FROM leaf) RETURNING 1) \
      SELECT (SELECT count(*) FROM d), (SELECT ok FROM leaf)"
 );
 
@@ -498,6 +498,20 @@ struct Positions {
     broadcast: Option<usize>,
 }
 
+/// A connection and the statements this invalidation prepared on it.
+struct On<'a> {
+    sql: &'a Sql,
+    client: &'a deadpool_postgres::ClientWrapper,
+    prepared: &'a Prepared<'a>,
+}
+
+impl On<'_> {
+    /// `statement` with `params`, as a request of a flight.
+    fn query<'f>(&'f self, statement: &'f Stmt, params: &'f [&'f (dyn ToSql + Sync)]) -> Reply<'f> {
+        Box::pin(self.sql.query_prepared(self.client, self.prepared, statement, params))
+    }
+}
+
 /// Sends `head` (after `BEGIN`) and `tail` as one flight and awaits every reply.
 async fn flight(
     sql: &Sql,
@@ -537,44 +551,34 @@ async fn flight(
     let realm_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
     // A module's names, with the guard, and nothing known yet about their consumers: the
     // check, the record and the DELETE in one statement (`LEAF_TAIL`).
+    // (`leaf` is set only for a module's names, and the tail of the same flight is theirs.)
     let one_statement = match (head, tail) {
-        (Some(head), Some(tail)) => {
-            head.leaf.is_some()
-                && head.guarded
-                && tail.plan.guarded
-                && matches!(tail.rows, Rows::Named)
-                && matches!(tail.effective, Invalidation::Modules { .. })
-                && list.len() <= FEW_NAMES
-        }
+        (Some(head), Some(_)) => head.leaf.is_some() && head.guarded && list.len() <= FEW_NAMES,
         _ => false,
     };
     let leaf_tail_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
     // Set once the payloads are encoded (see `Tail::sends_before_encoding`).
     let notify_params: std::sync::OnceLock<[&(dyn ToSql + Sync); 2]> = std::sync::OnceLock::new();
+    let on = On { sql, client: c, prepared };
     let mut at = Positions::default();
     let mut flight: Flight<'_, _> = Flight::new(Vec::new());
     if let Some(head) = head {
-        flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.begin, &[])));
+        flight.push(on.query(&sql.begin, &[]));
         at.open = Some(flight.len());
         if head.guarded && head.global {
-            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.open_global, &global_lock)));
+            flight.push(on.query(&sql.open_global, &global_lock));
         } else if head.guarded {
-            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.open_realm, &realm_lock)));
+            flight.push(on.query(&sql.open_realm, &realm_lock));
         } else {
-            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.settings, &[])));
+            flight.push(on.query(&sql.settings, &[]));
         }
         if head.leaf.is_some() && !one_statement {
             at.leaf = Some((flight.len(), 0));
-            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.leaf, &leaf_params)));
+            flight.push(on.query(&sql.leaf, &leaf_params));
         }
         if head.closure.is_some() {
             at.closure = Some(flight.len());
-            flight.push(Box::pin(sql.query_prepared(
-                c,
-                prepared,
-                &sql.consumers_limited,
-                &closure_params,
-            )));
+            flight.push(on.query(&sql.consumers_limited, &closure_params));
         }
     }
 
@@ -583,67 +587,38 @@ async fn flight(
         if one_statement {
             at.leaf = Some((flight.len(), 1));
             at.deletes.push(flight.len());
-            flight.push(Box::pin(sql.query_prepared(
-                c,
-                prepared,
-                &sql.leaf_tail,
-                &leaf_tail_params,
-            )));
+            flight.push(on.query(&sql.leaf_tail, &leaf_tail_params));
         } else if tail.plan.guarded {
             if is_modules && list.len() <= GUARD_PER_URL_LIMIT {
-                flight.push(Box::pin(sql.query_prepared(
-                    c,
-                    prepared,
-                    &sql.record_modules,
-                    &record_modules_params,
-                )));
+                flight.push(on.query(&sql.record_modules, &record_modules_params));
             } else {
-                flight.push(Box::pin(sql.query_prepared(
-                    c,
-                    prepared,
-                    &sql.record_clear,
-                    &record_clear_params,
-                )));
+                flight.push(on.query(&sql.record_clear, &record_clear_params));
             }
         }
         if tail.plan.guarded && tail.plan.prune && is_modules {
             at.prune = Some(flight.len());
-            flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.prune, &prune_params)));
+            flight.push(on.query(&sql.prune, &prune_params));
         }
-        let deletes: Vec<Reply<'_>> = match tail.effective {
+        let deletes: Vec<Reply<'_>> = match (tail.effective, &tail.rows) {
             _ if one_statement => Vec::new(),
-            Invalidation::Modules { .. } if matches!(tail.rows, Rows::Read(_)) => {
-                vec![Box::pin(sql.query_prepared(c, prepared, &sql.delete_by_hash, &hash_params))]
+            (Invalidation::Modules { .. }, Rows::Read(_)) => {
+                vec![on.query(&sql.delete_by_hash, &hash_params)]
             }
-            Invalidation::Modules { .. } if matches!(tail.rows, Rows::ReadInRealm(_)) => {
-                vec![Box::pin(sql.query_prepared(c, prepared, &sql.delete_in_realm, &rows_params))]
+            (Invalidation::Modules { .. }, Rows::ReadInRealm(_)) => {
+                vec![on.query(&sql.delete_in_realm, &rows_params)]
             }
-            Invalidation::Modules { .. } if matches!(tail.rows, Rows::NamedInRealm) => {
-                vec![Box::pin(sql.query_prepared(
-                    c,
-                    prepared,
-                    &sql.delete_named_in_realm,
-                    &names_params,
-                ))]
+            (Invalidation::Modules { .. }, Rows::NamedInRealm) => {
+                vec![on.query(&sql.delete_named_in_realm, &names_params)]
             }
-            Invalidation::Modules { .. } if list.len() <= FEW_NAMES => {
-                vec![Box::pin(sql.query_prepared(
-                    c,
-                    prepared,
-                    &sql.delete_modules,
-                    &modules_params,
-                ))]
+            (Invalidation::Modules { .. }, Rows::Named) if list.len() <= FEW_NAMES => {
+                vec![on.query(&sql.delete_modules, &modules_params)]
             }
-            Invalidation::Modules { .. } => vec![
-                Box::pin(sql.query_prepared(c, prepared, &sql.delete_by_hash, &hash_params)),
-                Box::pin(sql.query_prepared(c, prepared, &sql.delete_by_alias, &names_params)),
+            (Invalidation::Modules { .. }, Rows::Named) => vec![
+                on.query(&sql.delete_by_hash, &hash_params),
+                on.query(&sql.delete_by_alias, &names_params),
             ],
-            Invalidation::Realm { .. } => {
-                vec![Box::pin(sql.query_prepared(c, prepared, &sql.delete_realm, &realm_params))]
-            }
-            Invalidation::Global => {
-                vec![Box::pin(sql.query_prepared(c, prepared, &sql.delete_all, &[]))]
-            }
+            (Invalidation::Realm { .. }, _) => vec![on.query(&sql.delete_realm, &realm_params)],
+            (Invalidation::Global, _) => vec![on.query(&sql.delete_all, &[])],
         };
         for delete in deletes {
             at.deletes.push(flight.len());
@@ -658,11 +633,11 @@ async fn flight(
             let notify = if *with_seq { &sql.notify_seq } else { &sql.notify_all };
             let params = notify_params.get_or_init(|| [channel, payloads]);
             at.broadcast = Some(flight.len());
-            flight.push(Box::pin(sql.query_prepared(c, prepared, notify, params)));
+            flight.push(on.query(notify, params));
         }
         // NOTIFY is delivered at commit, so peers hear it if and only if the delete commits.
         at.broadcast.get_or_insert(flight.len());
-        flight.push(Box::pin(sql.query_prepared(c, prepared, &sql.commit, &[])));
+        flight.push(on.query(&sql.commit, &[]));
     }
     (flight.finish().await, at)
 }
@@ -756,26 +731,23 @@ pub(crate) async fn run(
         // they arrive. Walking from the names, rows that do not consume them are never reached.
         consumers.clear();
         let each = |row: Row| consumers.push(consumer_row(&row));
-        sql.for_each_row(c, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
+        sql.for_each_row(c, &prepared, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
     }
     let realm_rows = consumers.len();
-    // Without the guard nothing holds back writes between the read and the DELETE: a row
-    // written then is found by the names, not by the URLs read.
-    let (urls, rows) = if graph && plan.guarded {
-        // The rows to delete are among those just read: their URLs.
+    // The rows to delete are among those just read: their URLs. Only with the guard: without
+    // it nothing holds back writes between the read and the DELETE, and a row written then is
+    // found by the names, not by the URLs read.
+    let (urls, read) = if graph && plan.guarded {
         let (urls, read) = fan_out_and_named_rows(names.to_vec(), consumers);
-        let rows = match reads_realm(urls.len(), realm_rows) {
-            true => Rows::ReadInRealm(read),
-            false => Rows::Read(read),
-        };
-        (urls, rows)
+        (urls, Some(read))
     } else {
-        let urls = fan_out(names.to_vec(), consumers);
-        let rows = match graph && reads_realm(urls.len(), realm_rows) {
-            true => Rows::NamedInRealm,
-            false => Rows::Named,
-        };
-        (urls, rows)
+        (fan_out(names.to_vec(), consumers), None)
+    };
+    let rows = match (read, graph && reads_realm(urls.len(), realm_rows)) {
+        (Some(read), true) => Rows::ReadInRealm(read),
+        (Some(read), false) => Rows::Read(read),
+        (None, true) => Rows::NamedInRealm,
+        (None, false) => Rows::Named,
     };
     let effective = Invalidation::Modules { realm_url: realm.to_owned(), urls };
     let tail = Tail::new(&effective, plan, seq, rows);
