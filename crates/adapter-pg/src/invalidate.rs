@@ -186,6 +186,15 @@ pub(crate) const DELETE_BY_ALIAS: &str =
 pub(crate) const DELETE_IN_REALM: &str =
     counted_delete!("resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[]))) IS TRUE");
 
+/// The rows of realm `$1` named by `$2` (by URL or by alias), found as [`DELETE_IN_REALM`]
+/// finds its rows, for a fan-out without the guard, whose rows' URLs are not enough (see
+/// [`Rows::Read`]): two hashed lookups per row, over every name. Nothing when `guard::apply!`
+/// is off.
+pub(crate) const DELETE_NAMED_IN_REALM: &str = counted_delete!(
+    "resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[])) \
+     OR file_alias IN (SELECT unnest($2::text[])))"
+);
+
 /// [`LEAF`]'s query: its answer as `ok`.
 macro_rules! leaf_sql {
     () => {
@@ -197,15 +206,6 @@ macro_rules! leaf_sql {
         )
     };
 }
-
-/// The rows of realm `$1` named by `$2` (by URL or by alias), found as [`DELETE_IN_REALM`]
-/// finds its rows, for a fan-out without the guard, whose rows' URLs are not enough (see
-/// [`Rows::Read`]): two hashed lookups per row, over every name. Nothing when `guard::apply!`
-/// is off.
-pub(crate) const DELETE_NAMED_IN_REALM: &str = counted_delete!(
-    "resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[])) \
-     OR file_alias IN (SELECT unnest($2::text[])))"
-);
 
 /// Whether rows of realm `$1` consume any of the names `$2` (the closure's first step, under
 /// the lock): when one does, turns the transaction's writes off and answers `false`. Counted
