@@ -54,10 +54,12 @@ const INVALIDATION: &[&str] = &[
     "open_global",
     "leaf",
     "leaf_tail",
+    "leaf_tail_first",
     "consumers",
     "consumers_limited",
     "realm_graph",
     "record_modules",
+    "record_modules_first",
     "prune",
     "record_clear",
     "delete_modules",
@@ -112,7 +114,7 @@ fn arguments(name: &str, types: &[Type], wide: bool) -> Vec<String> {
     let (scope, user) = match name {
         // Names nobody consumes (m1999: rows depend on m(i/2) up to m1000), and their hashes,
         // so that the check passes and the record and the DELETE run too.
-        "leaf_tail" => {
+        "leaf_tail" | "leaf_tail_first" => {
             let names: Vec<String> = std::iter::once("http://plans.test/r1/m1999.gts".to_owned())
                 .chain(
                     (0..if wide { 49 } else { 0 })
@@ -206,7 +208,7 @@ async fn every_statement_reads_only_its_rows() {
              FROM generate_series(1, 8000) AS i, LATERAL (SELECT CASE WHEN i % 4 = 1 \
                  THEN 'http://plans.test/r1/' \
                  ELSE 'http://plans.test/s' || (i % 300) || '/' END) AS r(realm); \
-             INSERT INTO {schema}.modules_guard_realm (realm, latest) \
+             INSERT INTO {schema}.modules_guard_realm (realm, noted) \
              SELECT 'http://plans.test/r' || i || '/', 4000 FROM generate_series(0, 1999) AS i; \
              ANALYZE {schema}.modules, {schema}.modules_guard_log, {schema}.modules_guard_realm; \
              SELECT nextval('{schema}.modules_guard_seq')"
