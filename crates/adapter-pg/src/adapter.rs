@@ -55,7 +55,6 @@ pub struct PgAdapter {
     origin: Arc<str>,
     counters: Arc<Counters>,
     prune_gate: Arc<guard::PruneGate>,
-    realm_rows: Arc<guard::RealmRows>,
 }
 
 impl std::fmt::Debug for PgAdapter {
@@ -116,7 +115,6 @@ impl PgAdapter {
             origin,
             counters: Arc::default(),
             prune_gate,
-            realm_rows: Arc::default(),
         };
         let table = adapter
             .bounded("prepare the modules table", async {
@@ -250,27 +248,15 @@ impl PgAdapter {
             _ => None,
         };
         let prune = pruning.is_some();
-        let realm = match request {
-            Invalidation::Modules { realm_url, .. } | Invalidation::Realm { realm_url } => {
-                Some(realm_url.as_str())
-            }
-            Invalidation::Global => None,
-        };
-        let realm_row = realm.is_some_and(|realm| self.realm_rows.seen(realm));
         let broadcasting = Plan {
             guarded,
             notify: self.config.get_broadcast().then(|| (self.config.get_channel(), &*self.origin)),
             horizon_secs,
             prune,
-            realm_row,
         };
         let checked = |applied: &Applied| {
             if let (Some(realm), Some(pruned)) = (pruning, applied.pruned) {
                 self.prune_gate.checked(realm, pruned);
-            }
-            // A guarded invalidation of a realm that committed wrote the realm's row (or found it).
-            if let Some(realm) = realm.filter(|_| guarded) {
-                self.realm_rows.written(realm);
             }
         };
         let mut last_error = None;
@@ -297,7 +283,7 @@ impl PgAdapter {
                 }
             }
         }
-        let silent = Plan { guarded, notify: None, horizon_secs, prune, realm_row };
+        let silent = Plan { guarded, notify: None, horizon_secs, prune };
         let applied = match self.invalidate_once(&request, &silent).await? {
             Ok(applied) => {
                 checked(&applied);

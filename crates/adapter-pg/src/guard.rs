@@ -10,8 +10,8 @@
 //!   number, the URLs), a whole-realm clear in its realm's row (`modules_guard_realm`:
 //!   `cleared`, and `noted`, the newest number the row itself records; the row `''` is the
 //!   global scope). A realm's newest number is the greater of its row's `noted` and its
-//!   newest log entry (see [`newest_entry!`]): a module invalidation writes only its log entry, and
-//!   the realm's row once, when the realm has none yet.
+//!   newest log entry (see [`newest_entry!`]): a module invalidation writes its log entry, and
+//!   the realm's row only when the realm has none yet.
 //! - A load records its *stamp* when it starts: the newest committed sequence of its realm
 //!   and of the global scope.
 //! - A persist succeeds only if no invalidation newer than the stamp covers the row's URL, its
@@ -177,24 +177,20 @@ macro_rules! realms_newest {
 }
 
 /// Records a module fan-out as one entry of the log: `$1` realm, `$2` its URLs; the number is
-/// the one [`OPEN_REALM`] took. The realm's row is not written: its newest number is read
-/// from the log (see [`newest_entry!`]), once the row exists, which [`RECORD_MODULES_FIRST`]
-/// makes sure of. Nothing when [`apply!`] is off.
+/// the one [`OPEN_REALM`] took. The realm's row is inserted if it is missing (under the
+/// realm's lock nobody else writes it) and otherwise left alone: the realm's newest number is
+/// read from the log (see [`newest_entry!`]), and a listener catching up finds realms by their
+/// rows ([`LOG_SINCE`]). Nothing when [`apply!`] is off.
 ///
 /// An entry's `at` is its statement's start, after the lock: within a realm, `at` grows with
 /// `seq`, so the entries past the horizon are the realm's first ones in `seq` order (what
 /// [`PRUNE`] relies on).
-pub(crate) const RECORD_MODULES: &str = concat!("WITH ", log_entry_cte!(apply!()), " SELECT 1");
-
-/// [`RECORD_MODULES`] for a realm whose row this process has not seen written (see
-/// [`RealmRows`]): also inserts the row when it is missing (under the realm's lock nobody else
-/// writes it). A listener catching up finds realms by their rows ([`LOG_SINCE`]).
-pub(crate) const RECORD_MODULES_FIRST: &str =
+pub(crate) const RECORD_MODULES: &str =
     concat!("WITH ", realm_row_cte!(apply!()), ", ", log_entry_cte!(apply!()), " SELECT 1");
 
 /// The part `r` of a `WITH` that inserts realm `$1`'s row, noting this transaction's number,
 /// when the row is missing and the condition `$when` holds. Also run, gated on its consumer
-/// check, by `invalidate::LEAF_TAIL_FIRST`.
+/// check, by `invalidate::LEAF_TAIL`.
 macro_rules! realm_row_cte {
     ($when:expr) => {
         concat!(
@@ -225,46 +221,12 @@ macro_rules! log_entry_cte {
 }
 pub(crate) use log_entry_cte;
 
-/// The realms whose guard row this process has seen written: a module invalidation of one of
-/// them records its log entry alone ([`RECORD_MODULES`]); of any other, it also inserts the
-/// row if missing ([`RECORD_MODULES_FIRST`]). Rows are never deleted by deflookup, so what
-/// is remembered stays true; a row deleted by hand costs only the catch-up of that realm's
-/// invalidations by listeners that lost their connection (see `OPERATIONS.md`), until this
-/// process forgets the realm (past [`RealmRows::REALMS`]) or restarts.
-#[derive(Debug, Default)]
-pub(crate) struct RealmRows {
-    seen: std::sync::Mutex<std::collections::HashSet<String>>,
-}
-
-impl RealmRows {
-    /// Realms remembered at most: past that the memory starts over.
-    const REALMS: usize = 4096;
-
-    /// Whether `realm`'s row was seen written.
-    pub(crate) fn seen(&self, realm: &str) -> bool {
-        let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        seen.contains(realm)
-    }
-
-    /// `realm`'s row exists: an invalidation of the realm recorded with the guard committed.
-    pub(crate) fn written(&self, realm: &str) {
-        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if seen.contains(realm) {
-            return;
-        }
-        if seen.len() >= Self::REALMS {
-            seen.clear();
-        }
-        seen.insert(realm.to_owned());
-    }
-}
-
 /// How many log entries one [`PRUNE`] deletes at most.
 pub(crate) const PRUNE_BATCH: i64 = 64;
 
 /// Deletes realm `$1`'s log entries older than `$2` seconds among its [`PRUNE_BATCH`] oldest,
-/// and notes the newest number deleted in the realm's row (`pruned_through`; the row is
-/// inserted if it went missing, so that no prune goes unnoted); answers how
+/// and notes the newest number deleted in the realm's row (`pruned_through`; the record
+/// before it in the transaction made sure the row exists); answers how
 /// many it deleted. Sent after the guard's record in a module invalidation of the realm, when
 /// the [`PruneGate`] says the realm is due (nothing when [`apply!`] is off). Never the entry
 /// this transaction records (with a horizon near zero it would be old enough already): the
@@ -286,12 +248,9 @@ pub(crate) const PRUNE: &str = concat!(
     " AND ",
     apply!(),
     " RETURNING seq), \
-     u AS (INSERT INTO _S_modules_guard_realm AS w (realm, noted, pruned_through) \
-         SELECT $1, ",
-    taken!(),
-    ", max(seq) FROM gone HAVING count(*) > 0 \
-         ON CONFLICT ((md5(realm))) \
-         DO UPDATE SET pruned_through = greatest(w.pruned_through, EXCLUDED.pruned_through)) \
+     u AS (UPDATE _S_modules_guard_realm \
+         SET pruned_through = greatest(pruned_through, (SELECT max(seq) FROM gone)) \
+         WHERE md5(realm) = md5($1) AND realm = $1 AND EXISTS (SELECT 1 FROM gone)) \
      SELECT count(*) FROM gone"
 );
 
@@ -411,20 +370,6 @@ mod tests {
         let soon = PruneGate::new(Duration::ZERO);
         soon.checked("a", 0);
         assert!(soon.due("a"), "the period has passed");
-    }
-
-    #[test]
-    fn realm_rows_are_remembered_once_written_up_to_a_bound() {
-        let rows = RealmRows::default();
-        assert!(!rows.seen("a"), "never written");
-        rows.written("a");
-        assert!(rows.seen("a"));
-        assert!(!rows.seen("b"));
-        for realm in 0..RealmRows::REALMS {
-            rows.written(&realm.to_string());
-        }
-        assert!(!rows.seen("a"), "started over");
-        assert_eq!(rows.seen.lock().unwrap().len(), 1);
     }
 
     #[test]

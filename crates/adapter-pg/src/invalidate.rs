@@ -228,32 +228,19 @@ pub(crate) const LEAF: &str = concat!("SELECT ok FROM (", leaf_sql!(), ") AS lea
 /// statement's snapshot, taken after the lock as [`LEAF`]'s is, and each waits on the check
 /// (a one-time filter: nothing is read when it fails). The check turns `deflookup.apply`
 /// off for the statements after it (the prune, the NOTIFY).
-pub(crate) const LEAF_TAIL: &str = leaf_tail_sql!("");
-
-/// [`LEAF_TAIL`] for a realm whose guard row this process has not seen written: the record
-/// is [`guard::RECORD_MODULES_FIRST`]'s.
-pub(crate) const LEAF_TAIL_FIRST: &str =
-    leaf_tail_sql!(guard::realm_row_cte!("(SELECT ok FROM leaf)"), ", ");
-
-/// [`LEAF_TAIL`]'s text, with `$record…` (`WITH` parts, each followed by a comma) before the
-/// log entry.
-macro_rules! leaf_tail_sql {
-    ($($record:expr),*) => {
-        concat!(
-            "WITH leaf AS MATERIALIZED (",
-            leaf_sql!(),
-            "), ",
-            $($record,)*
-            guard::log_entry_cte!("(SELECT ok FROM leaf)"),
-            ", d AS (DELETE FROM _S_modules WHERE ",
-            crate::sql::in_realm!(),
-            named_by_hash_or_alias!(),
-            " AND (SELECT ok FROM leaf) RETURNING 1) \
-             SELECT (SELECT count(*) FROM d), (SELECT ok FROM leaf)"
-        )
-    };
-}
-use leaf_tail_sql;
+pub(crate) const LEAF_TAIL: &str = concat!(
+    "WITH leaf AS MATERIALIZED (",
+    leaf_sql!(),
+    "), ",
+    guard::realm_row_cte!("(SELECT ok FROM leaf)"),
+    ", ",
+    guard::log_entry_cte!("(SELECT ok FROM leaf)"),
+    ", d AS (DELETE FROM _S_modules WHERE ",
+    crate::sql::in_realm!(),
+    named_by_hash_or_alias!(),
+    " AND (SELECT ok FROM leaf) RETURNING 1) \
+     SELECT (SELECT count(*) FROM d), (SELECT ok FROM leaf)"
+);
 
 /// The `url_hash` of each URL, as Postgres computes it (`md5(url)`: the lowercase hex digest
 /// of its UTF-8 bytes).
@@ -398,9 +385,6 @@ pub(crate) struct Plan<'a> {
     pub(crate) horizon_secs: f64,
     /// With the guard, for a module invalidation: also [`guard::PRUNE`] the realm's log.
     pub(crate) prune: bool,
-    /// With the guard: the realm's guard row was seen written (`guard::RealmRows`), so a
-    /// module's record is its log entry alone.
-    pub(crate) realm_row: bool,
 }
 
 /// The statements opening a transaction, after `BEGIN`.
@@ -605,16 +589,10 @@ async fn flight(
         if one_statement {
             at.leaf = Some((flight.len(), 1));
             at.deletes.push(flight.len());
-            let leaf_tail = if tail.plan.realm_row { &sql.leaf_tail } else { &sql.leaf_tail_first };
-            flight.push(on.query(leaf_tail, &leaf_tail_params));
+            flight.push(on.query(&sql.leaf_tail, &leaf_tail_params));
         } else if tail.plan.guarded {
             if is_modules && list.len() <= GUARD_PER_URL_LIMIT {
-                let record = if tail.plan.realm_row {
-                    &sql.record_modules
-                } else {
-                    &sql.record_modules_first
-                };
-                flight.push(on.query(record, &record_modules_params));
+                flight.push(on.query(&sql.record_modules, &record_modules_params));
             } else {
                 flight.push(on.query(&sql.record_clear, &record_clear_params));
             }
@@ -687,17 +665,13 @@ pub(crate) async fn run(
         (true, _) => &sql.open_realm,
     };
     let mut all = vec![&sql.begin, &sql.commit, open, &sql.notify_all, &sql.notify_seq];
-    let (leaf_tail, record_modules) = match plan.realm_row {
-        true => (&sql.leaf_tail, &sql.record_modules),
-        false => (&sql.leaf_tail_first, &sql.record_modules_first),
-    };
     all.extend(match request {
         Invalidation::Modules { .. } => vec![
             &sql.leaf,
-            leaf_tail,
+            &sql.leaf_tail,
             &sql.consumers_limited,
             &sql.realm_graph,
-            record_modules,
+            &sql.record_modules,
             &sql.prune,
             &sql.record_clear,
             &sql.delete_modules,

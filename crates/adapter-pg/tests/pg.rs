@@ -101,7 +101,7 @@ async fn the_table_matches_the_spec_and_creation_is_idempotent_under_concurrency
         .map(|r| r.get(0))
         .collect();
     assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7], "each migration recorded once");
-    // The realm rows' pages keep room for the versions every invalidation leaves (schema 6).
+    // The realm rows' pages keep room for the versions their updates leave (schema 6).
     let options: Option<Vec<String>> = client
         .query_one(
             "SELECT reloptions FROM pg_class WHERE oid = 'modules_guard_realm'::regclass",
@@ -747,12 +747,11 @@ async fn an_invalidation_never_prunes_its_own_entry() {
     assert_eq!(pruned_through(&client).await, first[0]);
 }
 
-/// A module invalidation writes its realm's row only while this process has not seen it
-/// written: the realm's newest number is its newest log entry. A load stamped after an
-/// invalidation that left the row alone is past that invalidation, and so is a listener that
-/// starts then.
+/// A module invalidation writes its realm's row only when the realm has none: the realm's
+/// newest number is its newest log entry. A load stamped after an invalidation that left the
+/// row alone is past that invalidation, and so is a listener that starts then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_module_invalidation_writes_its_realm_row_once_and_stamps_read_the_log() {
+async fn a_module_invalidation_writes_a_missing_realm_row_only_and_stamps_read_the_log() {
     let Some(config) = config("realm row once") else { return };
     let db = PgAdapter::connect(config.clone()).await.unwrap();
     let client = raw_client(&config).await;
@@ -774,24 +773,6 @@ async fn a_module_invalidation_writes_its_realm_row_once_and_stamps_read_the_log
     let newest = *log_numbers(&client).await.iter().max().unwrap();
     let now = GuardLog::new(&config).now(&client).await.unwrap();
     assert_eq!(now.mark(REALM), newest, "a listener starting now is past the second invalidation");
-}
-
-/// A prune notes the newest number it deleted in the realm's row even when the row is gone
-/// (deleted by hand after this process saw it written): a load stamped before the pruned
-/// entries is still refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prune_notes_itself_in_a_realm_row_deleted_by_hand() {
-    let Some(config) = config("prune row") else { return };
-    let db = PgAdapter::connect(config.clone().guard_horizon(Duration::ZERO)).await.unwrap();
-    let client = raw_client(&config).await;
-    let card = entry(REALM, "card.gts", &[]);
-    let stamp = db.begin_load(REALM, &card.url).await.unwrap();
-    db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
-    let first = log_numbers(&client).await;
-    client.execute("DELETE FROM modules_guard_realm", &[]).await.unwrap();
-    db.apply_invalidation(&modules(&["b.gts"])).await.unwrap();
-    assert_eq!(pruned_through(&client).await, first[0], "the row is back, noting the prune");
-    assert_eq!(db.upsert(&card, stamp).await.unwrap(), PersistOutcome::Stale);
 }
 
 /// A process that hears nothing (its listener is disconnected, or it has none) renders a

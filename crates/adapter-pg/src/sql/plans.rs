@@ -54,12 +54,10 @@ const INVALIDATION: &[&str] = &[
     "open_global",
     "leaf",
     "leaf_tail",
-    "leaf_tail_first",
     "consumers",
     "consumers_limited",
     "realm_graph",
     "record_modules",
-    "record_modules_first",
     "prune",
     "record_clear",
     "delete_modules",
@@ -114,7 +112,7 @@ fn arguments(name: &str, types: &[Type], wide: bool) -> Vec<String> {
     let (scope, user) = match name {
         // Names nobody consumes (m1999: rows depend on m(i/2) up to m1000), and their hashes,
         // so that the check passes and the record and the DELETE run too.
-        "leaf_tail" | "leaf_tail_first" => {
+        "leaf_tail" => {
             let names: Vec<String> = std::iter::once("http://plans.test/r1/m1999.gts".to_owned())
                 .chain(
                     (0..if wide { 49 } else { 0 })
