@@ -10,7 +10,7 @@
 //!   number, the URLs), a whole-realm clear in its realm's row (`modules_guard_realm`:
 //!   `cleared`, and `noted`, the newest number the row itself records; the row `''` is the
 //!   global scope). A realm's newest number is the greater of its row's `noted` and its
-//!   newest log entry (see [`newest_entry!`]): a module invalidation writes its log entry, and
+//!   newest log entry (see `newest_entry!`): a module invalidation writes its log entry, and
 //!   the realm's row only when the realm has none yet.
 //! - A load records its *stamp* when it starts: the newest committed sequence of its realm
 //!   and of the global scope.
@@ -155,7 +155,7 @@ macro_rules! newest_entry {
 }
 
 /// The stamp of a load in realm `$1`: the newest number recorded for the realm or for the
-/// global scope (see [`newest_entry!`]).
+/// global scope (see `newest_entry!`).
 pub(crate) const STAMP: &str = concat!(
     "SELECT greatest((SELECT coalesce(max(noted), 0) FROM _S_modules_guard_realm \
          WHERE md5(realm) IN (md5($1), md5('')) AND realm IN ($1, '')), \
@@ -164,7 +164,7 @@ pub(crate) const STAMP: &str = concat!(
     ", 0))"
 );
 
-/// Every realm's row with its newest number, `latest` (see [`newest_entry!`]), as the `FROM`
+/// Every realm's row with its newest number, `latest` (see `newest_entry!`), as the `FROM`
 /// of a query: `g` is the row.
 macro_rules! realms_newest {
     () => {
@@ -179,7 +179,7 @@ macro_rules! realms_newest {
 /// Records a module fan-out as one entry of the log: `$1` realm, `$2` its URLs; the number is
 /// the one [`OPEN_REALM`] took. The realm's row is inserted if it is missing (under the
 /// realm's lock nobody else writes it) and otherwise left alone: the realm's newest number is
-/// read from the log (see [`newest_entry!`]), and a listener catching up finds realms by their
+/// read from the log (see `newest_entry!`), and a listener catching up finds realms by their
 /// rows ([`LOG_SINCE`]). Nothing when [`apply!`] is off.
 ///
 /// An entry's `at` is its statement's start, after the lock: within a realm, `at` grows with
@@ -343,7 +343,7 @@ pub(crate) const LOG_SINCE: &str = concat!(
      WHERE r.latest > r.mark OR r.latest < r.own"
 );
 
-/// Every realm and its newest number (see [`newest_entry!`]): where a listener that starts
+/// Every realm and its newest number (see `newest_entry!`): where a listener that starts
 /// now stands.
 pub(crate) const LOG_NOW: &str =
     concat!("SELECT g.realm, greatest(g.noted, coalesce(n.seq, 0)) FROM ", realms_newest!());
