@@ -116,7 +116,7 @@ impl GuardLog {
         let prefix = config.get_schema().map(|s| format!("{s}.")).unwrap_or_default();
         GuardLog {
             since: guard::LOG_SINCE.replace(SCHEMA, &prefix),
-            latest: guard::LOG_NOW.replace(SCHEMA, &prefix),
+            latest: "SELECT realm, latest FROM _S_modules_guard_realm".replace(SCHEMA, &prefix),
         }
     }
 

@@ -116,14 +116,6 @@ const MIGRATIONS: &[(&str, &str)] = &[
     DROP TABLE _S_modules_guard;
     ALTER TABLE _S_modules_guard_realm SET (fillfactor = 10);",
     ),
-    // 7: a module invalidation no longer updates its realm's row (it inserts it when missing):
-    // the realm's newest number is the greater of what the row notes (clears, fan-outs
-    // recorded as clears, its first record) and the realm's newest log entry, which the
-    // `(md5(realm), seq)` index answers. Updating the row cost a leaf invalidation 48 000 of
-    // its 906 000 server instructions (callgrind). The column is
-    // renamed so that a process of an older version, which would take the row for the
-    // realm's newest number, fails its statements instead of reading a stale one.
-    ("", "ALTER TABLE _S_modules_guard_realm RENAME COLUMN latest TO noted;"),
 ];
 
 /// The newest schema version this build knows.

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use adapter_pg::{GuardLog, PgAdapter, PgConfig, parse_payload};
+use adapter_pg::{PgAdapter, PgConfig, parse_payload};
 use behaviour_suite::{bounded, database_url, unique_name};
 use lookup_core::{CacheEntry, CacheScope, DbAdapter, Invalidation, LoadStamp, RowStore};
 use tokio::sync::mpsc;
@@ -100,8 +100,8 @@ async fn the_table_matches_the_spec_and_creation_is_idempotent_under_concurrency
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7], "each migration recorded once");
-    // The realm rows' pages keep room for the versions their updates leave (schema 6).
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6], "each migration recorded once");
+    // The realm rows' pages keep room for the versions every invalidation leaves (schema 6).
     let options: Option<Vec<String>> = client
         .query_one(
             "SELECT reloptions FROM pg_class WHERE oid = 'modules_guard_realm'::regclass",
@@ -747,34 +747,6 @@ async fn an_invalidation_never_prunes_its_own_entry() {
     assert_eq!(pruned_through(&client).await, first[0]);
 }
 
-/// A module invalidation writes its realm's row only when the realm has none: the realm's
-/// newest number is its newest log entry. A load stamped after an invalidation that left the
-/// row alone is past that invalidation, and so is a listener that starts then.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_module_invalidation_writes_a_missing_realm_row_only_and_stamps_read_the_log() {
-    let Some(config) = config("realm row once") else { return };
-    let db = PgAdapter::connect(config.clone()).await.unwrap();
-    let client = raw_client(&config).await;
-    let row = || async {
-        let sql = "SELECT ctid::text, noted FROM modules_guard_realm WHERE realm = $1";
-        let row = client.query_opt(sql, &[&REALM]).await.unwrap();
-        row.map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
-    };
-    let card = entry(REALM, "card.gts", &[]);
-    db.apply_invalidation(&modules(&["a.gts"])).await.unwrap();
-    let first = row().await.expect("the realm's row, written by its first invalidation");
-    assert_eq!(first.1, log_numbers(&client).await[0], "noting the first number");
-    let before = db.begin_load(REALM, &card.url).await.unwrap();
-    db.apply_invalidation(&modules(&["card.gts"])).await.unwrap();
-    assert_eq!(row().await, Some(first.clone()), "the second invalidation left the row as it was");
-    assert_eq!(db.upsert(&card, before).await.unwrap(), PersistOutcome::Stale);
-    let after = db.begin_load(REALM, &card.url).await.unwrap();
-    assert_eq!(db.upsert(&card, after).await.unwrap(), PersistOutcome::Written);
-    let newest = *log_numbers(&client).await.iter().max().unwrap();
-    let now = GuardLog::new(&config).now(&client).await.unwrap();
-    assert_eq!(now.mark(REALM), newest, "a listener starting now is past the second invalidation");
-}
-
 /// A process that hears nothing (its listener is disconnected, or it has none) renders a
 /// module while a peer invalidates it. With the guard its stale render is refused and re-run;
 /// without it (the control) the stale render lands.
@@ -1245,7 +1217,6 @@ async fn a_version_3_schema_is_upgraded_to_take_urls_of_any_length() {
              CREATE INDEX modules_resolved_realm_url_index ON modules (resolved_realm_url);
              DROP INDEX modules_guard_realm_key;
              ALTER TABLE modules_guard_realm ADD PRIMARY KEY (realm);
-             ALTER TABLE modules_guard_realm RENAME COLUMN noted TO latest;
              DELETE FROM deflookup_schema_version WHERE version >= 4;",
         )
         .await
@@ -1304,7 +1275,6 @@ async fn a_version_5_schema_is_upgraded_and_its_records_still_guard() {
              CREATE INDEX modules_guard_age_index ON modules_guard (md5(realm), at);
              CREATE INDEX modules_guard_seq_index ON modules_guard (md5(realm), seq);
              DELETE FROM deflookup_schema_version WHERE version >= 6;
-             ALTER TABLE modules_guard_realm RENAME COLUMN noted TO latest;
              INSERT INTO modules_guard (realm, url, seq)
                  SELECT '{REALM}', u, nextval('modules_guard_seq')
                  FROM (VALUES ('{url}'), ('{REALM}other.gts')) AS v(u);
@@ -1322,32 +1292,6 @@ async fn a_version_5_schema_is_upgraded_and_its_records_still_guard() {
     assert_eq!(db.upsert(&card, stamp).await.unwrap(), PersistOutcome::Stale);
     let fresh = db.begin_load(REALM, &card.url).await.unwrap();
     assert_eq!(db.upsert(&card, fresh).await.unwrap(), PersistOutcome::Written);
-}
-
-/// Version 7 reads a realm's newest number from its log instead of a column every invalidation
-/// updated. The column is renamed, so that a process of version 6 still running fails instead
-/// of reading a number that no longer grows; the numbers it holds still count.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_version_6_schema_is_upgraded_and_its_realm_numbers_still_count() {
-    let Some(config) = config("upgrade to 7") else { return };
-    PgAdapter::connect(config.clone()).await.expect("a current schema");
-    // Back to version 6, holding a clear of the realm recorded as version 6 records one.
-    let client = raw_client(&config).await;
-    client
-        .batch_execute(&format!(
-            "ALTER TABLE modules_guard_realm RENAME COLUMN noted TO latest;
-             DELETE FROM deflookup_schema_version WHERE version >= 7;
-             INSERT INTO modules_guard_realm (realm, latest, cleared)
-                 SELECT '{REALM}', s, s FROM nextval('modules_guard_seq') AS n(s);",
-        ))
-        .await
-        .expect("downgrade to version 6");
-    let db = PgAdapter::connect(config.clone()).await.expect("upgrade to version 7");
-    let card = entry(REALM, "card.gts", &[]);
-    let stamp = db.begin_load(REALM, &card.url).await.unwrap();
-    assert_eq!(db.upsert(&card, stamp).await.unwrap(), PersistOutcome::Written, "past the clear");
-    let old = client.query("SELECT latest FROM modules_guard_realm", &[]).await;
-    assert!(old.is_err(), "version 6's reading of the realm's number fails");
 }
 
 /// A build facing a schema newer than it knows refuses to start, saying so, rather than run

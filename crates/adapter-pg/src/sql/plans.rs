@@ -206,7 +206,7 @@ async fn every_statement_reads_only_its_rows() {
              FROM generate_series(1, 8000) AS i, LATERAL (SELECT CASE WHEN i % 4 = 1 \
                  THEN 'http://plans.test/r1/' \
                  ELSE 'http://plans.test/s' || (i % 300) || '/' END) AS r(realm); \
-             INSERT INTO {schema}.modules_guard_realm (realm, noted) \
+             INSERT INTO {schema}.modules_guard_realm (realm, latest) \
              SELECT 'http://plans.test/r' || i || '/', 4000 FROM generate_series(0, 1999) AS i; \
              ANALYZE {schema}.modules, {schema}.modules_guard_log, {schema}.modules_guard_realm; \
              SELECT nextval('{schema}.modules_guard_seq')"
