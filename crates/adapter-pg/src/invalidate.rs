@@ -282,6 +282,17 @@ pub(crate) const NOTIFY_SEQ: &str = concat!(
     guard::apply!()
 );
 
+/// [`NOTIFY_SEQ`] for one payload, `$2`, sent without its placeholder number and `}` (the last
+/// [`PLACEHOLDER_TAIL`] characters), which the statement puts back with the number: a module's
+/// own invalidation has one payload, and this costs the server about 17 000 instructions less
+/// than taking it apart with `unnest` and `CASE` (counted with callgrind).
+pub(crate) const NOTIFY_SEQ_ONE: &str =
+    concat!("SELECT pg_notify($1, $2 || ", guard::taken!(), " || '}') WHERE ", guard::apply!());
+
+/// How many characters end the last payload after `"s":`: [`SEQ_PLACEHOLDER`]'s 19 digits and
+/// `}`.
+const PLACEHOLDER_TAIL: usize = 20;
+
 /// The number the payloads are encoded with before it is known: the widest an `i64` prints
 /// (19 digits), so that every chunk still fits once the real number replaces it.
 const SEQ_PLACEHOLDER: i64 = i64::MAX;
@@ -559,6 +570,8 @@ async fn flight(
     let leaf_tail_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
     // Set once the payloads are encoded (see `Tail::sends_before_encoding`).
     let notify_params: std::sync::OnceLock<[&(dyn ToSql + Sync); 2]> = std::sync::OnceLock::new();
+    // A single payload without its placeholder number (`NOTIFY_SEQ_ONE`).
+    let notify_cut: std::sync::OnceLock<&str> = std::sync::OnceLock::new();
     let on = On { sql, client: c, prepared };
     let mut at = Positions::default();
     let mut flight: Flight<'_, _> = Flight::new(Vec::new());
@@ -630,8 +643,15 @@ async fn flight(
         if let Some((channel, payloads, with_seq)) = tail.notify()
             && !payloads.is_empty()
         {
-            let notify = if *with_seq { &sql.notify_seq } else { &sql.notify_all };
-            let params = notify_params.get_or_init(|| [channel, payloads]);
+            let (notify, params) = match (with_seq, payloads.as_slice()) {
+                (true, [payload]) => {
+                    let cut =
+                        notify_cut.get_or_init(|| &payload[..payload.len() - PLACEHOLDER_TAIL]);
+                    (&sql.notify_seq_one, notify_params.get_or_init(|| [channel, cut]))
+                }
+                (true, _) => (&sql.notify_seq, notify_params.get_or_init(|| [channel, payloads])),
+                (false, _) => (&sql.notify_all, notify_params.get_or_init(|| [channel, payloads])),
+            };
             at.broadcast = Some(flight.len());
             flight.push(on.query(notify, params));
         }
@@ -662,7 +682,8 @@ pub(crate) async fn run(
         (true, Invalidation::Global) => &sql.open_global,
         (true, _) => &sql.open_realm,
     };
-    let mut all = vec![&sql.begin, &sql.commit, open, &sql.notify_all, &sql.notify_seq];
+    let mut all =
+        vec![&sql.begin, &sql.commit, open, &sql.notify_all, &sql.notify_seq, &sql.notify_seq_one];
     all.extend(match request {
         Invalidation::Modules { .. } => vec![
             &sql.leaf,
@@ -836,6 +857,7 @@ mod tests {
     #[test]
     fn notify_seq_cuts_exactly_the_placeholder() {
         let tail = format!("{SEQ_PLACEHOLDER}}}");
+        assert_eq!(tail.len(), PLACEHOLDER_TAIL);
         assert!(NOTIFY_SEQ.contains(&format!("left(p, -{})", tail.len())), "{NOTIFY_SEQ}");
         for invalidation in [
             Invalidation::Global,

@@ -69,6 +69,7 @@ const INVALIDATION: &[&str] = &[
     "delete_all",
     "notify_all",
     "notify_seq",
+    "notify_seq_one",
 ];
 
 /// The tables whose scans are checked.
