@@ -240,6 +240,12 @@ pub(crate) const LEAF_TAIL: &str = concat!(
      SELECT (SELECT count(*) FROM d), (SELECT ok FROM leaf)"
 );
 
+/// Whether a module invalidation of `names` names, nothing known yet of their consumers,
+/// checks, records and deletes in one statement ([`LEAF_TAIL`]): with the guard, for a few.
+fn one_statement(guarded: bool, names: usize) -> bool {
+    guarded && names <= FEW_NAMES
+}
+
 /// The `url_hash` of each URL, as Postgres computes it (`md5(url)`: the lowercase hex digest
 /// of its UTF-8 bytes).
 pub(crate) fn url_hashes(urls: &[String]) -> Vec<String> {
@@ -564,7 +570,7 @@ async fn flight(
     // check, the record and the DELETE in one statement (`LEAF_TAIL`).
     // (`leaf` is set only for a module's names, and the tail of the same flight is theirs.)
     let one_statement = match (head, tail) {
-        (Some(head), Some(_)) => head.leaf.is_some() && head.guarded && list.len() <= FEW_NAMES,
+        (Some(head), Some(_)) => head.leaf.is_some() && one_statement(head.guarded, list.len()),
         _ => false,
     };
     let leaf_tail_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
@@ -674,35 +680,47 @@ pub(crate) async fn run(
     let before = |e| Failure::Invalidation(query_error("invalidate")(e));
     let tx = Checkout::new(client);
     let c = tx.client();
-    // Every statement this invalidation may send is prepared first (free once cached on the
+    // Each transaction's statements are prepared before it begins (free once cached on the
     // connection), so that a fresh connection pays for preparing before it holds the realm's
-    // lock, not under it.
+    // lock, not under it; only the first transaction's now, since most invalidations end
+    // there (each statement looked up costs the client a hash of its whole text).
     let open = match (plan.guarded, request) {
         (false, _) => &sql.settings,
         (true, Invalidation::Global) => &sql.open_global,
         (true, _) => &sql.open_realm,
     };
-    let mut all =
+    // What a second transaction may send besides these, once the closure is known.
+    let fan_out_statements = [
+        &sql.consumers_limited,
+        &sql.realm_graph,
+        &sql.record_modules,
+        &sql.prune,
+        &sql.record_clear,
+        &sql.delete_modules,
+        &sql.delete_by_hash,
+        &sql.delete_by_alias,
+        &sql.delete_in_realm,
+        &sql.delete_named_in_realm,
+    ];
+    let mut first =
         vec![&sql.begin, &sql.commit, open, &sql.notify_all, &sql.notify_seq, &sql.notify_seq_one];
-    all.extend(match request {
-        Invalidation::Modules { .. } => vec![
-            &sql.leaf,
-            &sql.leaf_tail,
-            &sql.consumers_limited,
-            &sql.realm_graph,
-            &sql.record_modules,
-            &sql.prune,
-            &sql.record_clear,
-            &sql.delete_modules,
-            &sql.delete_by_hash,
-            &sql.delete_by_alias,
-            &sql.delete_in_realm,
-            &sql.delete_named_in_realm,
-        ],
-        Invalidation::Realm { .. } => vec![&sql.record_clear, &sql.delete_realm],
-        Invalidation::Global => vec![&sql.record_clear, &sql.delete_all],
-    });
-    let prepared = sql.prepared(c, &all).await.map_err(before)?;
+    let leaf_tail = match request {
+        Invalidation::Modules { urls, .. } => one_statement(plan.guarded, urls.len()),
+        _ => false,
+    };
+    match request {
+        Invalidation::Modules { .. } if leaf_tail => {
+            first.push(&sql.leaf_tail);
+            first.extend(plan.prune.then_some(&sql.prune));
+        }
+        Invalidation::Modules { .. } => {
+            first.push(&sql.leaf);
+            first.extend(fan_out_statements);
+        }
+        Invalidation::Realm { .. } => first.extend([&sql.record_clear, &sql.delete_realm]),
+        Invalidation::Global => first.extend([&sql.record_clear, &sql.delete_all]),
+    }
+    let prepared = sql.prepared(c, &first).await.map_err(before)?;
     let (realm, names): (&str, &[String]) = match request {
         Invalidation::Modules { realm_url, urls } => (realm_url, urls),
         Invalidation::Realm { realm_url } => (realm_url, &[]),
@@ -728,6 +746,10 @@ pub(crate) async fn run(
     }
 
     // Consumers: their closure under the lock of a second transaction, then the fan-out.
+    let prepared = match leaf_tail {
+        true => prepared.and(sql.prepared(c, &fan_out_statements).await.map_err(before)?),
+        false => prepared,
+    };
     let (mut replies, at) = flight(sql, c, &prepared, Some(&head(false)), None).await;
     if let Some((_, error)) = first_failure(&mut replies) {
         return Err(before(error));

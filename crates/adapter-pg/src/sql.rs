@@ -114,7 +114,13 @@ pub(crate) struct Prepared<'s> {
     statements: Vec<(&'s Stmt, tokio_postgres::Statement)>,
 }
 
-impl Prepared<'_> {
+impl<'s> Prepared<'s> {
+    /// These and `more`.
+    pub(crate) fn and(mut self, more: Prepared<'s>) -> Prepared<'s> {
+        self.statements.extend(more.statements);
+        self
+    }
+
     /// The prepared form of `statement`, if it is among these (found by identity: a few
     /// pointer comparisons instead of hashing its text).
     fn get(&self, statement: &Stmt) -> Option<tokio_postgres::Statement> {
