@@ -574,6 +574,8 @@ async fn flight(
         _ => false,
     };
     let leaf_tail_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
+    // Without a prune, that statement needs fewer settings (`guard::OPEN_REALM_LEAF`).
+    let lean = one_statement && tail.is_some_and(|tail| !tail.plan.prune);
     // Set once the payloads are encoded (see `Tail::sends_before_encoding`).
     let notify_params: std::sync::OnceLock<[&(dyn ToSql + Sync); 2]> = std::sync::OnceLock::new();
     // A single payload without its placeholder number (`NOTIFY_SEQ_ONE`).
@@ -586,6 +588,8 @@ async fn flight(
         at.open = Some(flight.len());
         if head.guarded && head.global {
             flight.push(on.query(&sql.open_global, &global_lock));
+        } else if head.guarded && lean {
+            flight.push(on.query(&sql.open_realm_leaf, &realm_lock));
         } else if head.guarded {
             flight.push(on.query(&sql.open_realm, &realm_lock));
         } else {
@@ -689,8 +693,13 @@ pub(crate) async fn run(
         (true, Invalidation::Global) => &sql.open_global,
         (true, _) => &sql.open_realm,
     };
+    let leaf_tail = match request {
+        Invalidation::Modules { urls, .. } => one_statement(plan.guarded, urls.len()),
+        _ => false,
+    };
     // What a second transaction may send besides these, once the closure is known.
     let fan_out_statements = [
+        open,
         &sql.consumers_limited,
         &sql.realm_graph,
         &sql.record_modules,
@@ -702,12 +711,15 @@ pub(crate) async fn run(
         &sql.delete_in_realm,
         &sql.delete_named_in_realm,
     ];
-    let mut first =
-        vec![&sql.begin, &sql.commit, open, &sql.notify_all, &sql.notify_seq, &sql.notify_seq_one];
-    let leaf_tail = match request {
-        Invalidation::Modules { urls, .. } => one_statement(plan.guarded, urls.len()),
-        _ => false,
-    };
+    let first_open = if leaf_tail && !plan.prune { &sql.open_realm_leaf } else { open };
+    let mut first = vec![
+        &sql.begin,
+        &sql.commit,
+        first_open,
+        &sql.notify_all,
+        &sql.notify_seq,
+        &sql.notify_seq_one,
+    ];
     match request {
         Invalidation::Modules { .. } if leaf_tail => {
             first.push(&sql.leaf_tail);
