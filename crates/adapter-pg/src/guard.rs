@@ -156,9 +156,10 @@ pub(crate) const STAMP: &str = "SELECT coalesce(max(latest), 0) FROM _S_modules_
      WHERE md5(realm) IN (md5($1), md5('')) AND realm IN ($1, '')";
 
 /// Records a module fan-out as one entry of the log: `$1` realm, `$2` its URLs; the number is
-/// the one [`OPEN_REALM`] took. In the same statement, the realm's row notes the number, by
-/// an upsert (under the realm's lock nobody else writes the row). Nothing when [`apply!`] is
-/// off.
+/// the one [`OPEN_REALM`] (or [`OPEN_REALM_LEAF`]) took. In the same statement, the realm's
+/// row notes the number, by an upsert (under the realm's lock nobody else writes the row; its
+/// arbiter is the rows' unique `md5(realm)`, as for [`RECORD_CLEAR`], so two realm URLs with
+/// one md5 would share a row). Nothing when [`apply!`] is off.
 ///
 /// One upsert rather than an UPDATE and an INSERT for a missing row: each data-modifying part
 /// costs the executor its start-up (opening the table and its index) whether or not it

@@ -290,8 +290,8 @@ pub(crate) const NOTIFY_SEQ: &str = concat!(
 
 /// [`NOTIFY_SEQ`] for one payload, `$2`, sent without its placeholder number and `}` (the last
 /// [`PLACEHOLDER_TAIL`] characters), which the statement puts back with the number: a module's
-/// own invalidation has one payload, and this costs the server about 17 000 instructions less
-/// than taking it apart with `unnest` and `CASE` (counted with callgrind).
+/// own invalidation has one payload (and so has a clear), and this costs the server about
+/// 17 000 instructions less than taking it apart with `unnest` and `CASE` (callgrind).
 pub(crate) const NOTIFY_SEQ_ONE: &str =
     concat!("SELECT pg_notify($1, $2 || ", guard::taken!(), " || '}') WHERE ", guard::apply!());
 

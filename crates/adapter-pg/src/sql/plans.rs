@@ -237,26 +237,31 @@ async fn every_statement_reads_only_its_rows() {
             }
             let types: Vec<String> = statement.types.iter().map(ToString::to_string).collect();
             let args = arguments(name, &statement.types, wide);
-            let prepared = format!("p{pass}_{index}");
-            let prepare = if types.is_empty() {
-                format!("PREPARE {prepared} AS {}", statement.text)
-            } else {
-                format!("PREPARE {prepared} ({}) AS {}", types.join(", "), statement.text)
-            };
-            client.batch_execute(&prepare).await.unwrap_or_else(|e| panic!("{name}: {e:?}"));
-            let execute = if args.is_empty() {
-                format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {prepared}")
-            } else {
-                format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {prepared} ({})", args.join(", "))
-            };
-            // A module's own invalidation runs with fewer settings when no prune is due.
+            // A module's own invalidation runs with fewer settings when no prune is due, and
+            // the generic plan a connection keeps is made under whichever came first: each set
+            // gets a statement of its own, planned under it.
             let settings: &[Option<&str>] = match *name {
                 "leaf_tail" => &[Some(&sql.settings.text), Some(guard::LEAF_SETTINGS)],
                 _ if INVALIDATION.contains(name) => &[Some(&sql.settings.text)],
                 _ => &[None],
             };
             let mut found = Vec::new();
-            for settings in settings {
+            for (set, settings) in settings.iter().enumerate() {
+                let prepared = format!("p{pass}_{index}_{set}");
+                let prepare = if types.is_empty() {
+                    format!("PREPARE {prepared} AS {}", statement.text)
+                } else {
+                    format!("PREPARE {prepared} ({}) AS {}", types.join(", "), statement.text)
+                };
+                client.batch_execute(&prepare).await.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                let execute = if args.is_empty() {
+                    format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {prepared}")
+                } else {
+                    format!(
+                        "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {prepared} ({})",
+                        args.join(", ")
+                    )
+                };
                 client.batch_execute("BEGIN").await.expect("begin");
                 if let Some(settings) = settings {
                     client.batch_execute(settings).await.expect("settings");
