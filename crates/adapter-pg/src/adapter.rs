@@ -455,6 +455,36 @@ mod tests {
         row.get(0)
     }
 
+    /// Each connection runs only the statements it prepared itself: two at once each prepare
+    /// their own, and a connection closed and replaced, again and again (its successor may be
+    /// given the same memory), leaves nothing its successor would take for its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_connection_runs_the_statements_it_prepared() {
+        let Some(url) = behaviour_suite::database_url("statements per connection") else {
+            return;
+        };
+        let schema = behaviour_suite::unique_name("stmts");
+        let adapter = PgAdapter::connect(PgConfig::new(url).schema(schema).pool_size(2))
+            .await
+            .expect("connect");
+        let sql = &adapter.sql;
+        async fn count(sql: &Sql, client: &Object) {
+            sql.query(client, &sql.row_count, &[]).await.expect("row count");
+        }
+        let (a, b) = (adapter.client("t").await.unwrap(), adapter.client("t").await.unwrap());
+        count(sql, &a).await;
+        count(sql, &b).await;
+        assert_eq!(sql.connections(), 2);
+        drop((a, b));
+        for turn in 0..20 {
+            let client = adapter.client("t").await.expect("a connection");
+            count(sql, &client).await;
+            // Out of the pool and closed: the next turn opens a new connection.
+            drop(Object::take(client));
+            assert!(sql.connections() <= 3, "turn {turn}: {} tables", sql.connections());
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_pool_hands_out_the_connection_returned_last() {
         let Some(url) = behaviour_suite::database_url("pool order") else { return };

@@ -217,10 +217,10 @@ async fn every_statement_reads_only_its_rows() {
         .expect("fill the tables");
 
     let sql = Sql::new(Some(&schema), false, "diagnostics");
-    let log_since = Stmt {
-        text: guard::LOG_SINCE.replace(SCHEMA, &format!("{schema}.")),
-        types: vec![Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::INT8],
-    };
+    let log_since = Stmt::unlisted(
+        guard::LOG_SINCE.replace(SCHEMA, &format!("{schema}.")),
+        vec![Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::INT8],
+    );
     let mut statements = sql.named();
     statements.push(("log_since", &log_since));
     let mut wasteful = Vec::new();
