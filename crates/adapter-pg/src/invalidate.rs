@@ -37,7 +37,7 @@ use tokio_postgres::types::{Json, ToSql};
 
 use crate::error::PgError;
 use crate::guard;
-use crate::sql::{Flight, Prepared, Sql, Stmt, pipelined};
+use crate::sql::{Flight, Sql, Stmt, pipelined};
 use crate::store::{self, Checkout, query_error};
 
 /// The rows whose deps contain the name `$name` (a column of the query around it), as `m`,
@@ -515,17 +515,16 @@ struct Positions {
     broadcast: Option<usize>,
 }
 
-/// A connection and the statements this invalidation prepared on it.
+/// The statements and the connection of a flight.
 struct On<'a> {
     sql: &'a Sql,
     client: &'a deadpool_postgres::ClientWrapper,
-    prepared: &'a Prepared<'a>,
 }
 
 impl On<'_> {
     /// `statement` with `params`, as a request of a flight.
     fn query<'f>(&'f self, statement: &'f Stmt, params: &'f [&'f (dyn ToSql + Sync)]) -> Reply<'f> {
-        Box::pin(self.sql.query_prepared(self.client, self.prepared, statement, params))
+        Box::pin(self.sql.query(self.client, statement, params))
     }
 }
 
@@ -533,7 +532,6 @@ impl On<'_> {
 async fn flight(
     sql: &Sql,
     c: &deadpool_postgres::ClientWrapper,
-    prepared: &Prepared<'_>,
     head: Option<&Head<'_>>,
     tail: Option<&Tail<'_>>,
 ) -> (Vec<Result<Vec<Row>, tokio_postgres::Error>>, Positions) {
@@ -580,7 +578,7 @@ async fn flight(
     let notify_params: std::sync::OnceLock<[&(dyn ToSql + Sync); 2]> = std::sync::OnceLock::new();
     // A single payload without its placeholder number (`NOTIFY_SEQ_ONE`).
     let notify_cut: std::sync::OnceLock<&str> = std::sync::OnceLock::new();
-    let on = On { sql, client: c, prepared };
+    let on = On { sql, client: c };
     let mut at = Positions::default();
     let mut flight: Flight<'_, _> = Flight::new(Vec::new());
     if let Some(head) = head {
@@ -684,10 +682,9 @@ pub(crate) async fn run(
     let before = |e| Failure::Invalidation(query_error("invalidate")(e));
     let tx = Checkout::new(client);
     let c = tx.client();
-    // Each transaction's statements are prepared before it begins (free once cached on the
-    // connection), so that a fresh connection pays for preparing before it holds the realm's
-    // lock, not under it; only the first transaction's now, since most invalidations end
-    // there (each statement looked up costs the client a hash of its whole text).
+    // Each transaction's statements are prepared before it begins (free once in the
+    // connection's table), so that a fresh connection pays for preparing before it holds the
+    // realm's lock, not under it; the second transaction's only when there is one.
     let open = match (plan.guarded, request) {
         (false, _) => &sql.settings,
         (true, Invalidation::Global) => &sql.open_global,
@@ -697,9 +694,8 @@ pub(crate) async fn run(
         Invalidation::Modules { urls, .. } => one_statement(plan.guarded, urls.len()),
         _ => false,
     };
-    // What a second transaction may send besides these, once the closure is known.
+    // What a second transaction may send besides its opening, once the closure is known.
     let fan_out_statements = [
-        open,
         &sql.consumers_limited,
         &sql.realm_graph,
         &sql.record_modules,
@@ -732,7 +728,7 @@ pub(crate) async fn run(
         Invalidation::Realm { .. } => first.extend([&sql.record_clear, &sql.delete_realm]),
         Invalidation::Global => first.extend([&sql.record_clear, &sql.delete_all]),
     }
-    let prepared = sql.prepared(c, &first).await.map_err(before)?;
+    sql.prepare(c, &first).await.map_err(before)?;
     let (realm, names): (&str, &[String]) = match request {
         Invalidation::Modules { realm_url, urls } => (realm_url, urls),
         Invalidation::Realm { realm_url } => (realm_url, &[]),
@@ -749,7 +745,7 @@ pub(crate) async fn run(
 
     // One flight: the fan-out is the request itself, unless the names have consumers.
     let tail = Tail::new(request, plan, None, Rows::Named);
-    let (replies, at) = flight(sql, c, &prepared, Some(&head(true)), Some(&tail)).await;
+    let (replies, at) = flight(sql, c, Some(&head(true)), Some(&tail)).await;
     let payloads = tail.payloads();
     let done = finish(replies, &at, payloads, Cow::Borrowed(request))?;
     if let Some(applied) = done {
@@ -758,11 +754,11 @@ pub(crate) async fn run(
     }
 
     // Consumers: their closure under the lock of a second transaction, then the fan-out.
-    let prepared = match leaf_tail {
-        true => prepared.and(sql.prepared(c, &fan_out_statements).await.map_err(before)?),
-        false => prepared,
-    };
-    let (mut replies, at) = flight(sql, c, &prepared, Some(&head(false)), None).await;
+    if leaf_tail {
+        let second: Vec<&Stmt> = std::iter::once(open).chain(fan_out_statements).collect();
+        sql.prepare(c, &second).await.map_err(before)?;
+    }
+    let (mut replies, at) = flight(sql, c, Some(&head(false)), None).await;
     if let Some((_, error)) = first_failure(&mut replies) {
         return Err(before(error));
     }
@@ -786,7 +782,7 @@ pub(crate) async fn run(
         // they arrive. Walking from the names, rows that do not consume them are never reached.
         consumers.clear();
         let each = |row: Row| consumers.push(consumer_row(&row));
-        sql.for_each_row(c, &prepared, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
+        sql.for_each_row(c, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
     }
     let realm_rows = consumers.len();
     // The rows to delete are among those just read: their URLs. Only with the guard: without
@@ -806,7 +802,7 @@ pub(crate) async fn run(
     };
     let effective = Invalidation::Modules { realm_url: realm.to_owned(), urls };
     let tail = Tail::new(&effective, plan, seq, rows);
-    let (replies, at) = flight(sql, c, &prepared, None, Some(&tail)).await;
+    let (replies, at) = flight(sql, c, None, Some(&tail)).await;
     let payloads = tail.payloads();
     drop(tail);
     // The fan-out moves into the answer: a 10 000-module one names 20 000 URLs.

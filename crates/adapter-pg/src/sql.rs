@@ -1,7 +1,8 @@
 //! Every statement the adapter sends, and the two ways it sends them.
 //!
-//! - **Prepared** (the default): each statement is prepared once per connection (deadpool's
-//!   statement cache) and then only bound and executed: the cheapest hit path.
+//! - **Prepared** (the default): each statement is prepared once per connection (kept in the
+//!   connection's table, [`Connections`]) and then only bound and executed: the cheapest hit
+//!   path.
 //! - **Unnamed** (`pgbouncer=true`): a transaction pooler hands each transaction to whichever
 //!   server connection is free, so a statement prepared in one transaction is missing, or
 //!   another client's, in the next. Every statement is then sent whole, as the unnamed
@@ -104,30 +105,6 @@ impl<'a, T> Flight<'a, T> {
         })
         .await;
         self.replies.drain(..).map(|reply| reply.expect("every reply is in")).collect()
-    }
-}
-
-/// Statements prepared on one connection for one operation (see [`Sql::prepared`]); empty
-/// when statements are sent unnamed.
-#[derive(Default)]
-pub(crate) struct Prepared<'s> {
-    statements: Vec<(&'s Stmt, tokio_postgres::Statement)>,
-}
-
-impl<'s> Prepared<'s> {
-    /// These and `more`.
-    pub(crate) fn and(mut self, more: Prepared<'s>) -> Prepared<'s> {
-        self.statements.extend(more.statements);
-        self
-    }
-
-    /// The prepared form of `statement`, if it is among these (found by identity: a few
-    /// pointer comparisons instead of hashing its text).
-    fn get(&self, statement: &Stmt) -> Option<tokio_postgres::Statement> {
-        self.statements
-            .iter()
-            .find(|(known, _)| std::ptr::eq(*known, statement))
-            .map(|(_, prepared)| prepared.clone())
     }
 }
 
@@ -371,32 +348,19 @@ impl Sql {
         text.replace(SCHEMA, &self.prefix)
     }
 
-    /// Prepares `statements` on `client` ahead of use (a no-op when unnamed), so that a later
-    /// [`query`](Self::query) sends its request on its first poll: what pipelining needs.
+    /// Prepares `statements` on `client` ahead of use (a no-op when unnamed), into the
+    /// connection's table, so that a later [`query`](Self::query) finds each there and sends
+    /// its request on its first poll: what pipelining needs. Those not prepared yet are
+    /// prepared in one flight, not one round trip each (an invalidation on a fresh connection
+    /// prepares a dozen).
     pub(crate) async fn prepare(
         &self,
         client: &ClientWrapper,
         statements: &[&Stmt],
     ) -> Result<(), tokio_postgres::Error> {
-        self.prepared(client, statements).await.map(drop)
-    }
-
-    /// [`prepare`](Self::prepare), keeping what was prepared for [`query_prepared`]: each
-    /// statement is then looked up in the connection's cache once per operation, not again
-    /// for each query (deadpool hashes the whole text with SipHash each time: 20 000
-    /// instructions of an invalidation's client work).
-    ///
-    /// [`query_prepared`]: Self::query_prepared
-    pub(crate) async fn prepared<'s>(
-        &self,
-        client: &ClientWrapper,
-        statements: &[&'s Stmt],
-    ) -> Result<Prepared<'s>, tokio_postgres::Error> {
         if self.unnamed {
-            return Ok(Prepared::default());
+            return Ok(());
         }
-        // Those not prepared yet are prepared in one flight, not one round trip each (an
-        // invalidation on a fresh connection prepares a dozen).
         let table = self.connections.of(client, self.listed);
         type Statement = Result<tokio_postgres::Statement, tokio_postgres::Error>;
         let preparing: Vec<Pending<'_, Statement>> = statements
@@ -405,8 +369,7 @@ impl Sql {
                 Box::pin(self.statement(client, &table, statement)) as Pending<'_, Statement>
             })
             .collect();
-        let done = pipelined(preparing).await.into_iter().collect::<Result<Vec<_>, _>>()?;
-        Ok(Prepared { statements: statements.iter().copied().zip(done).collect() })
+        pipelined(preparing).await.into_iter().try_for_each(|prepared| prepared.map(drop))
     }
 
     /// `statement` as prepared on `client`, whose statements `table` holds: from the table,
@@ -428,29 +391,14 @@ impl Sql {
         })
     }
 
-    /// [`query`](Self::query), with the statement as `prepared` holds it (prepared again,
-    /// through the connection's cache, if it does not).
-    pub(crate) async fn query_prepared(
-        &self,
-        client: &ClientWrapper,
-        prepared: &Prepared<'_>,
-        statement: &Stmt,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let mut rows = Vec::new();
-        self.for_each_row(client, prepared, statement, params, |row| rows.push(row)).await?;
-        Ok(rows)
-    }
-
     /// Runs `statement` with `params` and hands each row to `each` as it arrives, without
     /// collecting them first: for a large result, the caller's work on the rows overlaps the
     /// server's scan and the transfer (measured: decoding a 10 000-row realm's edges took 3 ms
-    /// after the 6 ms it took them to arrive). The statement as `prepared` holds it, or
-    /// prepared again through the connection's cache.
+    /// after the 6 ms it took them to arrive). The statement as the connection's table holds
+    /// it, or prepared now (see [`prepare`](Self::prepare)).
     pub(crate) async fn for_each_row(
         &self,
         client: &ClientWrapper,
-        prepared: &Prepared<'_>,
         statement: &Stmt,
         params: &[&(dyn ToSql + Sync)],
         mut each: impl FnMut(Row),
@@ -460,19 +408,17 @@ impl Sql {
         // poll is pending.
         self.keeper.keep();
         // Boxed, so that every query's future does not hold theirs inline (see
-        // `PgAdapter::client`): the cache lookup, a large future for the preparing it may do
-        // (usually answered from the cache), and the unnamed request.
+        // `PgAdapter::client`): the preparing a statement not in the connection's table yet
+        // needs (a large future, rarely run), and the unnamed request.
         let stream = if self.unnamed {
             debug_assert_eq!(params.len(), statement.types.len(), "{}", statement.text);
             let typed = params.iter().copied().zip(statement.types.iter().cloned());
             Box::pin(client.query_typed_raw(&statement.text, typed)).await?
         } else {
-            let prepared = match prepared.get(statement) {
-                Some(prepared) => prepared,
-                None => {
-                    let table = self.connections.of(client, self.listed);
-                    Box::pin(self.statement(client, &table, statement)).await?
-                }
+            let table = self.connections.of(client, self.listed);
+            let prepared = match table.get(statement.index).and_then(OnceLock::get) {
+                Some(prepared) => prepared.clone(),
+                None => Box::pin(self.statement(client, &table, statement)).await?,
             };
             client.query_raw(&prepared, params.iter().copied()).await?
         };
@@ -491,7 +437,9 @@ impl Sql {
         statement: &Stmt,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        self.query_prepared(client, &Prepared::default(), statement, params).await
+        let mut rows = Vec::new();
+        self.for_each_row(client, statement, params, |row| rows.push(row)).await?;
+        Ok(rows)
     }
 }
 
