@@ -352,6 +352,7 @@ pub async fn public_and_realm_auth_scopes_for_local_realms<D: DbAdapter>(db: D) 
     let rows =
         h.lookup.db().read_rows(&scope, &url, &format!("{private}secret")).await.expect("read");
     assert_eq!(rows.len(), 1, "private row is stored per owner");
+    assert_eq!(rows[0].entry_scope(), scope, "a row read carries the realm, scope and user read");
     let users: Vec<String> = h.renderer.requests().into_iter().map(|r| r.user).collect();
     assert_eq!(users, [OWNER, "@bob:realm.test"], "each realm renders as its owner");
     assert!(h.probe.calls().is_empty(), "local realms are never probed");

@@ -40,9 +40,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::bench::{
-    BARE_READ, BenchArgs, CountingRenderer, EXPORT, FLOOR_REALM, PgBench, PgLookup, REALM,
-    TimedSink, bare_listener, floor_sql, micros, plain_client, public_realm, quantile, receive,
-    server_line, unique_name, write_stdout,
+    BARE_DEFINITIONS, BARE_READ, BenchArgs, CountingRenderer, EXPORT, FLOOR_REALM, PgBench,
+    PgLookup, REALM, TimedSink, bare_listener, floor_sql, micros, plain_client, public_realm,
+    quantile, receive, server_line, unique_name, write_stdout,
 };
 
 /// The loads of each curve.
@@ -444,7 +444,8 @@ async fn lookup_points(bench: &PgBench, sizes: &CurveSizes) -> Result<Vec<Value>
                     let params: [&(dyn ToSql + Sync); 5] =
                         [&REALM, &"public", &"", &module, &alias];
                     let rows: Vec<tokio_postgres::Row> = client.query(statement, &params).await?;
-                    let definitions: Value = rows.first().context("the row is missing")?.get(4);
+                    let definitions: Value =
+                        rows.first().context("the row is missing")?.get(BARE_DEFINITIONS);
                     std::hint::black_box(definitions);
                     Ok(())
                 })

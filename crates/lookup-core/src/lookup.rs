@@ -53,6 +53,25 @@ fn absolute_url(raw: &str) -> Result<String, LookupError> {
         .map_err(|reason| LookupError::InvalidUrl { url: raw.to_owned(), reason })
 }
 
+/// An entry a load found: a row just read, which the caller owns, or an entry others may
+/// share (a coalesced load's, the in-process tier's). A hit's own row is not put behind an
+/// `Arc` only for its definition to be taken back out.
+// Boxing the entry would cost the allocation this type saves; a `Found` lives for one call.
+#[allow(clippy::large_enum_variant)]
+enum Found {
+    Own(CacheEntry),
+    Shared(Arc<CacheEntry>),
+}
+
+impl Found {
+    fn into_shared(self) -> Arc<CacheEntry> {
+        match self {
+            Found::Own(entry) => Arc::new(entry),
+            Found::Shared(shared) => shared,
+        }
+    }
+}
+
 /// The key of `name` in the `definitions` of the module whose canonical URL is `url` (what
 /// [`CodeRef::definition_key`] gives, without canonicalising the URL again).
 fn definition_key(url: &str, name: &str) -> String {
@@ -207,8 +226,8 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         let url = absolute_url(&code_ref.module)?;
         let key = definition_key(&url, &code_ref.name);
         // An errored module's entry is a `ModuleError`, as from `get_module_entry`.
-        let entry = self.load_canonical(url, for_realm, started).await?;
-        take_definition(entry, key)
+        let found = self.load_canonical(url, for_realm, started).await?;
+        take_definition(found, key)
     }
 
     /// Looks up one definition from the cache only: `Ok(None)` when no row is cached (or the
@@ -252,7 +271,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     ) -> Result<Arc<CacheEntry>, LookupError> {
         let started = Instant::now();
         let url = absolute_url(module_url)?;
-        self.load_canonical(url, for_realm, started).await
+        Ok(self.load_canonical(url, for_realm, started).await?.into_shared())
     }
 
     /// [`load_entry`](Self::load_entry) of a canonical URL; `started` is when the call began
@@ -262,7 +281,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         url: String,
         for_realm: Option<&str>,
         started: Instant,
-    ) -> Result<Arc<CacheEntry>, LookupError> {
+    ) -> Result<Found, LookupError> {
         // BEHAVIOUR §5: the snapshot is taken before the first await, so an invalidation that runs
         // while we resolve the realm still counts against this load.
         let snapshot = self.inner.generations.snapshot();
@@ -279,16 +298,16 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
                 && !self.inner.is_expired(&entry)
             {
                 telemetry::hit(Tier::Db, started);
-                return Ok(Arc::new(entry));
+                return Ok(Found::Own(entry));
             }
             let loaded = self.inner.join_or_start(context, url, snapshot).await?;
             telemetry::miss(started);
-            return Ok(loaded.entry);
+            return Ok(Found::Shared(loaded.entry));
         };
         let key = LoadKey { scope: context.scope.clone(), url: url.clone() };
         if let Some(entry) = l1.get(&key) {
             telemetry::hit(Tier::L1, started);
-            return Ok(entry);
+            return Ok(Found::Shared(entry));
         }
         let loaded = match self.inner.read_cached(&self.inner.db, &context.scope, &url).await? {
             Some(entry) if !self.inner.is_expired(&entry) => {
@@ -306,7 +325,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         if loaded.stored && loaded.entry.error.is_none() {
             l1.insert(key, Arc::clone(&loaded.entry), &snapshot);
         }
-        Ok(loaded.entry)
+        Ok(Found::Shared(loaded.entry))
     }
 
     /// The cached entry of a module without prerendering: `Ok(None)` when nothing usable is
@@ -561,39 +580,49 @@ fn meet<'a>(
 
 /// The definition under `key` (see [`definition_key`]) in `entry`.
 fn definition_from(entry: &CacheEntry, key: String) -> Result<Value, LookupError> {
-    let key = check_definition(entry, key)?;
-    Ok(entry.definitions.get(&key).cloned().unwrap_or_default())
+    check_module(entry)?;
+    let found = entry.definitions.get(&key);
+    judge(found, key)?;
+    Ok(found.cloned().unwrap_or_default())
 }
 
 /// [`definition_from`], taking the definition out of the entry instead of copying it when
 /// nobody else holds the entry (a row just read, as on a hit without the in-process tier).
-fn take_definition(entry: Arc<CacheEntry>, key: String) -> Result<Value, LookupError> {
-    match Arc::try_unwrap(entry) {
-        Ok(entry) => definition_out_of(entry, key),
-        Err(shared) => definition_from(&shared, key),
+fn take_definition(entry: Found, key: String) -> Result<Value, LookupError> {
+    match entry {
+        Found::Own(entry) => definition_out_of(entry, key),
+        Found::Shared(shared) => match Arc::try_unwrap(shared) {
+            Ok(entry) => definition_out_of(entry, key),
+            Err(shared) => definition_from(&shared, key),
+        },
     }
 }
 
-/// [`definition_from`] an entry of our own, moved out of it.
+/// [`definition_from`] an entry of our own, moved out of it (the key is hashed once).
 fn definition_out_of(mut entry: CacheEntry, key: String) -> Result<Value, LookupError> {
-    let key = check_definition(&entry, key)?;
-    Ok(entry.definitions.remove(&key).unwrap_or_default())
+    check_module(&entry)?;
+    let found = entry.definitions.remove(&key);
+    judge(found.as_ref(), key)?;
+    Ok(found.unwrap_or_default())
 }
 
-/// `key` back if `entry` holds a good definition under it (it is then present), otherwise
-/// the error a lookup of it returns.
-fn check_definition(entry: &CacheEntry, key: String) -> Result<String, LookupError> {
-    if let Some(error) = &entry.error {
-        return Err(LookupError::ModuleError {
-            url: entry.url.clone(),
-            error: Box::new(error.clone()),
-        });
+/// The error of a lookup in `entry` if its module errored.
+fn check_module(entry: &CacheEntry) -> Result<(), LookupError> {
+    match &entry.error {
+        Some(error) => {
+            Err(LookupError::ModuleError { url: entry.url.clone(), error: Box::new(error.clone()) })
+        }
+        None => Ok(()),
     }
-    let Some(value) = entry.definitions.get(&key) else {
+}
+
+/// The error of a lookup of `key` that `found` under it, if it is not a good definition.
+fn judge(found: Option<&Value>, key: String) -> Result<(), LookupError> {
+    let Some(value) = found else {
         return Err(LookupError::DefinitionNotFound { key });
     };
     if value.get("type").and_then(Value::as_str) == Some("definition") {
-        return Ok(key);
+        return Ok(());
     }
     let message = value
         .pointer("/error/message")
@@ -702,6 +731,67 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Invali
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every way a definition is taken out of an entry (moved out of one of its own, out of a
+    /// shared one nobody else holds, copied from a shared one) gives the same verdict: the
+    /// definition, the module's error, a definition error with its message, or none found.
+    #[test]
+    fn every_way_of_taking_a_definition_gives_the_same_verdict() {
+        let url = "https://r.test/card.gts";
+        let mut definitions = serde_json::Map::new();
+        definitions.insert("good".into(), serde_json::json!({"type": "definition", "n": 1}));
+        let nested = serde_json::json!({"type": "error", "error": {"message": "bad field"}});
+        definitions.insert("nested".into(), nested);
+        definitions.insert("flat".into(), serde_json::json!({"type": "error", "message": "flat"}));
+        definitions.insert("bare".into(), serde_json::json!({"type": "error"}));
+        let entry = CacheEntry {
+            url: url.into(),
+            file_alias: urls::file_alias(url),
+            cache_scope: crate::CacheScope::Public,
+            auth_user_id: String::new(),
+            resolved_realm_url: "https://r.test/".into(),
+            definitions,
+            deps: Vec::new(),
+            error: None,
+            created_at: Some(1),
+            diagnostics: None,
+        };
+        let verdict = |result: Result<Value, LookupError>| match result {
+            Ok(value) => format!("ok {value}"),
+            Err(LookupError::DefinitionError { key, message }) => format!("error {key}: {message}"),
+            Err(LookupError::DefinitionNotFound { key }) => format!("none {key}"),
+            Err(LookupError::ModuleError { url, error }) => {
+                format!("module {url}: {}", error.error.message)
+            }
+            Err(other) => format!("other {other}"),
+        };
+        let expected = [
+            ("good", r#"ok {"type":"definition","n":1}"#),
+            ("nested", "error nested: bad field"),
+            ("flat", "error flat: flat"),
+            ("bare", "error bare: unknown error"),
+            ("missing", "none missing"),
+        ];
+        let mut errored = entry.clone();
+        errored.error = Some(crate::ErrorDoc::module_error("it broke", 500, Vec::new()));
+        let cases = expected
+            .iter()
+            .map(|(key, want)| (entry.clone(), *key, want.to_string()))
+            .chain(std::iter::once((errored, "good", format!("module {url}: it broke"))));
+        for (entry, key, want) in cases {
+            let shared = Arc::new(entry.clone());
+            let held = Arc::clone(&shared);
+            let ways = [
+                take_definition(Found::Own(entry.clone()), key.into()),
+                take_definition(Found::Shared(Arc::new(entry)), key.into()),
+                take_definition(Found::Shared(shared), key.into()),
+            ];
+            for (way, result) in ways.into_iter().enumerate() {
+                assert_eq!(verdict(result), want, "way {way}, key {key}");
+            }
+            assert_eq!(held.definitions.len(), 4, "a shared entry keeps its definitions");
+        }
+    }
 
     fn row(url: &str, deps: &[&str]) -> ConsumerRow {
         ConsumerRow {

@@ -109,19 +109,20 @@ fn is_plainly_canonical(raw: &str) -> bool {
     }
     // A domain whose last label starts with a letter is never read as an IPv4 address, and
     // ASCII labels without `xn--` pass the IDNA mapping unchanged.
-    let mut last_label = "";
-    for label in host.split('.') {
-        let plain =
-            label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if label.is_empty() || !plain || label.starts_with("xn--") {
+    // Byte slices are split by a plain loop (a `str` split searches for the separator with
+    // its general machinery, which cost most of this check).
+    let mut last_label: &[u8] = &[];
+    for label in host.as_bytes().split(|&b| b == b'.') {
+        let plain = label.iter().all(|&b| BYTE_CLASS[usize::from(b)] & HOST_BYTE != 0);
+        if label.is_empty() || !plain || label.starts_with(b"xn--") {
             return false;
         }
         last_label = label;
     }
-    if !last_label.starts_with(|c: char| c.is_ascii_lowercase()) {
+    if !last_label.first().is_some_and(u8::is_ascii_lowercase) {
         return false;
     }
-    let mut segments = path[1..].split('/').peekable();
+    let mut segments = path.as_bytes()[1..].split(|&b| b == b'/').peekable();
     while let Some(segment) = segments.next() {
         if segment.is_empty() {
             if segments.peek().is_some() {
@@ -129,16 +130,40 @@ fn is_plainly_canonical(raw: &str) -> bool {
             }
             continue;
         }
-        if segment == "." || segment == ".." || !segment.bytes().all(plain_path_byte) {
+        let plain = segment.iter().all(|&b| BYTE_CLASS[usize::from(b)] & PATH_BYTE != 0);
+        if segment == b"." || segment == b".." || !plain {
             return false;
         }
     }
     true
 }
 
+/// The classes of each byte for [`is_plainly_canonical`], looked up instead of tested (a
+/// module URL's every byte goes through one of the tests on every lookup).
+static BYTE_CLASS: [u8; 256] = {
+    let mut table = [0; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        if b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' {
+            table[byte] |= HOST_BYTE;
+        }
+        if plain_path_byte(b) {
+            table[byte] |= PATH_BYTE;
+        }
+        byte += 1;
+    }
+    table
+};
+
+/// A byte of a host label that the URL parser keeps as it is: a lower-case letter, a digit, `-`.
+const HOST_BYTE: u8 = 1;
+/// A byte of [`plain_path_byte`].
+const PATH_BYTE: u8 = 2;
+
 /// A path byte that a URL keeps as it is and [`normalise_escapes`] leaves alone: unreserved
 /// characters and sub-delimiters, `:` and `@` (RFC 3986 `pchar` without `%`).
-fn plain_path_byte(byte: u8) -> bool {
+const fn plain_path_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric()
         || matches!(
             byte,
