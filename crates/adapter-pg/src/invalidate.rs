@@ -522,8 +522,16 @@ struct On<'a> {
 }
 
 impl On<'_> {
-    /// `statement` with `params`, as a request of a flight.
+    /// `statement` with `params`, as a request of a flight. The statement must have been
+    /// prepared ([`Sql::prepare`]) before the flight: one that is not is prepared by its own
+    /// round trip when first polled, and its request then reaches the server after the
+    /// flight's later ones, out of order (checked in debug builds).
     fn query<'f>(&'f self, statement: &'f Stmt, params: &'f [&'f (dyn ToSql + Sync)]) -> Reply<'f> {
+        debug_assert!(
+            self.sql.is_ready(self.client, statement),
+            "sent in a flight without being prepared first: {}",
+            statement.text
+        );
         Box::pin(self.sql.query(self.client, statement, params))
     }
 }
@@ -882,6 +890,28 @@ mod tests {
         assert_eq!(hashes[1], "900150983cd24fb0d6963f7d28e17f72");
         assert!(hashes[2].len() == 32 && hashes[2].bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(hashes[2], hashes[2].to_lowercase());
+    }
+
+    /// A leaf flight whose consumer check came back without its row (never expected: the
+    /// statement always answers) is an error the caller sees, not a panic and not a success
+    /// that would claim rows were deleted.
+    #[test]
+    fn a_consumer_check_without_an_answer_fails_the_invalidation() {
+        let at = Positions { leaf: Some((1, 0)), broadcast: Some(2), ..Positions::default() };
+        let effective = Invalidation::Modules {
+            realm_url: "https://r.test/".into(),
+            urls: vec!["https://r.test/a.gts".into()],
+        };
+        let replies = (0..4).map(|_| Ok(Vec::new())).collect();
+        match finish(replies, &at, 1, Cow::Owned(effective)) {
+            Err(Failure::Invalidation(error)) => {
+                let message = error.to_string();
+                assert!(message.contains("the consumer check gave no answer"), "{message}");
+                assert!(!error.is_transient(), "not worth retrying as it is: {message}");
+            }
+            Err(Failure::Broadcast(error, _)) => panic!("not a broadcast failure: {error}"),
+            Ok(outcome) => panic!("reported as done: {}", outcome.is_some()),
+        }
     }
 
     #[test]

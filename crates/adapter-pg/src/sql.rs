@@ -372,6 +372,18 @@ impl Sql {
         pipelined(preparing).await.into_iter().try_for_each(|prepared| prepared.map(drop))
     }
 
+    /// Whether a request of `statement` on `client` is sent on its first poll: always when
+    /// unnamed, otherwise once [`prepare`](Self::prepare)d on that connection.
+    #[cfg(debug_assertions)]
+    pub(crate) fn is_ready(&self, client: &ClientWrapper, statement: &Stmt) -> bool {
+        self.unnamed
+            || self
+                .connections
+                .of(client, self.listed)
+                .get(statement.index)
+                .is_some_and(|slot| slot.get().is_some())
+    }
+
     /// `statement` as prepared on `client`, whose statements `table` holds: from the table,
     /// or prepared (through the connection's cache) and kept there.
     async fn statement(

@@ -1497,3 +1497,172 @@ async fn the_pool_opens_connections_only_when_an_operation_needs_one() {
     db.row_count().await.unwrap();
     assert_eq!(db.open_connections(), 1, "one operation at a time reuses that connection");
 }
+
+/// What a client sent that names statements: a Parse (the statement's name and text) or a
+/// Bind (the name of the statement it runs).
+#[derive(Debug, Clone)]
+enum Sent {
+    Parse { name: String, text: String },
+    Bind { statement: String },
+}
+
+/// A relay between clients and the test server that records each client's Parse and Bind
+/// messages, in order, per connection. Plain connections only (`sslmode=disable`).
+async fn recording_relay(
+    config: &PgConfig,
+) -> (PgConfig, std::sync::Arc<std::sync::Mutex<Vec<Vec<Sent>>>>) {
+    use tokio_postgres::config::Host;
+    let upstream = config.tokio_postgres_config().expect("the test server's settings");
+    let port = upstream.get_ports().first().copied().unwrap_or(5432);
+    let host = upstream.get_hosts().first().cloned().expect("a host");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let relay_port = listener.local_addr().expect("address").port();
+    let recorded = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let connections = recorded.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let index = {
+                let mut all = connections.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
+            let log = connections.clone();
+            let record = move |sent: Sent| log.lock().unwrap()[index].push(sent);
+            match &host {
+                Host::Tcp(name) => {
+                    let server = tokio::net::TcpStream::connect((name.as_str(), port))
+                        .await
+                        .expect("server");
+                    tokio::spawn(relay_recording(client, server, record));
+                }
+                #[cfg(unix)]
+                Host::Unix(dir) => {
+                    let path = dir.join(format!(".s.PGSQL.{port}"));
+                    let server = tokio::net::UnixStream::connect(path).await.expect("server");
+                    tokio::spawn(relay_recording(client, server, record));
+                }
+            }
+        }
+    });
+    let quoted = |value: &str| format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut conninfo = format!("host=127.0.0.1 port={relay_port} sslmode=disable");
+    if let Some(user) = upstream.get_user() {
+        conninfo += &format!(" user={}", quoted(user));
+    }
+    if let Some(dbname) = upstream.get_dbname() {
+        conninfo += &format!(" dbname={}", quoted(dbname));
+    }
+    if let Some(password) = upstream.get_password() {
+        conninfo += &format!(" password={}", quoted(&String::from_utf8_lossy(password)));
+    }
+    let relayed = PgConfig::new(conninfo)
+        .schema(config.get_schema().expect("a schema").to_owned())
+        .channel(config.get_channel().to_owned());
+    (relayed, recorded)
+}
+
+/// Copies bytes both ways, reading the client's messages as they pass.
+async fn relay_recording(
+    client: tokio::net::TcpStream,
+    server: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    mut record: impl FnMut(Sent) + Send + 'static,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = tokio::io::split(server);
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+    });
+    let mut pending: Vec<u8> = Vec::new();
+    // The start-up (and any SSL request before it) has no type byte.
+    let mut untyped = true;
+    let mut chunk = vec![0; 16 * 1024];
+    loop {
+        let Ok(read) = client_read.read(&mut chunk).await else { return };
+        if read == 0 || server_write.write_all(&chunk[..read]).await.is_err() {
+            return;
+        }
+        pending.extend_from_slice(&chunk[..read]);
+        loop {
+            let header = if untyped { 0 } else { 1 };
+            let Some(length) = pending.get(header..header + 4) else { break };
+            let length = u32::from_be_bytes(length.try_into().expect("four bytes")) as usize;
+            let Some(message) = pending.get(..header + length) else { break };
+            let message = message.to_vec();
+            pending.drain(..header + length);
+            if untyped {
+                // An SSL or GSS encryption request is followed by the start-up, still untyped.
+                let code = u32::from_be_bytes(message[4..8].try_into().expect("four bytes"));
+                untyped = matches!(code, 80_877_103 | 80_877_104);
+                continue;
+            }
+            let mut fields = message[5..].split(|&b| b == 0).map(String::from_utf8_lossy);
+            let mut next = || fields.next().map(|f| f.into_owned()).unwrap_or_default();
+            match message[0] {
+                b'P' => record(Sent::Parse { name: next(), text: next() }),
+                b'B' => {
+                    let _portal = next();
+                    record(Sent::Bind { statement: next() });
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// OPERATIONS: an invalidation on a fresh connection prepares the statements of a transaction
+/// before the transaction begins, so no lock is ever held across a round trip spent preparing.
+/// Checked on the wire, for the one-transaction path (a module nobody consumes, a realm clear)
+/// and the two-transaction one (a module with a consumer), each on a fresh adapter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_connection_prepares_before_its_transaction_begins() {
+    let Some(config) = config("prepare before the lock") else { return };
+    let db = PgAdapter::connect(config.clone()).await.expect("connect");
+    for row in [
+        entry(REALM, "leaf.gts", &[]),
+        entry(REALM, "used.gts", &[]),
+        entry(REALM, "user.gts", &["used"]),
+    ] {
+        db.upsert(&row, LoadStamp::UNGUARDED).await.expect("seed");
+    }
+    let modules = |path: &str| Invalidation::Modules {
+        realm_url: REALM.into(),
+        urls: lookup_core::urls::variants(&format!("{REALM}{path}")),
+    };
+    let cases = [
+        ("a module nobody consumes", modules("leaf.gts"), 1),
+        ("a module with a consumer", modules("used.gts"), 2),
+        ("a realm clear", Invalidation::Realm { realm_url: REALM.into() }, 1),
+    ];
+    for (case, invalidation, transactions) in cases {
+        let (relayed, recorded) = recording_relay(&config).await;
+        let fresh =
+            PgAdapter::connect(relayed.pool_size(1)).await.expect("connect through the relay");
+        recorded.lock().unwrap().iter_mut().for_each(Vec::clear);
+        bounded(case, fresh.apply_invalidation(&invalidation)).await.expect(case);
+        let sent: Vec<Sent> = recorded.lock().unwrap().concat();
+        let mut texts = std::collections::HashMap::new();
+        let (mut inside, mut begun, mut parsed) = (false, 0, 0);
+        for message in &sent {
+            match message {
+                Sent::Parse { name, text } => {
+                    assert!(!inside, "{case}: {text:?} prepared inside a transaction: {sent:#?}");
+                    texts.insert(name.clone(), text.clone());
+                    parsed += 1;
+                }
+                Sent::Bind { statement } => {
+                    let text = texts.get(statement).map(String::as_str).unwrap_or_default();
+                    if text == "BEGIN" {
+                        inside = true;
+                        begun += 1;
+                    } else if text == "COMMIT" || text == "ROLLBACK" {
+                        inside = false;
+                    }
+                }
+            }
+        }
+        assert!(parsed > 0, "{case}: the connection was fresh, so it prepared: {sent:#?}");
+        assert_eq!(begun, transactions, "{case}: {sent:#?}");
+        assert!(!inside, "{case}: the last transaction ended: {sent:#?}");
+    }
+}
