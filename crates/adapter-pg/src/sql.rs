@@ -374,7 +374,6 @@ impl Sql {
 
     /// Whether a request of `statement` on `client` is sent on its first poll: always when
     /// unnamed, otherwise once [`prepare`](Self::prepare)d on that connection.
-    #[cfg(debug_assertions)]
     pub(crate) fn is_ready(&self, client: &ClientWrapper, statement: &Stmt) -> bool {
         self.unnamed
             || self
