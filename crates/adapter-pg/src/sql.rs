@@ -362,6 +362,12 @@ impl Sql {
             return Ok(());
         }
         let table = self.connections.of(client, self.listed);
+        let ready =
+            |statement: &&Stmt| table.get(statement.index).is_some_and(|s| s.get().is_some());
+        if statements.iter().all(ready) {
+            // The usual case, a connection that has run these before: no flight to build.
+            return Ok(());
+        }
         type Statement = Result<tokio_postgres::Statement, tokio_postgres::Error>;
         let preparing: Vec<Pending<'_, Statement>> = statements
             .iter()
