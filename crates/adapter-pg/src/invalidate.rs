@@ -303,13 +303,16 @@ const PLACEHOLDER_TAIL: usize = 20;
 /// (19 digits), so that every chunk still fits once the real number replaces it.
 const SEQ_PLACEHOLDER: i64 = i64::MAX;
 
+/// How the last payload ends when it carries [`SEQ_PLACEHOLDER`] (spelled out rather than
+/// formatted on every invalidation; a test checks it).
+const PLACEHOLDER_END: &str = "\"s\":9223372036854775807}";
+
 /// The payloads of `invalidation`, the last ending with the placeholder number and `}` (20
 /// characters, which [`NOTIFY_SEQ`] replaces); `None` when they carry no number (a realm
 /// widened to a global payload, whose number would be the realm's).
 fn encode_with_placeholder(invalidation: &Invalidation, origin: &str) -> Option<Vec<String>> {
     let payloads = encode_payloads(invalidation, Some(origin), Some(SEQ_PLACEHOLDER));
-    let tail = format!("\"s\":{SEQ_PLACEHOLDER}}}");
-    payloads.last().is_some_and(|last| last.ends_with(&tail)).then_some(payloads)
+    payloads.last().is_some_and(|last| last.ends_with(PLACEHOLDER_END)).then_some(payloads)
 }
 
 /// A row of a consumer-closure query (or of [`REALM_GRAPH`]).
@@ -918,6 +921,7 @@ mod tests {
     fn notify_seq_cuts_exactly_the_placeholder() {
         let tail = format!("{SEQ_PLACEHOLDER}}}");
         assert_eq!(tail.len(), PLACEHOLDER_TAIL);
+        assert_eq!(PLACEHOLDER_END, format!("\"s\":{tail}"));
         assert!(NOTIFY_SEQ.contains(&format!("left(p, -{})", tail.len())), "{NOTIFY_SEQ}");
         for invalidation in [
             Invalidation::Global,
