@@ -185,13 +185,13 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
         scope: &EntryScope,
         url: &str,
     ) -> Result<Option<CacheEntry>, LookupError> {
-        let alias = urls::file_alias(url);
-        let rows = store.read_rows(scope, url, &alias).await?;
+        let alias = urls::alias_of(url);
+        let rows = store.read_rows(scope, url, alias).await?;
         if rows.len() <= 1 {
             return Ok(rows.into_iter().next());
         }
         let mut order = vec![url.to_owned()];
-        order.extend(urls::population_candidates(&alias));
+        order.extend(urls::population_candidates(alias));
         let rank =
             |row: &CacheEntry| order.iter().position(|u| *u == row.url).unwrap_or(order.len());
         Ok(rows.into_iter().min_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.url.cmp(&b.url))))
