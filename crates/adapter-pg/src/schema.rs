@@ -212,8 +212,9 @@ async fn columns(sql: &Sql, client: &ClientWrapper) -> Result<Vec<(String, Strin
 }
 
 /// Checks that a `modules` table deflookup did not create can be shared: every column
-/// deflookup reads and writes, by name and kind (`text` or `varchar` alike), and the primary
-/// key its upserts name. Everything that differs is listed in the error.
+/// deflookup reads and writes, by name and kind (`text` or `varchar` alike), collations that
+/// compare byte for byte, and the primary key its upserts name. Everything that differs is
+/// listed in the error.
 async fn check_shareable(sql: &Sql, client: &ClientWrapper) -> Result<(), PgError> {
     let columns = columns(sql, client).await?;
     let kind_of = |name: &str| columns.iter().find(|(n, _)| n == name).map(|(_, t)| t.as_str());
@@ -251,6 +252,27 @@ async fn check_shareable(sql: &Sql, client: &ClientWrapper) -> Result<(), PgErro
         _ => differences.push("column diagnostics is not jsonb".into()),
     }
     let table = sql.text("_S_modules");
+    // Reads ask for a realm, scope and user by equality and take the row's from what they
+    // asked (store.rs); URLs and aliases are matched the same way. That holds only for a
+    // collation that compares byte for byte.
+    let loose = client
+        .simple_query(&format!(
+            "SELECT a.attname, c.collname FROM pg_attribute a \
+             JOIN pg_collation c ON c.oid = a.attcollation \
+             WHERE a.attrelid = to_regclass('{table}') AND a.attnum > 0 \
+             AND NOT a.attisdropped AND NOT c.collisdeterministic ORDER BY a.attnum"
+        ))
+        .await
+        .map_err(schema_error)?;
+    for message in &loose {
+        if let SimpleQueryMessage::Row(row) = message {
+            let (column, collation) = (row.get(0).unwrap_or("?"), row.get(1).unwrap_or("?"));
+            differences.push(format!(
+                "column {column} has the nondeterministic collation {collation}, and deflookup \
+                 compares values byte for byte"
+            ));
+        }
+    }
     let pkey = client
         .simple_query(&format!(
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint \

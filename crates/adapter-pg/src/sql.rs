@@ -175,6 +175,15 @@ impl Connections {
         statements
     }
 
+    /// Whether `client` has prepared the statement at `index`; looks only, adding no table.
+    fn prepared(&self, client: &ClientWrapper, index: usize) -> bool {
+        let known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cache = Arc::as_ptr(&client.statement_cache);
+        known.iter().find(|entry| std::ptr::eq(entry.cache.as_ptr(), cache)).is_some_and(|entry| {
+            entry.statements.get(index).is_some_and(|slot| slot.get().is_some())
+        })
+    }
+
     /// How many connections have a table.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -381,12 +390,7 @@ impl Sql {
     /// Whether a request of `statement` on `client` is sent on its first poll: always when
     /// unnamed, otherwise once [`prepare`](Self::prepare)d on that connection.
     pub(crate) fn is_ready(&self, client: &ClientWrapper, statement: &Stmt) -> bool {
-        self.unnamed
-            || self
-                .connections
-                .of(client, self.listed)
-                .get(statement.index)
-                .is_some_and(|slot| slot.get().is_some())
+        self.unnamed || self.connections.prepared(client, statement.index)
     }
 
     /// `statement` as prepared on `client`, whose statements `table` holds: from the table,

@@ -17,7 +17,8 @@ use crate::sql::{Sql, Stmt};
 /// The columns read, `_D_` standing for the diagnostics column (`diagnostics`, or
 /// `timing_diagnostics` in a table of the reference's seed-era revision). Not the realm, the
 /// scope or the user: every read asks for rows of one realm, scope and user by equality
-/// (bytewise for `text`), so a row read has the ones asked for, and decoding them again (a
+/// (byte for byte: an adopted table whose collation compares otherwise is refused,
+/// `schema::check_shareable`), so a row read has the ones asked for, and decoding them again (a
 /// type check, a UTF-8 check and a copy each) cost a sixth of the adapter's work on a hit.
 const SELECT_COLUMNS: &str =
     "url, definitions, deps, error_doc, created_at, file_alias, _D_ AS diagnostics";

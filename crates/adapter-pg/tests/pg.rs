@@ -1472,7 +1472,11 @@ async fn a_table_deflookup_cannot_share_is_a_clear_error_naming_what_differs() {
     let client = raw_client(&config.clone().schema("public")).await;
     client
         .batch_execute(&format!(
-            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.modules (url text PRIMARY KEY, deps text)"
+            "CREATE SCHEMA {schema}; \
+             CREATE COLLATION {schema}.loose (provider = icu, locale = 'und-u-ks-level2', \
+                 deterministic = false); \
+             CREATE TABLE {schema}.modules (url text PRIMARY KEY, deps text, \
+                 resolved_realm_url text COLLATE {schema}.loose)"
         ))
         .await
         .unwrap();
@@ -1482,6 +1486,7 @@ async fn a_table_deflookup_cannot_share_is_a_clear_error_naming_what_differs() {
         "cannot be shared",
         "column cache_scope is missing",
         "column deps is text, not jsonb",
+        "column resolved_realm_url has the nondeterministic collation loose",
         "primary key",
     ] {
         assert!(message.contains(needle), "{needle}: {message}");
@@ -1579,7 +1584,7 @@ async fn relay_recording(
     let mut chunk = vec![0; 16 * 1024];
     loop {
         let Ok(read) = client_read.read(&mut chunk).await else { return };
-        if read == 0 || server_write.write_all(&chunk[..read]).await.is_err() {
+        if read == 0 {
             return;
         }
         pending.extend_from_slice(&chunk[..read]);
@@ -1606,6 +1611,10 @@ async fn relay_recording(
                 }
                 _ => {}
             }
+        }
+        // Recorded before the server sees them, so before any reply the client waits for.
+        if server_write.write_all(&chunk[..read]).await.is_err() {
+            return;
         }
     }
 }

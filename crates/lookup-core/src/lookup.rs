@@ -587,7 +587,8 @@ fn definition_from(entry: &CacheEntry, key: String) -> Result<Value, LookupError
 }
 
 /// [`definition_from`], taking the definition out of the entry instead of copying it when
-/// nobody else holds the entry (a row just read, as on a hit without the in-process tier).
+/// nobody else holds the entry: a row just read (a hit without the in-process tier), or a
+/// load's result that no other caller joined.
 fn take_definition(entry: Found, key: String) -> Result<Value, LookupError> {
     match entry {
         Found::Own(entry) => definition_out_of(entry, key),
