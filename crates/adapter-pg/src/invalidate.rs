@@ -246,6 +246,13 @@ fn one_statement(guarded: bool, names: usize) -> bool {
     guarded && names <= FEW_NAMES
 }
 
+/// Whether a transaction that checks, records and deletes in [`LEAF_TAIL`] opens with the
+/// fewer settings of `guard::OPEN_REALM_LEAF`: when it sends no prune. Decided here for both
+/// the statements prepared (`run`) and those sent (`flight`).
+fn opens_lean(one_statement: bool, prune: bool) -> bool {
+    one_statement && !prune
+}
+
 /// The `url_hash` of each URL, as Postgres computes it (`md5(url)`: the lowercase hex digest
 /// of its UTF-8 bytes).
 pub(crate) fn url_hashes(urls: &[String]) -> Vec<String> {
@@ -297,7 +304,7 @@ pub(crate) const NOTIFY_SEQ_ONE: &str =
 
 /// How many characters end the last payload after `"s":`: [`SEQ_PLACEHOLDER`]'s 19 digits and
 /// `}`.
-const PLACEHOLDER_TAIL: usize = 20;
+const PLACEHOLDER_TAIL: usize = PLACEHOLDER_END.len() - "\"s\":".len();
 
 /// The number the payloads are encoded with before it is known: the widest an `i64` prints
 /// (19 digits), so that every chunk still fits once the real number replaces it.
@@ -584,7 +591,7 @@ async fn flight(
     };
     let leaf_tail_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
     // Without a prune, that statement needs fewer settings (`guard::OPEN_REALM_LEAF`).
-    let lean = one_statement && tail.is_some_and(|tail| !tail.plan.prune);
+    let lean = opens_lean(one_statement, tail.is_some_and(|tail| tail.plan.prune));
     // Set once the payloads are encoded (see `Tail::sends_before_encoding`).
     let notify_params: std::sync::OnceLock<[&(dyn ToSql + Sync); 2]> = std::sync::OnceLock::new();
     // A single payload without its placeholder number (`NOTIFY_SEQ_ONE`).
@@ -718,7 +725,7 @@ pub(crate) async fn run(
         &sql.delete_in_realm,
         &sql.delete_named_in_realm,
     ];
-    let first_open = if leaf_tail && !plan.prune { &sql.open_realm_leaf } else { open };
+    let first_open = if opens_lean(leaf_tail, plan.prune) { &sql.open_realm_leaf } else { open };
     let mut first = vec![
         &sql.begin,
         &sql.commit,

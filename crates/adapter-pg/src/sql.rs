@@ -161,8 +161,7 @@ impl Connections {
         size: usize,
     ) -> Arc<[OnceLock<tokio_postgres::Statement>]> {
         let mut known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let cache = Arc::as_ptr(&client.statement_cache);
-        if let Some(entry) = known.iter().find(|entry| std::ptr::eq(entry.cache.as_ptr(), cache)) {
+        if let Some(entry) = find(&known, client) {
             return entry.statements.clone();
         }
         known.retain(|entry| entry.cache.strong_count() > 0);
@@ -178,10 +177,7 @@ impl Connections {
     /// Whether `client` has prepared the statement at `index`; looks only, adding no table.
     fn prepared(&self, client: &ClientWrapper, index: usize) -> bool {
         let known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let cache = Arc::as_ptr(&client.statement_cache);
-        known.iter().find(|entry| std::ptr::eq(entry.cache.as_ptr(), cache)).is_some_and(|entry| {
-            entry.statements.get(index).is_some_and(|slot| slot.get().is_some())
-        })
+        find(&known, client).is_some_and(|entry| slot(&entry.statements, index).is_some())
     }
 
     /// How many connections have a table.
@@ -189,6 +185,20 @@ impl Connections {
     fn len(&self) -> usize {
         self.known.lock().unwrap().len()
     }
+}
+
+/// `client`'s entry among `known`.
+fn find<'k>(known: &'k [Known], client: &ClientWrapper) -> Option<&'k Known> {
+    let cache = Arc::as_ptr(&client.statement_cache);
+    known.iter().find(|entry| std::ptr::eq(entry.cache.as_ptr(), cache))
+}
+
+/// The statement at `index` of a connection's `table`, once prepared.
+fn slot(
+    table: &[OnceLock<tokio_postgres::Statement>],
+    index: usize,
+) -> Option<&tokio_postgres::Statement> {
+    table.get(index).and_then(OnceLock::get)
 }
 
 /// The schema placeholder of the statement texts.
@@ -371,9 +381,7 @@ impl Sql {
             return Ok(());
         }
         let table = self.connections.of(client, self.listed);
-        let ready =
-            |statement: &&Stmt| table.get(statement.index).is_some_and(|s| s.get().is_some());
-        if statements.iter().all(ready) {
+        if statements.iter().all(|statement| slot(&table, statement.index).is_some()) {
             // The usual case, a connection that has run these before: no flight to build.
             return Ok(());
         }
@@ -401,13 +409,12 @@ impl Sql {
         table: &[OnceLock<tokio_postgres::Statement>],
         statement: &Stmt,
     ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-        let slot = table.get(statement.index);
-        if let Some(prepared) = slot.and_then(OnceLock::get) {
+        if let Some(prepared) = slot(table, statement.index) {
             return Ok(prepared.clone());
         }
         let prepared = client.prepare_cached(&statement.text).await?;
-        Ok(match slot {
-            Some(slot) => slot.get_or_init(|| prepared).clone(),
+        Ok(match table.get(statement.index) {
+            Some(place) => place.get_or_init(|| prepared).clone(),
             None => prepared,
         })
     }
@@ -437,7 +444,7 @@ impl Sql {
             Box::pin(client.query_typed_raw(&statement.text, typed)).await?
         } else {
             let table = self.connections.of(client, self.listed);
-            let prepared = match table.get(statement.index).and_then(OnceLock::get) {
+            let prepared = match slot(&table, statement.index) {
                 Some(prepared) => prepared.clone(),
                 None => Box::pin(self.statement(client, &table, statement)).await?,
             };

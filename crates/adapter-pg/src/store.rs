@@ -306,10 +306,13 @@ async fn read_entries(
 ) -> Result<Vec<CacheEntry>, PgError> {
     let mut entries = Vec::new();
     let mut corrupt = None;
-    let decode = |row: Row| match entry_from_row(&row, scope) {
-        Ok(entry) => entries.push(entry),
-        Err(error) => {
-            corrupt.get_or_insert(error);
+    // After a corrupt row the rest are only drained, not decoded.
+    let decode = |row: Row| {
+        if corrupt.is_none() {
+            match entry_from_row(&row, scope) {
+                Ok(entry) => entries.push(entry),
+                Err(error) => corrupt = Some(error),
+            }
         }
     };
     sql.for_each_row(client, statement, params, decode).await.map_err(query_error(operation))?;

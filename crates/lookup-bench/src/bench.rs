@@ -35,7 +35,8 @@
 //! the same payloads, in one pipelined transaction. The ratios say how far the library is
 //! from them. The fan-outs run in turns, the library's then the floor's, and
 //! `fanout_vs_floor_ratio` is the median of the turns' ratios (their spread:
-//! `fanout_vs_floor_turns_min`/`_max`). `invalidate_round_trips` is counted through a relay (`relay.rs`).
+//! `fanout_vs_floor_turns_min`/`_max`). `invalidate_round_trips` is counted through a relay
+//! (`relay.rs`).
 //!
 //! With `--curves`, the scale curves instead (`curves.rs`).
 

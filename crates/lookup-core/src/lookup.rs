@@ -253,13 +253,8 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
         for_realm: Option<&str>,
     ) -> Result<Arc<CacheEntry>, LookupError> {
         let entry = self.load_entry(module_url, for_realm).await?;
-        match &entry.error {
-            Some(error) => Err(LookupError::ModuleError {
-                url: entry.url.clone(),
-                error: Box::new(error.clone()),
-            }),
-            None => Ok(entry),
-        }
+        check_module(&entry)?;
+        Ok(entry)
     }
 
     /// Like [`get_module_entry`](Self::get_module_entry), but an errored module's entry is
@@ -607,7 +602,7 @@ fn definition_out_of(mut entry: CacheEntry, key: String) -> Result<Value, Lookup
     Ok(found.unwrap_or_default())
 }
 
-/// The error of a lookup in `entry` if its module errored.
+/// The error a lookup in `entry` returns if its module errored (`LookupError::ModuleError`).
 fn check_module(entry: &CacheEntry) -> Result<(), LookupError> {
     match &entry.error {
         Some(error) => {
