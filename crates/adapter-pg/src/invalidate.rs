@@ -31,13 +31,13 @@ use std::borrow::Cow;
 
 use deadpool_postgres::Object;
 use lookup_core::wire::encode_payloads;
-use lookup_core::{ConsumerRow, Invalidation, fan_out, fan_out_and_named_rows};
+use lookup_core::{ConsumerRow, Invalidation, RealmRows, fan_out, fan_out_over_realm};
 use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
 
 use crate::error::PgError;
 use crate::guard;
-use crate::sql::{Flight, Sql, Stmt, pipelined};
+use crate::sql::{Answer, Flight, Sql, Stmt, pipelined};
 use crate::store::{self, Checkout, query_error};
 
 /// The rows whose deps contain the name `$name` (a column of the query around it), as `m`,
@@ -97,17 +97,14 @@ pub(crate) const REALM_GRAPH: &str =
 /// A closure that reaches this many consumers is finished from [`REALM_GRAPH`] instead.
 const LARGE_FAN_OUT: i64 = 512;
 
-/// A DELETE of the rows of `_S_modules` that meet the conditions (concatenated), counted, and
-/// only while `guard::apply!` is on.
-macro_rules! counted_delete {
+/// A DELETE of the rows of `_S_modules` that meet the conditions (concatenated), only while
+/// `guard::apply!` is on. Its count is its command tag's (`Sql::answer`): counted by a query
+/// around it (`WITH d AS (DELETE … RETURNING 1) SELECT count(*) FROM d`), every row deleted
+/// would be written to a store of the query's results first, which the invalidation's small
+/// `work_mem` sends to disk past a few thousand (measured: 3-4 ms of a 10 000-row DELETE).
+macro_rules! delete_where {
     ($($condition:expr),+) => {
-        concat!(
-            "WITH d AS (DELETE FROM _S_modules WHERE ",
-            $($condition,)+
-            " AND ",
-            guard::apply!(),
-            " RETURNING 1) SELECT count(*) FROM d"
-        )
+        concat!("DELETE FROM _S_modules WHERE ", $($condition,)+ " AND ", guard::apply!())
     };
 }
 
@@ -131,7 +128,7 @@ const GUARD_PER_URL_LIMIT: usize = 2048;
 /// checked again against at most that many names). More names go through
 /// [`DELETE_BY_HASH`] and [`DELETE_BY_ALIAS`]. Nothing when `guard::apply!` is off.
 pub(crate) const DELETE_MODULES: &str =
-    counted_delete!(crate::sql::in_realm!(), named_by_hash_or_alias!());
+    delete_where!(crate::sql::in_realm!(), named_by_hash_or_alias!());
 
 /// [`DELETE_MODULES`]'s condition on the rows, after the realm's: named by an alias in `$2` or
 /// a URL whose md5 is in `$3`.
@@ -166,11 +163,11 @@ const FEW_NAMES: usize = 16;
 /// names); two semi-joins are linear but cost 0.13 ms for one module's five names.
 /// Nothing when `guard::apply!` is off.
 pub(crate) const DELETE_BY_HASH: &str =
-    counted_delete!(crate::sql::in_realm!(), " AND url_hash = ANY ($2::text[])");
+    delete_where!(crate::sql::in_realm!(), " AND url_hash = ANY ($2::text[])");
 
 /// The rows of realm `$1` named by `$2` by their alias: see [`DELETE_BY_HASH`].
 pub(crate) const DELETE_BY_ALIAS: &str =
-    counted_delete!(crate::sql::in_realm!(), " AND file_alias = ANY ($2::text[])");
+    delete_where!(crate::sql::in_realm!(), " AND file_alias = ANY ($2::text[])");
 
 /// The rows of realm `$1` whose URL is in `$2`, found by reading the realm's rows and looking
 /// each URL up in `$2` hashed (a hashed subplan, built once): for a fan-out whose closure read
@@ -184,16 +181,26 @@ pub(crate) const DELETE_BY_ALIAS: &str =
 /// keeps the subplan a filter: as a join, its hash table would be held to the invalidation's
 /// small `work_mem` and spill to disk (43-54 ms). Nothing when `guard::apply!` is off.
 pub(crate) const DELETE_IN_REALM: &str =
-    counted_delete!("resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[]))) IS TRUE");
+    delete_where!("resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[]))) IS TRUE");
 
 /// The rows of realm `$1` named by `$2` (by URL or by alias), found as [`DELETE_IN_REALM`]
 /// finds its rows, for a fan-out without the guard, whose rows' URLs are not enough (see
 /// [`Rows::Read`]): two hashed lookups per row, over every name. Nothing when `guard::apply!`
 /// is off.
-pub(crate) const DELETE_NAMED_IN_REALM: &str = counted_delete!(
+pub(crate) const DELETE_NAMED_IN_REALM: &str = delete_where!(
     "resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[])) \
      OR file_alias IN (SELECT unnest($2::text[])))"
 );
+
+/// The rows of realm `$1` except those whose URL is in `$2`, found as [`DELETE_IN_REALM`]
+/// finds its rows: for a fan-out whose closure read every row of the realm and names most of
+/// them ([`Rows::AllBut`]), which sends the URLs of the rows it spares rather than of those it
+/// deletes (none, when a fan-out reaches the whole realm: 10 000 fewer URLs to send, decode
+/// and hash). Exact while the guard holds the lock; without it, a row written between the read
+/// and the DELETE is deleted too, which costs a render, never a stale row. Nothing when
+/// `guard::apply!` is off.
+pub(crate) const DELETE_REALM_BUT: &str =
+    delete_where!("resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[]))) IS NOT TRUE");
 
 /// [`LEAF`]'s query: its answer as `ok`.
 macro_rules! leaf_sql {
@@ -273,10 +280,8 @@ pub(crate) fn url_hashes(urls: &[String]) -> Vec<String> {
         .collect()
 }
 
-pub(crate) const DELETE_REALM: &str = "WITH d AS (DELETE FROM _S_modules WHERE resolved_realm_url = $1 \
-     RETURNING 1) SELECT count(*) FROM d";
-pub(crate) const DELETE_ALL: &str =
-    "WITH d AS (DELETE FROM _S_modules RETURNING 1) SELECT count(*) FROM d";
+pub(crate) const DELETE_REALM: &str = "DELETE FROM _S_modules WHERE resolved_realm_url = $1";
+pub(crate) const DELETE_ALL: &str = "DELETE FROM _S_modules";
 pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 /// Every payload `$2` on channel `$1`, in order, in one statement. Nothing when
 /// `guard::apply!` is off.
@@ -344,7 +349,10 @@ pub(crate) fn consumer_rows(rows: &[Row]) -> Vec<ConsumerRow> {
     rows.iter().map(consumer_row).collect()
 }
 
-type Reply<'a> = crate::sql::Pending<'a, Result<Vec<Row>, tokio_postgres::Error>>;
+type Reply<'a> = crate::sql::Pending<'a, Result<Answer, tokio_postgres::Error>>;
+
+/// The replies of a flight, in the order of its statements.
+type Replies = Vec<Result<Answer, tokio_postgres::Error>>;
 
 /// The consumer closure of `names` in `realm`, outside an invalidation: in a transaction of
 /// its own with the invalidation's settings (see `guard::SETTINGS`), in one round trip.
@@ -371,11 +379,11 @@ pub(crate) async fn closure(
 }
 
 /// The first failure of a flight (later statements only fail because of it), with its index.
-fn first_failure(
-    replies: &mut [Result<Vec<Row>, tokio_postgres::Error>],
+fn first_failure<T: Default>(
+    replies: &mut [Result<T, tokio_postgres::Error>],
 ) -> Option<(usize, tokio_postgres::Error)> {
     let index = replies.iter().position(Result::is_err)?;
-    let failed = std::mem::replace(&mut replies[index], Ok(Vec::new()));
+    let failed = std::mem::replace(&mut replies[index], Ok(T::default()));
     failed.err().map(|error| (index, error))
 }
 
@@ -452,7 +460,7 @@ enum Rows {
     Named,
     /// The URLs of the rows to delete, from the realm's rows read under the lock
     /// ([`REALM_GRAPH`]: those the fan-out names by URL or by alias,
-    /// `lookup_core::fan_out_and_named_rows`), probed by their hash ([`DELETE_BY_HASH`]). As
+    /// `lookup_core::fan_out_over_realm`), probed by their hash ([`DELETE_BY_HASH`]). As
     /// exact as the names while the guard holds the lock (a guarded write waits for the
     /// invalidation's commit), so only with the guard: without it a row written between the
     /// read and the DELETE would be left unless its URL was read.
@@ -463,6 +471,10 @@ enum Rows {
     /// Without the guard, a fan-out that read the realm and names a large part of it: deleted
     /// by reading the realm's rows against the names ([`DELETE_NAMED_IN_REALM`]).
     NamedInRealm,
+    /// A fan-out that read the realm and names most of its rows: every row of the realm but
+    /// those of these URLs, the rows it does not name ([`RealmRows::AllBut`]), deleted by
+    /// reading the realm's rows ([`DELETE_REALM_BUT`]). With or without the guard.
+    AllBut(Vec<String>),
 }
 
 impl<'a> Tail<'a> {
@@ -519,8 +531,11 @@ struct Positions {
     leaf: Option<(usize, usize)>,
     closure: Option<usize>,
     prune: Option<usize>,
-    /// The DELETE statements (two for a module fan-out probed per name).
+    /// The DELETE statements, counted by their command tags (two for a module fan-out probed
+    /// per name).
     deletes: Vec<usize>,
+    /// [`LEAF_TAIL`], which counts its DELETE in its first column.
+    leaf_tail: Option<usize>,
     /// The first statement of the broadcast: the NOTIFYs, or the COMMIT when there are none.
     broadcast: Option<usize>,
 }
@@ -542,7 +557,7 @@ impl On<'_> {
             "sent in a flight without being prepared first: {}",
             statement.text
         );
-        Box::pin(self.sql.query(self.client, statement, params))
+        Box::pin(self.sql.answer(self.client, statement, params))
     }
 }
 
@@ -552,7 +567,7 @@ async fn flight(
     c: &deadpool_postgres::ClientWrapper,
     head: Option<&Head<'_>>,
     tail: Option<&Tail<'_>>,
-) -> (Vec<Result<Vec<Row>, tokio_postgres::Error>>, Positions) {
+) -> (Replies, Positions) {
     // Every parameter list lives as long as the flight (declared before it).
     let realm = head.map(|h| h.realm).unwrap_or_default();
     let realm_lock: [&(dyn ToSql + Sync); 3] =
@@ -577,7 +592,7 @@ async fn flight(
     // The names, for the alias DELETE.
     let names_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &list];
     let read: &[String] = match tail.map(|t| &t.rows) {
-        Some(Rows::ReadInRealm(urls)) => urls,
+        Some(Rows::ReadInRealm(urls) | Rows::AllBut(urls)) => urls,
         _ => &[],
     };
     let rows_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &read];
@@ -625,7 +640,7 @@ async fn flight(
         let is_modules = matches!(tail.effective, Invalidation::Modules { .. });
         if one_statement {
             at.leaf = Some((flight.len(), 1));
-            at.deletes.push(flight.len());
+            at.leaf_tail = Some(flight.len());
             flight.push(on.query(&sql.leaf_tail, &leaf_tail_params));
         } else if tail.plan.guarded {
             if is_modules && list.len() <= GUARD_PER_URL_LIMIT {
@@ -648,6 +663,9 @@ async fn flight(
             }
             (Invalidation::Modules { .. }, Rows::NamedInRealm) => {
                 vec![on.query(&sql.delete_named_in_realm, &names_params)]
+            }
+            (Invalidation::Modules { .. }, Rows::AllBut(_)) => {
+                vec![on.query(&sql.delete_realm_but, &rows_params)]
             }
             (Invalidation::Modules { .. }, Rows::Named) if list.len() <= FEW_NAMES => {
                 vec![on.query(&sql.delete_modules, &modules_params)]
@@ -724,6 +742,7 @@ pub(crate) async fn run(
         &sql.delete_by_alias,
         &sql.delete_in_realm,
         &sql.delete_named_in_realm,
+        &sql.delete_realm_but,
     ];
     let first_open = if opens_lean(leaf_tail, plan.prune) { &sql.open_realm_leaf } else { open };
     let mut first = vec![
@@ -781,7 +800,7 @@ pub(crate) async fn run(
         return Err(before(error));
     }
     let seq = match at.open.filter(|_| plan.guarded).map(|i| &replies[i]) {
-        Some(Ok(rows)) => match rows.first() {
+        Some(Ok(answer)) => match answer.rows.first() {
             Some(row) => Some(row.try_get(0).map_err(before)?),
             None => {
                 return Err(Failure::Invalidation(PgError::Query {
@@ -792,8 +811,8 @@ pub(crate) async fn run(
         },
         _ => None,
     };
-    let taken = at.closure.map(|i| std::mem::replace(&mut replies[i], Ok(Vec::new())));
-    let mut consumers = consumer_rows(&taken.and_then(Result::ok).unwrap_or_default());
+    let taken = at.closure.map(|i| std::mem::replace(&mut replies[i], Ok(Answer::default())));
+    let mut consumers = consumer_rows(&taken.and_then(Result::ok).unwrap_or_default().rows);
     let graph = consumers.len() as i64 >= LARGE_FAN_OUT;
     if graph {
         // Still under the lock, with a fresh snapshot: the whole realm's edges, decoded as
@@ -803,20 +822,25 @@ pub(crate) async fn run(
         sql.for_each_row(c, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
     }
     let realm_rows = consumers.len();
-    // The rows to delete are among those just read: their URLs. Only with the guard: without
-    // it nothing holds back writes between the read and the DELETE, and a row written then is
-    // found by the names, not by the URLs read.
-    let (urls, read) = if graph && plan.guarded {
-        let (urls, read) = fan_out_and_named_rows(names.to_vec(), consumers);
+    let (urls, read) = if graph {
+        let (urls, read) = fan_out_over_realm(names.to_vec(), consumers);
         (urls, Some(read))
     } else {
         (fan_out(names.to_vec(), consumers), None)
     };
-    let rows = match (read, graph && reads_realm(urls.len(), realm_rows)) {
-        (Some(read), true) => Rows::ReadInRealm(read),
-        (Some(read), false) => Rows::Read(read),
-        (None, true) => Rows::NamedInRealm,
-        (None, false) => Rows::Named,
+    let rows = match read {
+        // Most of the realm: all its rows but those of the URLs spared (a row written between
+        // the read and the DELETE, possible only without the guard, is deleted too).
+        Some(RealmRows::AllBut(spared)) => Rows::AllBut(spared),
+        // The rows to delete are among those just read: their URLs. Only with the guard:
+        // without it nothing holds back writes between the read and the DELETE, and a row
+        // written then is found by the names, not by the URLs read.
+        Some(RealmRows::Urls(read)) if plan.guarded => match reads_realm(urls.len(), realm_rows) {
+            true => Rows::ReadInRealm(read),
+            false => Rows::Read(read),
+        },
+        Some(RealmRows::Urls(_)) if reads_realm(urls.len(), realm_rows) => Rows::NamedInRealm,
+        _ => Rows::Named,
     };
     let effective = Invalidation::Modules { realm_url: realm.to_owned(), urls };
     let tail = Tail::new(&effective, plan, seq, rows);
@@ -839,7 +863,7 @@ pub(crate) async fn run(
 /// How a flight with a tail went: `Ok(None)` when [`LEAF`] found consumers (the transaction
 /// committed nothing).
 fn finish(
-    mut replies: Vec<Result<Vec<Row>, tokio_postgres::Error>>,
+    mut replies: Replies,
     at: &Positions,
     payloads: usize,
     effective: Cow<'_, Invalidation>,
@@ -858,7 +882,7 @@ fn finish(
         });
     }
     if let Some((index, column)) = at.leaf {
-        let rows = replies[index].as_ref().ok();
+        let rows = replies[index].as_ref().ok().map(|answer| &answer.rows);
         match rows.and_then(|rows| rows.first()).map(|row| row.try_get::<_, bool>(column)) {
             Some(Ok(true)) => {}
             Some(Ok(false)) => return Ok(None),
@@ -871,13 +895,15 @@ fn finish(
             }
         }
     }
-    let count = |index: &usize| {
-        let rows = replies[*index].as_ref().ok();
-        rows.and_then(|rows| rows.first())
-            .map_or(0, |row| u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    // A count in a reply's first column (LEAF_TAIL's DELETE, the prune).
+    let counted = |index: usize| {
+        let rows = replies[index].as_ref().ok().map(|answer| &answer.rows);
+        rows.and_then(|rows| rows.first()).map_or(0, |row| row.get::<_, i64>(0))
     };
-    let deleted = at.deletes.iter().map(count).sum();
-    let pruned = at.prune.map(|index| count(&index) as i64);
+    let tagged = |index: &usize| replies[*index].as_ref().map_or(0, |answer| answer.written);
+    let deleted = at.deletes.iter().map(tagged).sum::<u64>()
+        + at.leaf_tail.map_or(0, |index| u64::try_from(counted(index)).unwrap_or(0));
+    let pruned = at.prune.map(counted);
     Ok(Some(Applied { effective: effective.into_owned(), deleted, payloads, pruned }))
 }
 
@@ -912,7 +938,7 @@ mod tests {
             realm_url: "https://r.test/".into(),
             urls: vec!["https://r.test/a.gts".into()],
         };
-        let replies = (0..4).map(|_| Ok(Vec::new())).collect();
+        let replies = (0..4).map(|_| Ok(Answer::default())).collect();
         match finish(replies, &at, 1, Cow::Owned(effective)) {
             Err(Failure::Invalidation(error)) => {
                 let message = error.to_string();

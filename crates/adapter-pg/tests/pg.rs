@@ -938,11 +938,12 @@ async fn a_large_fan_out_of_a_small_part_of_its_realm_deletes_the_rows_it_read()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_fan_out_without_the_guard_is_deleted_by_its_names() {
+async fn a_large_fan_out_without_the_guard_deletes_all_but_the_rows_it_spares() {
     let Some(config) = config("large-fan-out-unguarded") else { return };
     let db = PgAdapter::connect(config.clone().durable_guard(false)).await.unwrap();
     let raw = raw_client(&config).await;
-    // 600 consumers of m0: the closure reads the realm, and the fan-out names most of it.
+    // 600 consumers of m0: the closure reads the realm, and the fan-out names most of it, so
+    // the DELETE names the one row it spares.
     insert_generated(
         &raw,
         "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
@@ -958,6 +959,46 @@ async fn a_large_fan_out_without_the_guard_is_deleted_by_its_names() {
     let left: Vec<String> =
         raw.query("SELECT url FROM modules", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(left, [format!("{REALM}bystander.gts")]);
+}
+
+/// A fan-out that reads its realm and names a large part of it, but less than half: the
+/// DELETE reads the realm against the URLs read (with the guard) or the names (without), not
+/// against the rows spared, which are more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fan_out_of_under_half_its_realm_deletes_its_rows_with_or_without_the_guard() {
+    for guarded in [true, false] {
+        let Some(config) = config(&format!("large-fan-out-third-{guarded}")) else { return };
+        let db = PgAdapter::connect(config.clone().durable_guard(guarded)).await.unwrap();
+        let raw = raw_client(&config).await;
+        // 600 consumers of m0 and m7.js (by its alias) in a realm of 1 501 rows: 1 200 names,
+        // enough to read the realm again, and 601 rows, fewer than the 900 spared.
+        insert_generated(
+            &raw,
+            "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
+               ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, \
+               $1 || 'm' || i AS file_alias \
+             FROM generate_series(0, 599) AS i \
+             UNION ALL \
+             SELECT $1 || 'other' || i || '.gts', jsonb_build_array($1 || 'other' || (i / 2)), \
+               $1 || 'other' || i \
+             FROM generate_series(0, 899) AS i",
+        )
+        .await;
+        db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
+        let root = format!("{REALM}m0.gts");
+        let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
+        assert_eq!(done.deleted, 601, "guard {guarded}: the 600 modules and m7.js");
+        let left: Vec<String> = raw
+            .query("SELECT url FROM modules WHERE url NOT LIKE $1", &[&format!("{REALM}other%")])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert!(left.is_empty(), "guard {guarded}: left {left:?}");
+        let others: i64 = raw.query_one("SELECT count(*) FROM modules", &[]).await.unwrap().get(0);
+        assert_eq!(others, 900, "guard {guarded}: the rest of the realm stays");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ pub mod wire;
 pub use builder::LookupBuilder;
 pub use error::{LookupError, SharedError};
 pub use l1::{L1Config, L1Stats};
-pub use lookup::{CachingLookup, LookupConfig, fan_out, fan_out_and_named_rows};
+pub use lookup::{CachingLookup, LookupConfig, RealmRows, fan_out, fan_out_over_realm};
 pub use populate::{
     NoLease, NoRow, PopulateCoordinator, PopulateKey, PopulateLease, PopulateSettings,
     PopulateSignalStats, PopulateSignals, PopulateSink, PopulateTicket, Uncoordinated, Woken,

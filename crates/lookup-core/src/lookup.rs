@@ -453,124 +453,142 @@ pub fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String
     walk(variants, consumers, false).0
 }
 
-/// [`fan_out`], and the URL of every row of `rows` that the list names, by its URL or by its
-/// alias, in the order of `rows`: given all the rows of a realm, the rows an invalidation of
-/// the list deletes there (those it reached, the seeds' own, and any other sharing a name).
-pub fn fan_out_and_named_rows(
-    variants: Vec<String>,
-    rows: Vec<ConsumerRow>,
-) -> (Vec<String>, Vec<String>) {
-    walk(variants, rows, true)
+/// The rows of a realm that an invalidation list names (by their URL or by their alias), given
+/// every row of the realm: as the URLs of those rows, or as every row of the realm but those of
+/// some URLs, whichever list is shorter (see [`fan_out_over_realm`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RealmRows {
+    /// The URL of every row named, in the order of the rows given.
+    Urls(Vec<String>),
+    /// Every row of the realm except those whose URL is here: the URL of every row not named,
+    /// in the order of the rows given, leaving out a URL that a named row also has (rows of one
+    /// URL in several scopes), so that no named row is spared.
+    AllBut(Vec<String>),
 }
 
-/// [`fan_out`]; with `named`, also the URLs of [`fan_out_and_named_rows`].
+/// [`fan_out`] over every row of a realm, and the rows the list names there ([`RealmRows`]):
+/// those it reached, the seeds' own, and any other sharing a name. An invalidation deletes
+/// exactly those.
+pub fn fan_out_over_realm(
+    variants: Vec<String>,
+    rows: Vec<ConsumerRow>,
+) -> (Vec<String>, RealmRows) {
+    let (list, rows) = walk(variants, rows, true);
+    (list, rows.unwrap_or(RealmRows::Urls(Vec::new())))
+}
+
+/// [`fan_out`]; with `named`, also the rows of [`fan_out_over_realm`].
 fn walk(
     variants: Vec<String>,
-    mut consumers: Vec<ConsumerRow>,
+    mut rows: Vec<ConsumerRow>,
     named: bool,
-) -> (Vec<String>, Vec<String>) {
-    // Every name met gets a number: first the names rows depend on (`deps`), then those the
-    // walk finds. One hash per name met (hashbrown's default hasher, foldhash: a fan-out of
-    // 10 000 modules met some 50 000 names, and std's SipHash took half the walk's time; a
-    // map of names to rows and a set of names seen, hashed each name twice).
+) -> (Vec<String>, Option<RealmRows>) {
+    // Every name gets a number, hashed once where it occurs: each row's URL, alias and deps,
+    // then the seeds. The walk itself then runs on numbers (hashbrown's default hasher,
+    // foldhash: a fan-out of 10 000 modules holds some 30 000 names, and std's SipHash took
+    // half the walk's time).
     let mut ids: hashbrown::HashMap<&str, usize> =
-        hashbrown::HashMap::with_capacity(consumers.len() * 2 + variants.len());
-    // The rows depending on each of the first `depended` numbers, as ranges of one list
-    // (`starts`), each in URL order (the order in which the consumers of a name join the list).
-    let mut dep_ids = Vec::with_capacity(consumers.len());
-    let mut counts: Vec<usize> = Vec::new();
-    for row in &consumers {
+        hashbrown::HashMap::with_capacity(rows.len() * 3 + variants.len());
+    // Each row's (URL, alias) numbers, and its deps' numbers, in order.
+    let mut own = Vec::with_capacity(rows.len());
+    let mut dep_ids = Vec::with_capacity(rows.len());
+    for row in &rows {
+        own.push((number(&mut ids, &row.url), number(&mut ids, &row.file_alias)));
         for dep in &row.deps {
-            let fresh = counts.len();
-            let id = *ids.entry(dep.as_str()).or_insert(fresh);
-            if id == fresh {
-                counts.push(0);
-            }
-            counts[id] += 1;
-            dep_ids.push(id);
+            dep_ids.push(number(&mut ids, dep));
         }
     }
-    let depended = counts.len();
-    let mut starts = Vec::with_capacity(depended + 1);
-    starts.push(0);
-    for count in &counts {
-        starts.push(starts[starts.len() - 1] + count);
+    let seeds: Vec<usize> = variants.iter().map(|seed| number(&mut ids, seed)).collect();
+    let names = ids.len();
+    // The rows depending on each name, as ranges of one list (`starts`), each in URL order
+    // (the order in which the consumers of a name join the list).
+    let mut starts = vec![0; names + 1];
+    for &id in &dep_ids {
+        starts[id + 1] += 1;
+    }
+    for id in 0..names {
+        starts[id + 1] += starts[id];
     }
     let mut filled = starts.clone();
     let mut by_dep = vec![0; dep_ids.len()];
     let mut dep_ids = dep_ids.into_iter();
-    for (index, row) in consumers.iter().enumerate() {
+    for (index, row) in rows.iter().enumerate() {
         for id in dep_ids.by_ref().take(row.deps.len()) {
             by_dep[filled[id]] = index;
             filled[id] += 1;
         }
     }
-    for id in 0..depended {
-        let rows = &mut by_dep[starts[id]..starts[id + 1]];
-        if rows.len() > 1 {
-            rows.sort_by(|&a, &b| consumers[a].url.cmp(&consumers[b].url));
+    drop(filled);
+    for id in 0..names {
+        let consumers = &mut by_dep[starts[id]..starts[id + 1]];
+        if consumers.len() > 1 {
+            consumers.sort_by(|&a, &b| rows[a].url.cmp(&rows[b].url));
         }
     }
-    // The walk: names by number, each once.
-    let mut seen = vec![false; depended];
-    let mut queue: Vec<usize> = Vec::with_capacity(consumers.len() * 2 + variants.len());
-    for seed in &variants {
-        queue.extend(meet(&mut ids, &mut seen, seed));
+    // The borrows end here (hashbrown's maps, unlike std's, hold theirs until dropped).
+    drop(ids);
+    // The walk: names by number, each once; a seed listed twice is walked twice, as the
+    // list holds it twice (its second walk adds nothing).
+    let mut seen = vec![false; names];
+    for &id in &seeds {
+        seen[id] = true;
     }
     // (row, whether the name is its alias), in list order.
-    let mut found: Vec<(usize, bool)> = Vec::with_capacity(consumers.len() * 2);
-    let mut next = 0;
-    while next < queue.len() {
-        let id = queue[next];
-        next += 1;
-        if id >= depended {
-            continue;
-        }
+    let mut found: Vec<(usize, bool)> = Vec::with_capacity(rows.len() * 2);
+    for next in 0.. {
+        let id = match seeds.get(next) {
+            Some(&id) => id,
+            None => match found.get(next - seeds.len()) {
+                Some(&(index, alias)) => {
+                    if alias {
+                        own[index].1
+                    } else {
+                        own[index].0
+                    }
+                }
+                None => break,
+            },
+        };
         for &index in &by_dep[starts[id]..starts[id + 1]] {
-            let row = &consumers[index];
-            for (name, alias) in [(row.url.as_str(), false), (row.file_alias.as_str(), true)] {
-                if let Some(id) = meet(&mut ids, &mut seen, name) {
-                    queue.push(id);
-                    found.push((index, alias));
+            let (url, alias) = own[index];
+            for (name, is_alias) in [(url, false), (alias, true)] {
+                if !std::mem::replace(&mut seen[name], true) {
+                    found.push((index, is_alias));
                 }
             }
         }
     }
-    let listed = |name: &str| ids.get(name).is_some_and(|&id| seen[id]);
-    let named: Vec<String> = match named {
-        true => consumers
-            .iter()
-            .filter(|row| listed(&row.url) || listed(&row.file_alias))
-            .map(|row| row.url.clone())
-            .collect(),
-        false => Vec::new(),
-    };
-    // The borrows end here (hashbrown's maps, unlike std's, hold theirs until dropped); the
-    // names found are then moved out of their rows, each once.
-    drop(ids);
+    let named = named.then(|| {
+        let listed: Vec<bool> = own.iter().map(|&(url, alias)| seen[url] || seen[alias]).collect();
+        let count = listed.iter().filter(|&&listed| listed).count();
+        if count <= rows.len() - count {
+            let urls = rows.iter().zip(&listed).filter(|(_, listed)| **listed);
+            return RealmRows::Urls(urls.map(|(row, _)| row.url.clone()).collect());
+        }
+        // A URL is spared only if no row of it is named.
+        let mut spared = vec![true; names];
+        for (&(url, _), &listed) in own.iter().zip(&listed) {
+            if listed {
+                spared[url] = false;
+            }
+        }
+        let kept = rows.iter().zip(&own).filter(|(_, (url, _))| spared[*url]);
+        RealmRows::AllBut(kept.map(|(row, _)| row.url.clone()).collect())
+    });
+    // The names found are moved out of their rows, each once.
     let mut list = variants;
     list.reserve(found.len());
     for (index, alias) in found {
-        let row = &mut consumers[index];
+        let row = &mut rows[index];
         list.push(std::mem::take(if alias { &mut row.file_alias } else { &mut row.url }));
     }
     (list, named)
 }
 
-/// The number of `name` (a new one if it has none yet), unless the walk met it before.
-fn meet<'a>(
-    ids: &mut hashbrown::HashMap<&'a str, usize>,
-    seen: &mut Vec<bool>,
-    name: &'a str,
-) -> Option<usize> {
-    let fresh = seen.len();
-    let id = *ids.entry(name).or_insert(fresh);
-    if id == fresh {
-        seen.push(true);
-    } else if std::mem::replace(&mut seen[id], true) {
-        return None;
-    }
-    Some(id)
+/// The number of `name` in `ids`, a new one if it has none yet.
+fn number<'a>(ids: &mut hashbrown::HashMap<&'a str, usize>, name: &'a str) -> usize {
+    let fresh = ids.len();
+    *ids.entry(name).or_insert(fresh)
 }
 
 /// The definition under `key` (see [`definition_key`]) in `entry`.
@@ -876,9 +894,17 @@ mod tests {
                 .filter(|row| expected.contains(&row.url) || expected.contains(&row.file_alias))
                 .map(|row| row.url.clone())
                 .collect();
-            let both = fan_out_and_named_rows(seeds.clone(), consumers.clone());
+            let unnamed = consumers.len() - named.len();
+            let rows = if named.len() <= unnamed {
+                RealmRows::Urls(named)
+            } else {
+                // Every URL of a row not named, unless a named row has it too.
+                let spared = consumers.iter().filter(|row| !named.contains(&row.url));
+                RealmRows::AllBut(spared.map(|row| row.url.clone()).collect())
+            };
+            let both = fan_out_over_realm(seeds.clone(), consumers.clone());
             proptest::prop_assert_eq!(fan_out(seeds, consumers), expected.clone());
-            proptest::prop_assert_eq!(both, (expected, named));
+            proptest::prop_assert_eq!(both, (expected, rows));
         }
     }
 }
