@@ -268,14 +268,24 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator> Inner<
 
     pub(crate) fn bump_modules(&self, realm_url: &str, list: &[String]) {
         self.generations.bump_modules(realm_url, list);
+        // Nothing to look up when no load is in flight and there is no in-process tier: the
+        // set below costs about a millisecond for a 10 000-module fan-out's 20 000 names. (A
+        // slot that appears after this check could as well have appeared just after the drop
+        // below, which never covered those.)
+        let loads = !self.slots().is_empty();
+        if !loads && self.l1.is_none() {
+            return;
+        }
         // One set of the names for both tiers, built before either lock is taken: a fan-out
         // names up to tens of thousands of URLs, and each in-flight load and in-process entry
         // is looked up in it once (the loads were searched for in the list, under the lock
         // every lookup takes: loads × names).
         let names: Names<'_> = list.iter().map(String::as_str).collect();
-        self.drop_slots(|key| {
-            key.scope.realm_url != realm_url || !names.contains(key.url.as_str())
-        });
+        if loads {
+            self.drop_slots(|key| {
+                key.scope.realm_url != realm_url || !names.contains(key.url.as_str())
+            });
+        }
         if let Some(l1) = &self.l1 {
             l1.invalidate_modules(realm_url, &names);
         }
