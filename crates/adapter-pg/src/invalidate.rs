@@ -172,9 +172,11 @@ pub(crate) const DELETE_BY_ALIAS: &str =
 /// The rows of realm `$1` whose URL is in `$2`, found by reading the realm's rows and looking
 /// each URL up in `$2` hashed (a hashed subplan, built once): for a fan-out whose closure read
 /// every row of the realm anyway ([`REALM_GRAPH`]), which gives the URLs of the rows to delete
-/// ([`Rows::Read`]), and names a large part of them (see [`reads_realm`]). Linear in the realm,
-/// and no hashes to compute and send: probing 20 000 names instead costs more (measured: 40 ms
-/// to sort and probe the hashes alone, against 12 ms for the whole DELETE of 10 000 rows).
+/// ([`Rows::Read`]), and names a large part of them (see [`reads_realm`]), no more than half
+/// (more: [`DELETE_REALM_BUT`]). Linear in the realm, and no hashes to compute and send:
+/// probing 20 000 names instead costs more (measured when this statement deleted whole
+/// realms: 40 ms to sort and probe the hashes alone, against 12 ms for the whole DELETE of
+/// 10 000 rows).
 ///
 /// The URLs of the rows rather than the fan-out's names, by URL or by alias: half the names
 /// to hash and one lookup per row (measured on 10 000 rows: 14 ms instead of 17). `IS TRUE`
@@ -196,9 +198,8 @@ pub(crate) const DELETE_NAMED_IN_REALM: &str = delete_where!(
 /// finds its rows: for a fan-out whose closure read every row of the realm and names most of
 /// them ([`Rows::AllBut`]), which sends the URLs of the rows it spares rather than of those it
 /// deletes (none, when a fan-out reaches the whole realm: 10 000 fewer URLs to send, decode
-/// and hash). Exact while the guard holds the lock; without it, a row written between the read
-/// and the DELETE is deleted too, which costs a render, never a stale row. Nothing when
-/// `guard::apply!` is off.
+/// and hash). Exact while the guard holds the lock, and so only with the guard (as
+/// [`Rows::Read`]). Nothing when `guard::apply!` is off.
 pub(crate) const DELETE_REALM_BUT: &str =
     delete_where!("resolved_realm_url = $1 AND (url IN (SELECT unnest($2::text[]))) IS NOT TRUE");
 
@@ -465,15 +466,17 @@ enum Rows {
     /// invalidation's commit), so only with the guard: without it a row written between the
     /// read and the DELETE would be left unless its URL was read.
     Read(Vec<String>),
-    /// [`Rows::Read`] when the fan-out names a large part of the realm ([`reads_realm`]):
-    /// deleted by reading the realm's rows again ([`DELETE_IN_REALM`]).
+    /// [`Rows::Read`] when the fan-out names a large part of the realm ([`reads_realm`]), yet
+    /// no more than half its rows (more: [`Rows::AllBut`]): deleted by reading the realm's rows
+    /// again ([`DELETE_IN_REALM`]).
     ReadInRealm(Vec<String>),
-    /// Without the guard, a fan-out that read the realm and names a large part of it: deleted
-    /// by reading the realm's rows against the names ([`DELETE_NAMED_IN_REALM`]).
+    /// Without the guard, a fan-out that read the realm and names a large part of it
+    /// ([`reads_realm`]): deleted by reading the realm's rows against the names
+    /// ([`DELETE_NAMED_IN_REALM`]).
     NamedInRealm,
-    /// A fan-out that read the realm and names most of its rows: every row of the realm but
-    /// those of these URLs, the rows it does not name ([`RealmRows::AllBut`]), deleted by
-    /// reading the realm's rows ([`DELETE_REALM_BUT`]). With or without the guard.
+    /// With the guard, a fan-out that read the realm and names most of its rows: every row of
+    /// the realm but those of these URLs, the rows it does not name ([`RealmRows::AllBut`]),
+    /// deleted by reading the realm's rows ([`DELETE_REALM_BUT`]).
     AllBut(Vec<String>),
 }
 
@@ -822,25 +825,22 @@ pub(crate) async fn run(
         sql.for_each_row(c, &sql.realm_graph, &[&realm], each).await.map_err(before)?;
     }
     let realm_rows = consumers.len();
-    let (urls, read) = if graph {
+    // The rows to delete are known from those just read (by their URLs, or as all the realm's
+    // but the URLs spared). Only with the guard: without it nothing holds back writes between
+    // the read and the DELETE, and a row written then (or its alias changed) is found by the
+    // names, not by the URLs read.
+    let (urls, read) = if graph && plan.guarded {
         let (urls, read) = fan_out_over_realm(names.to_vec(), consumers);
         (urls, Some(read))
     } else {
         (fan_out(names.to_vec(), consumers), None)
     };
-    let rows = match read {
-        // Most of the realm: all its rows but those of the URLs spared (a row written between
-        // the read and the DELETE, possible only without the guard, is deleted too).
-        Some(RealmRows::AllBut(spared)) => Rows::AllBut(spared),
-        // The rows to delete are among those just read: their URLs. Only with the guard:
-        // without it nothing holds back writes between the read and the DELETE, and a row
-        // written then is found by the names, not by the URLs read.
-        Some(RealmRows::Urls(read)) if plan.guarded => match reads_realm(urls.len(), realm_rows) {
-            true => Rows::ReadInRealm(read),
-            false => Rows::Read(read),
-        },
-        Some(RealmRows::Urls(_)) if reads_realm(urls.len(), realm_rows) => Rows::NamedInRealm,
-        _ => Rows::Named,
+    let rows = match (read, graph && reads_realm(urls.len(), realm_rows)) {
+        (Some(RealmRows::AllBut(spared)), _) => Rows::AllBut(spared),
+        (Some(RealmRows::Urls(read)), true) => Rows::ReadInRealm(read),
+        (Some(RealmRows::Urls(read)), false) => Rows::Read(read),
+        (None, true) => Rows::NamedInRealm,
+        (None, false) => Rows::Named,
     };
     let effective = Invalidation::Modules { realm_url: realm.to_owned(), urls };
     let tail = Tail::new(&effective, plan, seq, rows);

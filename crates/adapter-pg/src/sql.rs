@@ -426,8 +426,8 @@ impl Sql {
     /// collecting them first: for a large result, the caller's work on the rows overlaps the
     /// server's scan and the transfer (measured: decoding a 10 000-row realm's edges took 3 ms
     /// after the 6 ms it took them to arrive). The statement as the connection's table holds
-    /// it, or prepared now (see [`prepare`](Self::prepare)). Answers how many rows the
-    /// statement wrote, when its command tag says (see [`answer`](Self::answer)).
+    /// it, or prepared now (see [`prepare`](Self::prepare)). Answers the count of the
+    /// statement's command tag, when it has one (see [`answer`](Self::answer)).
     pub(crate) async fn for_each_row(
         &self,
         client: &ClientWrapper,
@@ -474,8 +474,8 @@ impl Sql {
         Ok(rows)
     }
 
-    /// [`query`](Self::query), with the count of rows the statement wrote, from its command
-    /// tag (a DELETE's, which then needs no `RETURNING` and no counting query around it).
+    /// [`query`](Self::query), with the count of its command tag: for a DELETE, the rows it
+    /// deleted, which then need no `RETURNING` and no counting query around it.
     pub(crate) async fn answer(
         &self,
         client: &ClientWrapper,
@@ -488,10 +488,12 @@ impl Sql {
     }
 }
 
-/// A statement's rows, and how many rows it wrote (see [`Sql::answer`]).
+/// A statement's rows, and the count of its command tag (see [`Sql::answer`]).
 #[derive(Debug, Default)]
 pub(crate) struct Answer {
     pub(crate) rows: Vec<Row>,
+    /// The rows a DELETE (or another write) wrote; for a SELECT, the rows returned; 0 when
+    /// the tag has no count.
     pub(crate) written: u64,
 }
 

@@ -938,12 +938,11 @@ async fn a_large_fan_out_of_a_small_part_of_its_realm_deletes_the_rows_it_read()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_fan_out_without_the_guard_deletes_all_but_the_rows_it_spares() {
+async fn a_large_fan_out_without_the_guard_is_deleted_by_its_names() {
     let Some(config) = config("large-fan-out-unguarded") else { return };
     let db = PgAdapter::connect(config.clone().durable_guard(false)).await.unwrap();
     let raw = raw_client(&config).await;
-    // 600 consumers of m0: the closure reads the realm, and the fan-out names most of it, so
-    // the DELETE names the one row it spares.
+    // 600 consumers of m0: the closure reads the realm, and the fan-out names most of it.
     insert_generated(
         &raw,
         "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
@@ -959,6 +958,38 @@ async fn a_large_fan_out_without_the_guard_deletes_all_but_the_rows_it_spares() 
     let left: Vec<String> =
         raw.query("SELECT url FROM modules", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(left, [format!("{REALM}bystander.gts")]);
+}
+
+/// A fan-out that reaches every row of its realm spares none, and deletes the realm's rows by
+/// the realm alone; a URL whose row in one scope the fan-out names (here only by its alias)
+/// is not spared in another scope, where the fan-out names neither its URL nor its alias.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_of_its_whole_realm_spares_no_row_of_a_url_it_names() {
+    let Some(config) = config("whole-realm-fan-out") else { return };
+    let db = PgAdapter::connect(config.clone()).await.unwrap();
+    let raw = raw_client(&config).await;
+    insert_generated(
+        &raw,
+        "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
+           ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, $1 || 'm' || i AS file_alias \
+         FROM generate_series(0, 599) AS i",
+    )
+    .await;
+    // shared.gts, public, under m5's alias (named); and the same URL for a user, under its
+    // own alias (named neither way).
+    let mut named = entry(REALM, "shared.gts", &[]);
+    named.file_alias = format!("{REALM}m5");
+    db.upsert(&named, LoadStamp::UNGUARDED).await.unwrap();
+    let mut other_scope = entry(REALM, "shared.gts", &[]);
+    other_scope.cache_scope = CacheScope::RealmAuth;
+    other_scope.auth_user_id = "@user:test".into();
+    db.upsert(&other_scope, LoadStamp::UNGUARDED).await.unwrap();
+    let root = format!("{REALM}m0.gts");
+    let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
+    assert_eq!(done.deleted, 602, "the 600 modules and both rows of shared.gts");
+    assert!(!done.urls.contains(&named.url), "shared.gts is named only by its alias");
+    let left: i64 = raw.query_one("SELECT count(*) FROM modules", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0, "nothing of the realm is left");
 }
 
 /// A fan-out that reads its realm and names a large part of it, but less than half: the

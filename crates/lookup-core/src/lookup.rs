@@ -446,16 +446,17 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
     }
 }
 
-/// Orders the invalidation list of BEHAVIOUR §4.1 step 2: the seeds (a module's variants), then
-/// consumers breadth-first, each consumer contributing its url then its alias. Duplicates and
-/// cycles are dropped.
+/// Orders the invalidation list of BEHAVIOUR §4.1 step 2: the seeds (a module's variants) as
+/// given, then consumers breadth-first, each consumer contributing its url then its alias
+/// unless already listed (so a cycle ends).
 pub fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String> {
     walk(variants, consumers, false).0
 }
 
 /// The rows of a realm that an invalidation list names (by their URL or by their alias), given
 /// every row of the realm: as the URLs of those rows, or as every row of the realm but those of
-/// some URLs, whichever list is shorter (see [`fan_out_over_realm`]).
+/// some URLs, whichever stands for fewer rows (see [`fan_out_over_realm`]). Either list may
+/// hold a URL more than once (rows of one URL in several scopes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RealmRows {
     /// The URL of every row named, in the order of the rows given.
