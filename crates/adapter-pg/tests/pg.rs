@@ -904,37 +904,47 @@ async fn a_large_fan_out_is_exact_and_guards_its_realm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_fan_out_of_a_small_part_of_its_realm_deletes_the_rows_it_read() {
     let Some(config) = config("large-fan-out-part") else { return };
-    let db = PgAdapter::connect(config.clone()).await.unwrap();
-    let raw = raw_client(&config).await;
     // 600 consumers of m0 (past the probe, so the closure reads the realm's rows) in a realm
     // of 5 000 rows: too small a part of it to read it again, so the rows read are deleted by
-    // their URLs. Among them m7.js, named only by the alias it shares with m7.gts.
+    // their URLs.
+    fan_out_of_600_among(config, true, 4400).await;
+}
+
+/// Invalidates m0 in a realm of 600 consumers of it (a tree: m(i) depends on m(i/2)), m7.js
+/// (named only by the alias it shares with m7.gts) and `others` rows that depend on none of
+/// them, with or without the guard; checks that exactly the 601 rows named are gone.
+async fn fan_out_of_600_among(config: PgConfig, guarded: bool, others: i64) {
+    let db = PgAdapter::connect(config.clone().durable_guard(guarded)).await.unwrap();
+    let raw = raw_client(&config).await;
     insert_generated(
         &raw,
-        "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
-           ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, $1 || 'm' || i AS file_alias \
-         FROM generate_series(0, 599) AS i \
-         UNION ALL \
-         SELECT $1 || 'other' || i || '.gts', jsonb_build_array($1 || 'other' || (i / 2)), \
-           $1 || 'other' || i \
-         FROM generate_series(0, 4399) AS i",
+        &format!(
+            "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
+               ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, \
+               $1 || 'm' || i AS file_alias \
+             FROM generate_series(0, 599) AS i \
+             UNION ALL \
+             SELECT $1 || 'other' || i || '.gts', jsonb_build_array($1 || 'other' || (i / 2)), \
+               $1 || 'other' || i \
+             FROM generate_series(0, {}) AS i",
+            others - 1
+        ),
     )
     .await;
     db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
     let root = format!("{REALM}m0.gts");
     let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
-    assert_eq!(done.deleted, 601, "the 600 modules and m7.js");
-    let left: i64 = raw
-        .query_one(
-            "SELECT count(*) FROM modules WHERE url NOT LIKE $1",
-            &[&format!("{REALM}other%")],
-        )
+    assert_eq!(done.deleted, 601, "guard {guarded}: the 600 modules and m7.js");
+    let left: Vec<String> = raw
+        .query("SELECT url FROM modules WHERE url NOT LIKE $1", &[&format!("{REALM}other%")])
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "every row of the fan-out is gone");
-    let others: i64 = raw.query_one("SELECT count(*) FROM modules", &[]).await.unwrap().get(0);
-    assert_eq!(others, 4400, "the rest of the realm stays");
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(left.is_empty(), "guard {guarded}: left {left:?}");
+    let count: i64 = raw.query_one("SELECT count(*) FROM modules", &[]).await.unwrap().get(0);
+    assert_eq!(count, others, "guard {guarded}: the rest of the realm stays");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -999,36 +1009,9 @@ async fn a_fan_out_of_its_whole_realm_spares_no_row_of_a_url_it_names() {
 async fn a_large_fan_out_of_under_half_its_realm_deletes_its_rows_with_or_without_the_guard() {
     for guarded in [true, false] {
         let Some(config) = config(&format!("large-fan-out-third-{guarded}")) else { return };
-        let db = PgAdapter::connect(config.clone().durable_guard(guarded)).await.unwrap();
-        let raw = raw_client(&config).await;
-        // 600 consumers of m0 and m7.js (by its alias) in a realm of 1 501 rows: 1 200 names,
-        // enough to read the realm again, and 601 rows, fewer than the 900 spared.
-        insert_generated(
-            &raw,
-            "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
-               ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, \
-               $1 || 'm' || i AS file_alias \
-             FROM generate_series(0, 599) AS i \
-             UNION ALL \
-             SELECT $1 || 'other' || i || '.gts', jsonb_build_array($1 || 'other' || (i / 2)), \
-               $1 || 'other' || i \
-             FROM generate_series(0, 899) AS i",
-        )
-        .await;
-        db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
-        let root = format!("{REALM}m0.gts");
-        let done = db.invalidate_modules(REALM, &lookup_core::urls::variants(&root)).await.unwrap();
-        assert_eq!(done.deleted, 601, "guard {guarded}: the 600 modules and m7.js");
-        let left: Vec<String> = raw
-            .query("SELECT url FROM modules WHERE url NOT LIKE $1", &[&format!("{REALM}other%")])
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        assert!(left.is_empty(), "guard {guarded}: left {left:?}");
-        let others: i64 = raw.query_one("SELECT count(*) FROM modules", &[]).await.unwrap().get(0);
-        assert_eq!(others, 900, "guard {guarded}: the rest of the realm stays");
+        // 600 consumers of m0 and m7.js in a realm of 1 501 rows: 1 200 names, enough to read
+        // the realm again, and 601 rows, fewer than the 900 spared.
+        fan_out_of_600_among(config, guarded, 900).await;
     }
 }
 
