@@ -910,6 +910,12 @@ async fn a_large_fan_out_of_a_small_part_of_its_realm_deletes_the_rows_it_read()
     fan_out_of_600_among(config, true, 4400).await;
 }
 
+/// Rows m0.gts to m599.gts for [`insert_generated`], each m(i) depending on m(i/2): 600
+/// consumers of m0, transitively.
+const TREE_OF_600: &str = "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
+     ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, $1 || 'm' || i AS file_alias \
+     FROM generate_series(0, 599) AS i";
+
 /// Invalidates m0 in a realm of 600 consumers of it (a tree: m(i) depends on m(i/2)), m7.js
 /// (named only by the alias it shares with m7.gts) and `others` rows that depend on none of
 /// them, with or without the guard; checks that exactly the 601 rows named are gone.
@@ -919,11 +925,7 @@ async fn fan_out_of_600_among(config: PgConfig, guarded: bool, others: i64) {
     insert_generated(
         &raw,
         &format!(
-            "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
-               ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, \
-               $1 || 'm' || i AS file_alias \
-             FROM generate_series(0, 599) AS i \
-             UNION ALL \
+            "{TREE_OF_600} UNION ALL \
              SELECT $1 || 'other' || i || '.gts', jsonb_build_array($1 || 'other' || (i / 2)), \
                $1 || 'other' || i \
              FROM generate_series(0, {}) AS i",
@@ -953,13 +955,7 @@ async fn a_large_fan_out_without_the_guard_is_deleted_by_its_names() {
     let db = PgAdapter::connect(config.clone().durable_guard(false)).await.unwrap();
     let raw = raw_client(&config).await;
     // 600 consumers of m0: the closure reads the realm, and the fan-out names most of it.
-    insert_generated(
-        &raw,
-        "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
-           ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, $1 || 'm' || i AS file_alias \
-         FROM generate_series(0, 599) AS i",
-    )
-    .await;
+    insert_generated(&raw, TREE_OF_600).await;
     db.upsert(&entry(REALM, "m7.js", &[]), LoadStamp::UNGUARDED).await.unwrap();
     db.upsert(&entry(REALM, "bystander.gts", &[]), LoadStamp::UNGUARDED).await.unwrap();
     let root = format!("{REALM}m0.gts");
@@ -978,13 +974,7 @@ async fn a_fan_out_of_its_whole_realm_spares_no_row_of_a_url_it_names() {
     let Some(config) = config("whole-realm-fan-out") else { return };
     let db = PgAdapter::connect(config.clone()).await.unwrap();
     let raw = raw_client(&config).await;
-    insert_generated(
-        &raw,
-        "SELECT $1 || 'm' || i || '.gts' AS url, CASE WHEN i = 0 THEN '[]'::jsonb \
-           ELSE jsonb_build_array($1 || 'm' || (i / 2)) END AS deps, $1 || 'm' || i AS file_alias \
-         FROM generate_series(0, 599) AS i",
-    )
-    .await;
+    insert_generated(&raw, TREE_OF_600).await;
     // shared.gts, public, under m5's alias (named); and the same URL for a user, under its
     // own alias (named neither way).
     let mut named = entry(REALM, "shared.gts", &[]);
