@@ -594,11 +594,12 @@ async fn flight(
     let modules_params: [&(dyn ToSql + Sync); 3] = [&tail_realm, &list, &hashes];
     // The names, for the alias DELETE.
     let names_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &list];
-    let read: &[String] = match tail.map(|t| &t.rows) {
+    // The URLs a DELETE reading the realm looks its rows up in: those to delete, or to spare.
+    let looked_up: &[String] = match tail.map(|t| &t.rows) {
         Some(Rows::ReadInRealm(urls) | Rows::AllBut(urls)) => urls,
         _ => &[],
     };
-    let rows_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &read];
+    let rows_params: [&(dyn ToSql + Sync); 2] = [&tail_realm, &looked_up];
     let realm_params: [&(dyn ToSql + Sync); 1] = [&tail_realm];
     // A module's names, with the guard, and nothing known yet about their consumers: the
     // check, the record and the DELETE in one statement (`LEAF_TAIL`).

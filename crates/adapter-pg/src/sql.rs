@@ -469,9 +469,7 @@ impl Sql {
         statement: &Stmt,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let mut rows = Vec::new();
-        self.for_each_row(client, statement, params, |row| rows.push(row)).await?;
-        Ok(rows)
+        Ok(self.answer(client, statement, params).await?.rows)
     }
 
     /// [`query`](Self::query), with the count of its command tag: for a DELETE, the rows it
@@ -492,8 +490,8 @@ impl Sql {
 #[derive(Debug, Default)]
 pub(crate) struct Answer {
     pub(crate) rows: Vec<Row>,
-    /// The rows a DELETE (or another write) wrote; for a SELECT, the rows returned; 0 when
-    /// the tag has no count.
+    /// The count of the command tag: the rows a DELETE deleted (a SELECT's counts the rows
+    /// returned); 0 when the tag has none.
     pub(crate) written: u64,
 }
 

@@ -450,7 +450,7 @@ impl<D: DbAdapter, P: Prerenderer, R: RealmProbe, C: PopulateCoordinator>
 /// given, then consumers breadth-first, each consumer contributing its url then its alias
 /// unless already listed (so a cycle ends).
 pub fn fan_out(variants: Vec<String>, consumers: Vec<ConsumerRow>) -> Vec<String> {
-    walk(variants, consumers, false).0
+    walk(variants, consumers, |_, _, _| ()).0
 }
 
 /// The rows of a realm that an invalidation list names (by their URL or by their alias), given
@@ -474,16 +474,16 @@ pub fn fan_out_over_realm(
     variants: Vec<String>,
     rows: Vec<ConsumerRow>,
 ) -> (Vec<String>, RealmRows) {
-    let (list, rows) = walk(variants, rows, true);
-    (list, rows.unwrap_or(RealmRows::Urls(Vec::new())))
+    walk(variants, rows, realm_rows)
 }
 
-/// [`fan_out`]; with `named`, also the rows of [`fan_out_over_realm`].
-fn walk(
+/// [`fan_out`], and what `named` makes of the rows, of each row's (URL, alias) numbers and of
+/// which numbers the list holds, before the names found are moved out of the rows.
+fn walk<T>(
     variants: Vec<String>,
     mut rows: Vec<ConsumerRow>,
-    named: bool,
-) -> (Vec<String>, Option<RealmRows>) {
+    named: impl FnOnce(&[ConsumerRow], &[(usize, usize)], &[bool]) -> T,
+) -> (Vec<String>, T) {
     // Every name gets a number, hashed once where it occurs: each row's URL, alias and deps,
     // then the seeds. The walk itself then runs on numbers (hashbrown's default hasher,
     // foldhash: a fan-out of 10 000 modules holds some 30 000 names, and std's SipHash took
@@ -559,23 +559,7 @@ fn walk(
             }
         }
     }
-    let named = named.then(|| {
-        let listed: Vec<bool> = own.iter().map(|&(url, alias)| seen[url] || seen[alias]).collect();
-        let count = listed.iter().filter(|&&listed| listed).count();
-        if count <= rows.len() - count {
-            let urls = rows.iter().zip(&listed).filter(|(_, listed)| **listed);
-            return RealmRows::Urls(urls.map(|(row, _)| row.url.clone()).collect());
-        }
-        // A URL is spared only if no row of it is named.
-        let mut spared = vec![true; names];
-        for (&(url, _), &listed) in own.iter().zip(&listed) {
-            if listed {
-                spared[url] = false;
-            }
-        }
-        let kept = rows.iter().zip(&own).filter(|(_, (url, _))| spared[*url]);
-        RealmRows::AllBut(kept.map(|(row, _)| row.url.clone()).collect())
-    });
+    let named = named(&rows, &own, &seen);
     // The names found are moved out of their rows, each once.
     let mut list = variants;
     list.reserve(found.len());
@@ -584,6 +568,26 @@ fn walk(
         list.push(std::mem::take(if alias { &mut row.file_alias } else { &mut row.url }));
     }
     (list, named)
+}
+
+/// [`RealmRows`] of `rows`, whose (URL, alias) numbers are `own`, for a list that holds the
+/// names numbered where `listed` is true.
+fn realm_rows(rows: &[ConsumerRow], own: &[(usize, usize)], listed: &[bool]) -> RealmRows {
+    let named: Vec<bool> = own.iter().map(|&(url, alias)| listed[url] || listed[alias]).collect();
+    let count = named.iter().filter(|&&named| named).count();
+    if count <= rows.len() - count {
+        let urls = rows.iter().zip(&named).filter(|(_, named)| **named);
+        return RealmRows::Urls(urls.map(|(row, _)| row.url.clone()).collect());
+    }
+    // A URL is spared only if no row of it is named.
+    let mut spared = vec![true; listed.len()];
+    for (&(url, _), &named) in own.iter().zip(&named) {
+        if named {
+            spared[url] = false;
+        }
+    }
+    let kept = rows.iter().zip(own).filter(|(_, (url, _))| spared[*url]);
+    RealmRows::AllBut(kept.map(|(row, _)| row.url.clone()).collect())
 }
 
 /// The number of `name` in `ids`, a new one if it has none yet.

@@ -45,7 +45,8 @@ const WHOLE_REALM: &[(&str, &str)] = &[
     ("delete_in_realm", "modules"),
     // The same against the names, without the guard.
     ("delete_named_in_realm", "modules"),
-    // Reads the realm's rows and spares those named: for a fan-out that names most of them.
+    // Reads the realm's rows and deletes all but those of the URLs given (the rows spared):
+    // for a fan-out that names most of them.
     ("delete_realm_but", "modules"),
 ];
 
